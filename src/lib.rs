@@ -4,6 +4,11 @@
 //! Everything except [`filter`] is host-independent: it takes time, randomness and host
 //! data as inputs, builds natively and for `wasm32-unknown-unknown` (tested under Node).
 
+pub mod config;
+pub mod error;
+pub mod http_url;
+pub mod identity;
 pub mod keys;
+pub mod oauth;
 pub mod saml;
 pub mod time;

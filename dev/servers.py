@@ -1,0 +1,669 @@
+#!/usr/bin/env python3
+"""Development and test counterparts for the principal-propagation Envoy Wasm plugin.
+
+One process runs three HTTP servers, all bound to 127.0.0.1:
+
+* identity provider: mints RS256 JWTs for any user and publishes its JWKS, so the
+  plugin has an authenticated user to propagate;
+* token server: a UAA/XSUAA-like OAuth token endpoint for the RFC 7522
+  ``saml2-bearer`` grant that is deliberately strict about the SAML assertion, so
+  mistakes in the plugin show up here and not in production;
+* echo upstream: reports which user the forwarded bearer token belongs to, so
+  tests can see end to end what arrived upstream.
+
+Dev/test only: keys and state live in memory. Tokens, assertions, passwords and
+keys are never logged (``GET /requests`` does expose them, on purpose, to tests).
+"""
+
+import argparse
+import base64
+import binascii
+import hmac
+import json
+import math
+import re
+import secrets
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote_plus, urlsplit
+
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+from lxml import etree
+from signxml import XMLVerifier
+from signxml.exceptions import SignXMLException
+from signxml.verifier import SignatureConfiguration
+
+HOST = "127.0.0.1"
+SAML_NS = "urn:oasis:names:tc:SAML:2.0:assertion"
+DS_NS = "http://www.w3.org/2000/09/xmldsig#"
+SAML2_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:saml2-bearer"
+BEARER_METHOD = "urn:oasis:names:tc:SAML:2.0:cm:bearer"
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+
+CLOCK_SKEW = 60  # seconds tolerated in either direction
+MAX_ISSUE_AGE = 3000  # IssueInstant may be at most this old (plus skew)
+MAX_AUTHN_AGE = 864000  # AuthnInstant may be at most ten days old
+DEFAULT_TOKEN_LIFETIME = 3600
+DEFAULT_SLOW_DELAY = 5.0
+MAX_SLOW_DELAY = 60.0  # keeps /oauth/token/slow bounded whatever a test asks for
+MAX_BODY = 1 << 20
+IDP_KID = "dev-idp-1"
+
+
+def saml(tag):
+    """Qualified name of a SAML 2.0 assertion element."""
+    return f"{{{SAML_NS}}}{tag}"
+
+
+def flatten(params):
+    """Collapse parse_qs output: single values become strings, repeated ones stay lists."""
+    return {k: v[0] if len(v) == 1 else v for k, v in params.items()}
+
+
+def b64url_uint(value):
+    """Unsigned big-endian integer as base64url without padding (RFC 7518 §6.3)."""
+    raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass(frozen=True)
+class Config:
+    """Command-line settings shared by all three servers."""
+
+    idp_port: int
+    token_port: int
+    echo_port: int
+    trusted_cert: x509.Certificate
+    trusted_issuer: str
+    entity_id: str
+    client_id: str
+    client_secret: str
+    jwt_audience: str
+
+
+class SharedState:
+    """Everything the token server learns, shared with the echo server under one lock."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self):
+        """Forget tokens, replay cache, statistics and recorded requests (POST /reset)."""
+        with self._lock:
+            self._tokens = {}
+            self._seen_ids = set()
+            self._exchanges = Counter()
+            self._failures = Counter()
+            self._requests = []
+
+    def claim_assertion_id(self, assertion_id):
+        """Atomically remember an assertion ID; False if it was seen before (replay)."""
+        with self._lock:
+            if assertion_id in self._seen_ids:
+                return False
+            self._seen_ids.add(assertion_id)
+            return True
+
+    def issue_token(self, user, lifetime, scope, path):
+        """Create an opaque access token the echo server can later resolve to a user."""
+        token = secrets.token_urlsafe(32)
+        with self._lock:
+            self._tokens[token] = {
+                "user": user,
+                "expires_at": time.time() + lifetime,
+                "scope": scope,
+                "path": path,
+            }
+        return token
+
+    def lookup_token(self, token):
+        """Return (user, valid); unknown or expired tokens give (None, False)."""
+        with self._lock:
+            entry = self._tokens.get(token)
+        if entry is None or entry["expires_at"] <= time.time():
+            return None, False
+        return entry["user"], True
+
+    def record(self, entry, outcome, user=None):
+        """Record one token-endpoint POST and count it as exchange or failure."""
+        with self._lock:
+            self._requests.append(dict(entry, outcome=outcome))
+            if outcome == "ok":
+                self._exchanges[user] += 1
+            else:
+                self._failures[outcome] += 1
+
+    def stats(self):
+        with self._lock:
+            return {"exchanges": dict(self._exchanges), "failures": dict(self._failures)}
+
+    def requests(self):
+        with self._lock:
+            return list(self._requests)
+
+
+# --------------------------------------------------------------- identity provider
+
+
+class IdentityProvider:
+    """Mints RS256 JWTs with an in-memory key generated at start-up."""
+
+    def __init__(self, issuer, audience):
+        self.issuer = issuer
+        self.audience = audience
+        self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+    def jwks(self):
+        numbers = self._key.public_key().public_numbers()
+        return {"keys": [{"kty": "RSA", "kid": IDP_KID, "alg": "RS256", "use": "sig",
+                          "n": b64url_uint(numbers.n), "e": b64url_uint(numbers.e)}]}
+
+    def mint(self, params):
+        """Build and sign a JWT from query parameters (see module docs); ValueError → 400."""
+        user = params.get("user", [None])[0]
+        raw_claims = params.get("claims", [None])[0]
+        if user is None and raw_claims is None:
+            raise ValueError("user or claims query parameter required")
+        now = int(time.time())
+        payload = {"iss": self.issuer, "aud": self.audience, "iat": now, "exp": now + 3600}
+        if user is not None:
+            payload.update(sub=user, user_name=user)
+        for name, values in params.items():
+            if name not in ("user", "claims"):
+                payload[name] = values[0]
+        if raw_claims is not None:
+            try:
+                extra = json.loads(raw_claims)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"claims is not valid JSON: {exc.msg}") from None
+            if not isinstance(extra, dict):
+                raise ValueError("claims must be a JSON object")
+            payload.update(extra)
+            payload = {k: v for k, v in payload.items() if v is not None}
+        return jwt.encode(payload, self._key, algorithm="RS256", headers={"kid": IDP_KID})
+
+
+# -------------------------------------------------------------------- token server
+
+
+class OAuthError(Exception):
+    """An RFC 6749 §5.2 error response."""
+
+    def __init__(self, error, description, status=400):
+        super().__init__(description)
+        self.error, self.description, self.status = error, description, status
+
+
+def invalid_grant(description):
+    return OAuthError("invalid_grant", description)
+
+
+def invalid_client(description):
+    return OAuthError("invalid_client", description, status=401)
+
+
+def parse_saml_time(value, what):
+    """Parse an xs:dateTime in UTC ('Z', optional fraction) to epoch seconds.
+
+    SAML requires UTC without offsets; anything else is a plugin bug worth reporting.
+    """
+    match = re.fullmatch(r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(\.\d+)?Z", (value or "").strip())
+    if not match:
+        raise invalid_grant(f"{what} is missing or not an xs:dateTime in UTC")
+    try:
+        stamp = datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        raise invalid_grant(f"{what} is not a valid date/time") from None
+    return stamp.replace(tzinfo=timezone.utc).timestamp() + float(match.group(2) or 0)
+
+
+def safe_parser():
+    """A fresh lxml parser that never expands entities or touches the network."""
+    return etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False, load_dtd=False)
+
+
+def authenticate_client(headers, form, cfg):
+    """Client authentication with HTTP Basic, as UAA/XSUAA expect it.
+
+    RFC 6749 §2.3.1 says user and password are form-urlencoded before base64, so
+    they are unquoted after splitting on the first ':'. Sending the secret in the
+    body as well would be a second authentication method, which §2.3 forbids.
+    """
+    scheme, _, encoded = headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() != "basic" or not encoded.strip():
+        raise invalid_client("HTTP Basic client authentication required")
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise invalid_client("malformed Basic credentials") from None
+    user, sep, password = decoded.partition(":")
+    if not sep:
+        raise invalid_client("malformed Basic credentials")
+    user, password = unquote_plus(user), unquote_plus(password)
+    user_ok = hmac.compare_digest(user.encode(), cfg.client_id.encode())
+    password_ok = hmac.compare_digest(password.encode(), cfg.client_secret.encode())
+    if not (user_ok and password_ok):
+        raise invalid_client("bad client credentials")
+    if "client_id" in form and form["client_id"] != [user]:
+        raise invalid_client("client_id does not match the authenticated client")
+    if "client_secret" in form:
+        raise OAuthError("invalid_request", "more than one client authentication method used")
+
+
+def check_grant_type(form):
+    """Only the RFC 7522 SAML 2.0 bearer grant is served here."""
+    if form.get("grant_type") != [SAML2_BEARER_GRANT]:
+        raise OAuthError("unsupported_grant_type", f"grant_type must be {SAML2_BEARER_GRANT}")
+
+
+def decode_assertion(form):
+    """Decode the single `assertion` field; RFC 7522 says base64url, UAA also takes standard."""
+    values = form.get("assertion", [])
+    if len(values) != 1:
+        raise invalid_grant("exactly one assertion parameter is required")
+    text = values[0].replace("\r", "").replace("\n", "").rstrip("=")
+    text = text.replace("-", "+").replace("_", "/")
+    try:
+        data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except binascii.Error:
+        data = b""
+    if not data:
+        raise invalid_grant("assertion is not valid base64")
+    return data
+
+
+def parse_assertion(data):
+    """Parse without DTDs/entities/network; the root has to be a saml:Assertion."""
+    try:
+        root = etree.fromstring(data, safe_parser())
+    except etree.XMLSyntaxError:
+        raise invalid_grant("assertion is not well-formed XML") from None
+    if root.getroottree().docinfo.doctype:
+        raise invalid_grant("DTDs are not allowed in assertions")
+    if root.tag != saml("Assertion"):
+        raise invalid_grant("root element must be saml:Assertion")
+    return root
+
+
+def verify_signature(data, root, trusted_cert):
+    """Verify the enveloped signature and return the *signed* Assertion element.
+
+    Only the element signxml returns is trusted; reading claims from the original
+    tree would open the door to signature-wrapping attacks. SAML core puts the
+    Signature right after Issuer, so it is required there.
+    """
+    children = [c for c in root if isinstance(c.tag, str)]
+    if len(children) < 2 or children[0].tag != saml("Issuer") or children[1].tag != f"{{{DS_NS}}}Signature":
+        raise invalid_grant("signature invalid: ds:Signature must directly follow saml:Issuer")
+    try:
+        result = XMLVerifier().verify(
+            data, x509_cert=trusted_cert, id_attribute="ID", parser=safe_parser(),
+            expect_config=SignatureConfiguration(expect_references=1, location="./"))
+    except (SignXMLException, etree.LxmlError, ValueError) as exc:
+        raise invalid_grant(f"signature invalid: {exc}") from None
+    signed = result.signed_xml
+    if signed is None or signed.tag != saml("Assertion") or not root.get("ID") \
+            or signed.get("ID") != root.get("ID"):
+        raise invalid_grant("signature invalid: it does not cover the root Assertion")
+    return signed
+
+
+def check_issuer(assertion, trusted_issuer):
+    issuer = assertion.find(saml("Issuer"))
+    if issuer is None or (issuer.text or "").strip() != trusted_issuer:
+        raise invalid_grant("untrusted issuer")
+
+
+def check_issue_instant(assertion, now):
+    """Assertions are short-lived: at most MAX_ISSUE_AGE old and not from the future."""
+    issued = parse_saml_time(assertion.get("IssueInstant"), "IssueInstant")
+    if issued < now - MAX_ISSUE_AGE - CLOCK_SKEW:
+        raise invalid_grant("assertion is too old (IssueInstant)")
+    if issued > now + CLOCK_SKEW:
+        raise invalid_grant("IssueInstant is in the future")
+
+
+def check_subject(assertion, endpoint, now):
+    """Bearer confirmation per SAML profiles §4.1.4.2 / RFC 7522 §3; returns the NameID."""
+    subjects = assertion.findall(saml("Subject"))
+    name_id = subjects[0].find(saml("NameID")) if len(subjects) == 1 else None
+    user = (name_id.text or "").strip() if name_id is not None else ""
+    if not user:
+        raise invalid_grant("Subject/NameID is missing or empty")
+    confirmations = subjects[0].findall(saml("SubjectConfirmation"))
+    if len(confirmations) != 1 or confirmations[0].get("Method") != BEARER_METHOD:
+        raise invalid_grant("exactly one bearer SubjectConfirmation is required")
+    data = confirmations[0].find(saml("SubjectConfirmationData"))
+    if data is None:
+        raise invalid_grant("SubjectConfirmationData is missing")
+    if data.get("NotBefore") is not None:
+        raise invalid_grant("SubjectConfirmationData must not carry NotBefore")
+    if now >= parse_saml_time(data.get("NotOnOrAfter"), "SubjectConfirmationData NotOnOrAfter") + CLOCK_SKEW:
+        raise invalid_grant("subject confirmation expired")
+    if data.get("Recipient") != endpoint:
+        raise invalid_grant(f"Recipient must be the token endpoint {endpoint}")
+    return user
+
+
+def check_conditions(assertion, entity_id, now):
+    """Validity window plus audience; unknown conditions must fail closed (SAML core §2.5.1)."""
+    conditions = assertion.findall(saml("Conditions"))
+    if len(conditions) != 1:
+        raise invalid_grant("exactly one Conditions element is required")
+    cond = conditions[0]
+    if cond.get("NotBefore") is not None and parse_saml_time(cond.get("NotBefore"), "NotBefore") > now + CLOCK_SKEW:
+        raise invalid_grant("assertion not yet valid (Conditions NotBefore)")
+    if cond.get("NotOnOrAfter") is not None and \
+            parse_saml_time(cond.get("NotOnOrAfter"), "NotOnOrAfter") <= now - CLOCK_SKEW:
+        raise invalid_grant("assertion expired (Conditions NotOnOrAfter)")
+    restrictions = []
+    for child in cond:
+        if not isinstance(child.tag, str):
+            continue  # comments / processing instructions
+        if child.tag != saml("AudienceRestriction"):
+            raise invalid_grant(f"unsupported condition {etree.QName(child).localname}")
+        restrictions.append(child)
+    if not restrictions:
+        raise invalid_grant("audience restriction missing")
+    # SAML core §2.5.1.4: every AudienceRestriction must admit us.
+    for restriction in restrictions:
+        audiences = [(a.text or "").strip() for a in restriction.findall(saml("Audience"))]
+        if entity_id not in audiences:
+            raise invalid_grant(f"audience does not include {entity_id}")
+
+
+def check_authn_statement(assertion, now):
+    """RFC 7522 §3 item 6: the user must have actually authenticated, not too long ago."""
+    statement = assertion.find(saml("AuthnStatement"))
+    if statement is None:
+        raise invalid_grant("AuthnStatement is missing")
+    if parse_saml_time(statement.get("AuthnInstant"), "AuthnInstant") < now - MAX_AUTHN_AGE:
+        raise invalid_grant("authentication is too old (AuthnInstant)")
+
+
+def slow_delay(query):
+    """Seconds /oauth/token/slow waits: `delay` (default 5), clamped to [0, MAX_SLOW_DELAY]."""
+    try:
+        delay = float(query.get("delay", [DEFAULT_SLOW_DELAY])[0])
+        if not math.isfinite(delay):
+            raise ValueError(delay)
+    except ValueError:
+        raise OAuthError("invalid_request", "delay must be a number") from None
+    return min(max(delay, 0.0), MAX_SLOW_DELAY)
+
+
+def validate_exchange(headers, form, endpoint, cfg, state):
+    """Run all checks in order and return the NameID of the accepted assertion."""
+    authenticate_client(headers, form, cfg)
+    check_grant_type(form)
+    data = decode_assertion(form)
+    root = parse_assertion(data)
+    assertion = verify_signature(data, root, cfg.trusted_cert)
+    now = time.time()
+    check_issuer(assertion, cfg.trusted_issuer)
+    check_issue_instant(assertion, now)
+    user = check_subject(assertion, endpoint, now)
+    check_conditions(assertion, cfg.entity_id, now)
+    check_authn_statement(assertion, now)
+    if not state.claim_assertion_id(assertion.get("ID")):
+        raise invalid_grant("assertion ID replayed")
+    return user
+
+
+# ----------------------------------------------------------------- HTTP plumbing
+
+
+class BaseHandler(BaseHTTPRequestHandler):
+    """Shared helpers: HTTP/1.1 keep-alive, JSON replies, one safe log line per request."""
+
+    protocol_version = "HTTP/1.1"
+    label = "?"
+
+    @property
+    def app(self):
+        return self.server.app
+
+    def log_message(self, format, *args):
+        """Silence the default logger: it would print query strings and raw request lines."""
+
+    def log_request(self, code="-", size="-"):
+        path = urlsplit(getattr(self, "path", "") or "").path
+        code = getattr(code, "value", code)
+        sys.stderr.write(f"{self.label} {getattr(self, 'command', None) or '-'} {path} {code}\n")
+
+    def read_body(self):
+        """Read the request body (Content-Length or chunked), at most MAX_BODY bytes."""
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks, total = [], 0
+            while True:
+                size = int(self.rfile.readline(1024).split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline(1024).strip():
+                        pass  # trailers
+                    return b"".join(chunks)
+                total += size
+                if total > MAX_BODY:
+                    raise ValueError("body too large")
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline(1024)
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            raise ValueError("body too large")
+        return self.rfile.read(length) if length > 0 else b""
+
+    def send_body(self, status, body, content_type, extra_headers=None):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (extra_headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_json(self, status, obj, extra_headers=None):
+        self.send_body(status, json.dumps(obj).encode(), "application/json", extra_headers)
+
+    def not_found(self):
+        self.send_json(404, {"error": "not_found"})
+
+    def lower_headers(self):
+        """Request headers by lower-case name; repeated headers joined with ', '."""
+        result = {}
+        for name, value in self.headers.items():
+            key = name.lower()
+            result[key] = f"{result[key]}, {value}" if key in result else value
+        return result
+
+
+class IdpHandler(BaseHandler):
+    label = "idp"
+
+    def do_GET(self):
+        url = urlsplit(self.path)
+        if url.path == "/.well-known/jwks.json":
+            self.send_json(200, self.app.idp.jwks())
+        elif url.path == "/token":
+            try:
+                token = self.app.idp.mint(parse_qs(url.query, keep_blank_values=True))
+            except ValueError as exc:
+                self.send_json(400, {"error": "invalid_request", "error_description": str(exc)})
+                return
+            self.send_body(200, token.encode(), "text/plain")
+        else:
+            self.not_found()
+
+
+class TokenHandler(BaseHandler):
+    label = "token"
+    NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+    def do_GET(self):
+        path = urlsplit(self.path).path
+        if path == "/stats":
+            self.send_json(200, self.app.state.stats())
+        elif path == "/requests":
+            self.send_json(200, self.app.state.requests())
+        elif path == "/healthz":
+            self.send_json(200, {"status": "ok"})
+        else:
+            self.not_found()
+
+    def do_POST(self):
+        url = urlsplit(self.path)
+        try:
+            body = self.read_body()
+        except ValueError:
+            self.close_connection = True
+            self.send_json(413, {"error": "invalid_request", "error_description": "bad or oversized body"})
+            return
+        if url.path == "/reset":
+            self.app.state.reset()
+            self.send_json(200, {})
+        elif url.path.startswith("/oauth/token"):
+            self.token_endpoint(url, body)
+        else:
+            self.not_found()
+
+    def token_endpoint(self, url, body):
+        """Handle one grant request: record it, apply the path behaviour, validate, issue."""
+        query = parse_qs(url.query)
+        try:
+            form = parse_qs(body.decode("utf-8"), keep_blank_values=True)
+        except UnicodeDecodeError:
+            form = {}
+        entry = {"path": url.path, "query": flatten(query), "headers": self.lower_headers(),
+                 "form": flatten(form), "assertion_xml": None}
+        try:
+            entry["assertion_xml"] = decode_assertion(form).decode("utf-8", errors="replace")
+        except OAuthError:
+            pass
+        try:
+            if url.path == "/oauth/token/reject":
+                raise invalid_grant("rejected by test endpoint")
+            if url.path == "/oauth/token/slow":
+                time.sleep(slow_delay(query))
+            content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            if content_type != FORM_CONTENT_TYPE:
+                raise OAuthError("invalid_request", f"Content-Type must be {FORM_CONTENT_TYPE}")
+            endpoint = f"http://{HOST}:{self.app.cfg.token_port}{url.path}"
+            user = validate_exchange(self.headers, form, endpoint, self.app.cfg, self.app.state)
+        except OAuthError as exc:
+            self.app.state.record(entry, exc.error)
+            headers = dict(self.NO_STORE)
+            if exc.status == 401:
+                headers["WWW-Authenticate"] = 'Basic realm="dev-token-server"'
+            self.send_json(exc.status, {"error": exc.error, "error_description": exc.description}, headers)
+            return
+        try:
+            lifetime = int(query.get("expires_in", [DEFAULT_TOKEN_LIFETIME])[0])
+        except ValueError:
+            lifetime = DEFAULT_TOKEN_LIFETIME
+        scope = (form.get("scope") or ["openid"])[0] or "openid"
+        token = self.app.state.issue_token(user, lifetime, scope, url.path)
+        self.app.state.record(entry, "ok", user)
+        self.send_json(200, {"access_token": token, "token_type": "bearer",
+                             "expires_in": lifetime, "scope": scope}, self.NO_STORE)
+
+
+class EchoHandler(BaseHandler):
+    label = "echo"
+
+    def handle_any(self):
+        """Report what arrived upstream and whose token it carried (always 200)."""
+        try:
+            self.read_body()
+        except ValueError:
+            self.close_connection = True
+        scheme, _, token = self.headers.get("Authorization", "").strip().partition(" ")
+        user, valid = (None, False)
+        if scheme.lower() == "bearer" and token.strip():
+            user, valid = self.app.state.lookup_token(token.strip())
+        self.send_json(200, {"user": user, "token_valid": valid, "method": self.command,
+                             "path": self.path, "headers": self.lower_headers()})
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = handle_any
+
+
+# -------------------------------------------------------------------------- main
+
+
+@dataclass
+class App:
+    cfg: Config
+    state: SharedState
+    idp: IdentityProvider
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--idp-port", type=int, required=True)
+    p.add_argument("--token-port", type=int, required=True)
+    p.add_argument("--echo-port", type=int, required=True)
+    p.add_argument("--trusted-cert", required=True, help="PEM certificate that signs assertions")
+    p.add_argument("--trusted-issuer", required=True)
+    p.add_argument("--entity-id", required=True, help="this token server's SAML audience")
+    p.add_argument("--client-id", required=True)
+    p.add_argument("--client-secret", required=True)
+    p.add_argument("--jwt-audience", default="principal-propagation-demo")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with open(args.trusted_cert, "rb") as f:
+        trusted_cert = x509.load_pem_x509_certificate(f.read())
+    cfg = Config(args.idp_port, args.token_port, args.echo_port, trusted_cert, args.trusted_issuer,
+                 args.entity_id, args.client_id, args.client_secret, args.jwt_audience)
+    app = App(cfg, SharedState(), IdentityProvider(f"http://{HOST}:{cfg.idp_port}", cfg.jwt_audience))
+
+    servers = []
+    try:
+        for port, handler in ((cfg.idp_port, IdpHandler), (cfg.token_port, TokenHandler),
+                              (cfg.echo_port, EchoHandler)):
+            server = Server((HOST, port), handler)
+            server.app = app
+            servers.append(server)
+    except OSError as exc:
+        print(f"cannot listen: {exc}", file=sys.stderr)
+        for server in servers:
+            server.server_close()
+        return 1
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
+    for thread in threads:
+        thread.start()
+    print("ready", flush=True)
+
+    while not stop.wait(0.5):
+        pass
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+    for thread in threads:
+        thread.join(timeout=5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

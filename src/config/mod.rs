@@ -1,0 +1,240 @@
+//! The plugin configuration: SAP destinations plus the gateway's own fields.
+//!
+//! Parsed and validated completely when the plugin loads; a bad configuration is
+//! refused with a [`ConfigError`] naming the key, never discovered at request time.
+
+pub mod destination;
+pub mod values;
+
+pub use destination::{AssertionEncoding, Destination};
+pub use values::ConfigError;
+
+use crate::keys::SigningKey;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use values::Section;
+
+/// Where Envoy's `jwt_authn` filter leaves the verified payload by default.
+pub const DEFAULT_JWT_FILTER: &str = "envoy.filters.http.jwt_authn";
+/// `payload_in_metadata` key used by Istio's RequestAuthentication.
+pub const DEFAULT_PAYLOAD_KEY: &str = "payload";
+
+const TOP_LEVEL: [&str; 10] = [
+    "destinations",
+    "defaultDestination",
+    "tokenServiceCluster",
+    "keys",
+    "jwtAuthnFilterName",
+    "jwtPayloadMetadataKey",
+    "assertionLifetimeSeconds",
+    "clockSkewSeconds",
+    "tokenCacheMarginSeconds",
+    "failedExchangeHoldSeconds",
+];
+
+/// The validated plugin configuration.
+#[derive(Debug, Clone)]
+pub struct PluginConfig {
+    pub destinations: Vec<Destination>,
+    /// Index into `destinations` used when the route names none.
+    pub default_destination: Option<usize>,
+    /// Signing keys by name; every destination's `key_name` is present here.
+    pub keys: BTreeMap<String, SigningKey>,
+    /// `["metadata","filter_metadata",<filter>,<key>]` holds the verified JWT payload.
+    pub jwt_filter_name: String,
+    pub jwt_payload_key: String,
+    pub assertion_lifetime_ms: u64,
+    pub clock_skew_ms: u64,
+    /// Fixed reuse margin before token expiry; `None` = max(30 s, 10 % of lifetime).
+    pub token_margin_ms: Option<u64>,
+    /// How long a rejected exchange is remembered per user before it is retried.
+    pub failure_hold_ms: u64,
+}
+
+impl PluginConfig {
+    /// Parses the plugin configuration. `env` resolves `*Env` key references (the Wasm
+    /// VM's environment in Envoy, a map in tests).
+    pub fn parse(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let root: Value = serde_json::from_slice(json)
+            .map_err(|e| ConfigError::new("(configuration)", format!("is not valid JSON: {e}")))?;
+        let top = Section::new("", &root)?;
+        for key in top.fields.keys() {
+            if !TOP_LEVEL.contains(&key.as_str()) {
+                return Err(ConfigError::new(
+                    key.clone(),
+                    "is not a supported plugin setting",
+                ));
+            }
+        }
+
+        let keys = parse_keys(&top, env)?;
+        let default_cluster = top.string("tokenServiceCluster")?;
+        let list = match top.fields.get("destinations") {
+            Some(Value::Array(list)) if !list.is_empty() => list,
+            _ => {
+                return Err(ConfigError::new(
+                    "destinations",
+                    "is required: a non-empty list of destinations",
+                ))
+            }
+        };
+        let mut destinations: Vec<Destination> = Vec::with_capacity(list.len());
+        for (i, value) in list.iter().enumerate() {
+            let path = format!("destinations[{i}]");
+            let mut d = destination::parse(&path, value, default_cluster.as_deref())?;
+            if destinations.iter().any(|other| other.name == d.name) {
+                return Err(ConfigError::new(
+                    format!("{path}.Name"),
+                    format!("{:?} is used by another destination", d.name),
+                ));
+            }
+            d.key_name = resolve_key_name(&path, &d.key_name, &keys)?;
+            destinations.push(d);
+        }
+        let default_destination = match top.string("defaultDestination")? {
+            None => None,
+            Some(name) => Some(
+                destinations
+                    .iter()
+                    .position(|d| d.name == name)
+                    .ok_or_else(|| {
+                        ConfigError::new(
+                            "defaultDestination",
+                            format!("names no destination: {name:?}"),
+                        )
+                    })?,
+            ),
+        };
+
+        Ok(PluginConfig {
+            destinations,
+            default_destination,
+            keys,
+            jwt_filter_name: top
+                .string("jwtAuthnFilterName")?
+                .unwrap_or_else(|| DEFAULT_JWT_FILTER.into()),
+            jwt_payload_key: top
+                .string("jwtPayloadMetadataKey")?
+                .unwrap_or_else(|| DEFAULT_PAYLOAD_KEY.into()),
+            assertion_lifetime_ms: top.integer("assertionLifetimeSeconds", 10..=3000, 300)? * 1000,
+            clock_skew_ms: top.integer("clockSkewSeconds", 0..=600, 60)? * 1000,
+            token_margin_ms: match top.fields.get("tokenCacheMarginSeconds") {
+                None => None,
+                Some(_) => Some(top.integer("tokenCacheMarginSeconds", 0..=86_400, 0)? * 1000),
+            },
+            failure_hold_ms: top.integer("failedExchangeHoldSeconds", 0..=3600, 5)? * 1000,
+        })
+    }
+
+    /// The destination with `name`, if configured.
+    pub fn destination(&self, name: &str) -> Option<&Destination> {
+        self.destinations.iter().find(|d| d.name == name)
+    }
+}
+
+/// `keys`: `{ "<name>": { "privateKey"|"privateKeyEnv": ..., "certificate"|"certificateEnv": ... } }`.
+fn parse_keys(
+    top: &Section<'_>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<BTreeMap<String, SigningKey>, ConfigError> {
+    let value = top
+        .fields
+        .get("keys")
+        .ok_or_else(|| ConfigError::new("keys", "is required: at least one signing key"))?;
+    let section = Section::new("keys", value)?;
+    if section.fields.is_empty() {
+        return Err(ConfigError::new(
+            "keys",
+            "is required: at least one signing key",
+        ));
+    }
+    let mut keys = BTreeMap::new();
+    for (name, entry) in section.fields {
+        let entry = Section::new(section.key(name), entry)?;
+        for field in entry.fields.keys() {
+            if ![
+                "privateKey",
+                "privateKeyEnv",
+                "certificate",
+                "certificateEnv",
+            ]
+            .contains(&field.as_str())
+            {
+                return Err(ConfigError::new(
+                    entry.key(field),
+                    "is not a supported key setting",
+                ));
+            }
+        }
+        let private_key = inline_or_env(&entry, "privateKey", env)?;
+        let certificate = inline_or_env(&entry, "certificate", env)?;
+        let key = SigningKey::from_pem(&private_key, &certificate).map_err(|e| {
+            let field = match e {
+                crate::keys::KeyError::CertificateUnreadable
+                | crate::keys::KeyError::CertificateDoesNotMatchKey => "certificate",
+                _ => "privateKey",
+            };
+            ConfigError::new(entry.key(field), e.to_string())
+        })?;
+        keys.insert(name.clone(), key);
+    }
+    Ok(keys)
+}
+
+/// A PEM given inline under `field`, or in the environment variable named by `<field>Env`.
+fn inline_or_env(
+    entry: &Section<'_>,
+    field: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
+    let env_field = format!("{field}Env");
+    match (entry.string(field)?, entry.string(&env_field)?) {
+        (Some(pem), None) => Ok(pem),
+        (None, Some(variable)) => {
+            env(&variable)
+                .filter(|v| !v.trim().is_empty())
+                .ok_or_else(|| {
+                    ConfigError::new(
+                entry.key(&env_field),
+                format!("names environment variable {variable:?}, which is not set in the Wasm VM"),
+            )
+                })
+        }
+        (Some(_), Some(_)) => Err(ConfigError::new(
+            entry.key(field),
+            format!("and {env_field} are both set; use one"),
+        )),
+        (None, None) => Err(ConfigError::new(
+            entry.key(field),
+            format!("is required (or {env_field})"),
+        )),
+    }
+}
+
+/// `KeyStoreLocation` if set, else the key named `default`, else the only key.
+fn resolve_key_name(
+    path: &str,
+    requested: &str,
+    keys: &BTreeMap<String, SigningKey>,
+) -> Result<String, ConfigError> {
+    if !requested.is_empty() {
+        return if keys.contains_key(requested) {
+            Ok(requested.to_string())
+        } else {
+            Err(ConfigError::new(
+                format!("{path}.KeyStoreLocation"),
+                format!("names no key in `keys`: {requested:?}"),
+            ))
+        };
+    }
+    if keys.contains_key("default") {
+        return Ok("default".into());
+    }
+    match keys.keys().next() {
+        Some(only) if keys.len() == 1 => Ok(only.clone()),
+        _ => Err(ConfigError::new(
+            format!("{path}.KeyStoreLocation"),
+            "is required: there are several keys and none is named \"default\"",
+        )),
+    }
+}

@@ -1,0 +1,113 @@
+//! The error contract: every failure on the request path is one of these, and each maps
+//! to exactly one local reply (status, headers, JSON body without secrets).
+
+use crate::identity::UserIdError;
+use serde_json::json;
+
+/// Seconds a client is asked to wait before retrying after a token service failure.
+pub const RETRY_AFTER_SECONDS: u32 = 5;
+
+/// Why a request cannot be forwarded with a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// No verified JWT payload: the user is not authenticated.
+    NotAuthenticated,
+    /// The claims name no usable user id.
+    UserId(UserIdError),
+    /// The user id holds characters a SAML assertion (XML 1.0) cannot carry.
+    UserIdNotXml,
+    /// The token service refused the exchange with this OAuth error code.
+    Rejected { code: String },
+    /// The token service could not be reached or answered something unusable.
+    Unavailable { reason: &'static str },
+    /// The token service did not answer within the configured timeout.
+    Timeout,
+    /// A fault of the gateway itself (for example no randomness for the assertion ID).
+    Internal { reason: &'static str },
+}
+
+/// A local reply to send instead of forwarding the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    pub status: u32,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: String,
+}
+
+impl Failure {
+    /// The reply the client sees.
+    pub fn reply(&self) -> LocalReply {
+        let (status, error, description) = match self {
+            Failure::NotAuthenticated => (
+                401,
+                "unauthorized",
+                "an authenticated user is required".to_string(),
+            ),
+            Failure::UserId(e) => (401, "unauthorized", e.to_string()),
+            Failure::UserIdNotXml => (
+                401,
+                "unauthorized",
+                "user ID contains characters that a SAML assertion cannot carry".to_string(),
+            ),
+            Failure::Rejected { code } => (
+                502,
+                "bad_gateway",
+                format!("token service rejected the SAML bearer assertion: {code}"),
+            ),
+            Failure::Unavailable { reason } => (
+                503,
+                "temporarily_unavailable",
+                format!("token service unavailable: {reason}"),
+            ),
+            Failure::Timeout => (
+                504,
+                "gateway_timeout",
+                "token service did not answer in time".to_string(),
+            ),
+            Failure::Internal { reason } => (500, "server_error", reason.to_string()),
+        };
+        let mut headers = vec![("content-type", "application/json".to_string())];
+        match status {
+            401 => headers.push(("www-authenticate", "Bearer".to_string())),
+            503 | 504 => headers.push(("retry-after", RETRY_AFTER_SECONDS.to_string())),
+            _ => {}
+        }
+        LocalReply {
+            status,
+            headers,
+            body: json!({"error": error, "error_description": description}).to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_each_failure_to_the_contract() {
+        let r = Failure::NotAuthenticated.reply();
+        assert_eq!(r.status, 401);
+        assert!(r.headers.contains(&("www-authenticate", "Bearer".into())));
+        let r = Failure::UserId(UserIdError::Missing {
+            claim: "email".into(),
+        })
+        .reply();
+        assert_eq!(r.status, 401);
+        assert!(r.body.contains("claim 'email' is missing"));
+        let r = Failure::Rejected {
+            code: "invalid_grant".into(),
+        }
+        .reply();
+        assert_eq!(r.status, 502);
+        assert!(r.body.contains("invalid_grant"));
+        let r = Failure::Unavailable {
+            reason: "connection failed",
+        }
+        .reply();
+        assert_eq!((r.status, r.headers[1].0), (503, "retry-after"));
+        assert_eq!(Failure::Timeout.reply().status, 504);
+        let body: serde_json::Value = serde_json::from_str(&Failure::Timeout.reply().body).unwrap();
+        assert_eq!(body["error"], "gateway_timeout");
+    }
+}

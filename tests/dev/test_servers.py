@@ -1,0 +1,300 @@
+"""End-to-end tests for dev/servers.py, run as a subprocess on free local ports."""
+
+import base64
+import datetime as dt
+import json
+import selectors
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+from lxml import etree
+from signxml import XMLSigner, methods
+
+SERVERS = Path(__file__).resolve().parents[2] / "dev" / "servers.py"
+SAML_NS = "urn:oasis:names:tc:SAML:2.0:assertion"
+DS_NS = "http://www.w3.org/2000/09/xmldsig#"
+EXC_C14N = "http://www.w3.org/2001/10/xml-exc-c14n#"
+GRANT = "urn:ietf:params:oauth:grant-type:saml2-bearer"
+ISSUER = "principal-propagation-gateway"
+ENTITY_ID = "dev-token-server"
+CLIENT_ID, CLIENT_SECRET = "gateway-client", "gateway-secret"
+JWT_AUDIENCE = "principal-propagation-demo"
+READY_TIMEOUT = 20.0
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_signing_identity():
+    """Throwaway RSA key and self-signed certificate standing in for the plugin's."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ISSUER)])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+            .sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
+
+
+def http(method, url, data=None, headers=None, timeout=15):
+    """Tiny urllib wrapper returning (status, body bytes) for any status code."""
+    req = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def saml_time(offset=0.0):
+    stamp = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=offset)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def build_assertion(identity, recipient, *, name_id="alice", audience=ENTITY_ID,
+                    scd_not_before=False, extra_condition=None):
+    """A signed assertion shaped like the plugin's: Signature right after Issuer."""
+    key_pem, cert_pem = identity
+    assertion_id = "_" + uuid.uuid4().hex
+    root = etree.Element(f"{{{SAML_NS}}}Assertion", nsmap={"saml": SAML_NS},
+                         ID=assertion_id, Version="2.0", IssueInstant=saml_time())
+
+    def sub(parent, tag, text=None, **attrs):
+        el = etree.SubElement(parent, f"{{{SAML_NS}}}{tag}", **attrs)
+        el.text = text
+        return el
+
+    sub(root, "Issuer", ISSUER)
+    root.append(etree.Element(f"{{{DS_NS}}}Signature", Id="placeholder", nsmap={"ds": DS_NS}))
+    subject = sub(root, "Subject")
+    sub(subject, "NameID", name_id, Format="urn:oasis:names:tc:SAML:1.1:nameid-format:unspecified")
+    confirmation = sub(subject, "SubjectConfirmation", Method="urn:oasis:names:tc:SAML:2.0:cm:bearer")
+    scd = sub(confirmation, "SubjectConfirmationData", NotOnOrAfter=saml_time(300), Recipient=recipient)
+    if scd_not_before:
+        scd.set("NotBefore", saml_time(-10))
+    conditions = sub(root, "Conditions", NotBefore=saml_time(-10), NotOnOrAfter=saml_time(300))
+    sub(sub(conditions, "AudienceRestriction"), "Audience", audience)
+    if extra_condition:
+        sub(conditions, extra_condition)
+    authn = sub(root, "AuthnStatement", AuthnInstant=saml_time(-5))
+    sub(sub(authn, "AuthnContext"), "AuthnContextClassRef",
+        "urn:oasis:names:tc:SAML:2.0:ac:classes:PasswordProtectedTransport")
+
+    signer = XMLSigner(method=methods.enveloped, signature_algorithm="rsa-sha256",
+                       digest_algorithm="sha256", c14n_algorithm=EXC_C14N)
+    signed = signer.sign(root, key=key_pem, cert=cert_pem.decode(),
+                         reference_uri=f"#{assertion_id}", id_attribute="ID")
+    return etree.tostring(signed)
+
+
+def b64(xml_bytes, urlsafe=True):
+    if urlsafe:
+        return base64.urlsafe_b64encode(xml_bytes).rstrip(b"=").decode()
+    return base64.b64encode(xml_bytes).decode()
+
+
+# ----------------------------------------------------------------- fixtures
+
+
+class Env:
+    def __init__(self, idp, token, echo, identity):
+        self.idp = f"http://127.0.0.1:{idp}"
+        self.token = f"http://127.0.0.1:{token}"
+        self.echo = f"http://127.0.0.1:{echo}"
+        self.identity = identity
+
+    def assertion(self, path="/oauth/token", **kwargs):
+        return build_assertion(self.identity, self.token + path, **kwargs)
+
+    def exchange(self, xml_bytes=None, *, path="/oauth/token", secret=CLIENT_SECRET, form=None,
+                 urlsafe=True):
+        fields = {"grant_type": GRANT, "assertion": b64(xml_bytes or self.assertion(), urlsafe)}
+        fields.update(form or {})
+        basic = base64.b64encode(
+            f"{urllib.parse.quote_plus(CLIENT_ID)}:{urllib.parse.quote_plus(secret)}".encode()).decode()
+        status, body = http("POST", self.token + path, urllib.parse.urlencode(fields).encode(),
+                            {"Content-Type": "application/x-www-form-urlencoded",
+                             "Authorization": f"Basic {basic}"})
+        return status, json.loads(body)
+
+    def get_json(self, base, path, headers=None):
+        status, body = http("GET", base + path, headers=headers)
+        assert status == 200
+        return json.loads(body)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    identity = make_signing_identity()
+    cert_path = tmp_path_factory.mktemp("certs") / "trusted.pem"
+    cert_path.write_bytes(identity[1])
+    ports = [free_port() for _ in range(3)]
+    stderr_path = cert_path.parent / "servers.log"
+    with open(stderr_path, "wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, str(SERVERS), "--idp-port", str(ports[0]), "--token-port", str(ports[1]),
+             "--echo-port", str(ports[2]), "--trusted-cert", str(cert_path),
+             "--trusted-issuer", ISSUER, "--entity-id", ENTITY_ID, "--client-id", CLIENT_ID,
+             "--client-secret", CLIENT_SECRET, "--jwt-audience", JWT_AUDIENCE],
+            stdout=subprocess.PIPE, stderr=stderr)
+    try:
+        wait_ready(proc, stderr_path)
+        yield Env(*ports, identity)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        proc.stdout.close()
+
+
+def wait_ready(proc, stderr_path):
+    deadline = time.monotonic() + READY_TIMEOUT
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                line = proc.stdout.readline()
+                if line.strip() == b"ready":
+                    return
+                if not line:
+                    break  # EOF: the process died
+    raise RuntimeError(f"servers not ready: {stderr_path.read_text(errors='replace')}")
+
+
+@pytest.fixture(autouse=True)
+def reset(env):
+    status, _ = http("POST", env.token + "/reset", b"")
+    assert status == 200
+
+
+# -------------------------------------------------------------------- tests
+
+
+def test_jwks_verifies_minted_jwt(env):
+    query = urllib.parse.urlencode({"user": "alice@example.com", "email": "a@b.c",
+                                    "claims": json.dumps({"roles": ["admin"], "user_name": None})})
+    status, token = http("GET", f"{env.idp}/token?{query}")
+    assert status == 200
+    jwks = env.get_json(env.idp, "/.well-known/jwks.json")
+    (jwk,) = jwks["keys"]
+    assert jwk["kid"] == "dev-idp-1" and jwk["kty"] == "RSA" and "=" not in jwk["n"]
+    assert jwt.get_unverified_header(token)["kid"] == "dev-idp-1"
+    claims = jwt.decode(token, jwt.PyJWK(jwk).key, algorithms=["RS256"], audience=JWT_AUDIENCE,
+                        issuer=env.idp)
+    assert claims["sub"] == "alice@example.com"
+    assert claims["email"] == "a@b.c" and claims["roles"] == ["admin"]
+    assert "user_name" not in claims
+    assert claims["exp"] - claims["iat"] == 3600
+
+
+def test_idp_requires_user_or_claims(env):
+    assert http("GET", env.idp + "/token")[0] == 400
+
+
+def test_valid_assertion_accepted_and_echo_reports_user(env):
+    status, body = env.exchange(form={"scope": "openid profile"})
+    assert status == 200, body
+    assert body["token_type"] == "bearer" and body["expires_in"] == 3600
+    assert body["scope"] == "openid profile"
+    echo = env.get_json(env.echo, "/some/path?x=1",
+                        headers={"Authorization": f"Bearer {body['access_token']}"})
+    assert echo["user"] == "alice" and echo["token_valid"] is True
+    assert echo["method"] == "GET" and echo["path"] == "/some/path?x=1"
+    assert echo["headers"]["authorization"] == f"Bearer {body['access_token']}"
+
+
+def test_echo_with_unknown_token(env):
+    echo = env.get_json(env.echo, "/", headers={"Authorization": "Bearer nope"})
+    assert echo["user"] is None and echo["token_valid"] is False
+
+
+def test_standard_base64_and_slow_endpoint(env):
+    xml = env.assertion(path="/oauth/token/slow")
+    status, body = env.exchange(xml, path="/oauth/token/slow?delay=0.1&expires_in=5", urlsafe=False)
+    assert status == 200, body
+    assert body["expires_in"] == 5 and body["scope"] == "openid"
+
+
+def test_replay_rejected(env):
+    xml = env.assertion()
+    assert env.exchange(xml)[0] == 200
+    status, body = env.exchange(xml)
+    assert (status, body["error"]) == (400, "invalid_grant")
+    assert "replayed" in body["error_description"]
+
+
+def tamper(xml):
+    assert b">victim<" in xml
+    return xml.replace(b">victim<", b">mallory<")
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda env: env.assertion(audience="someone-else"), "audience"),
+    (lambda env: build_assertion(env.identity, env.token + "/elsewhere"), "Recipient"),
+    (lambda env: env.assertion(scd_not_before=True), "NotBefore"),
+    (lambda env: env.assertion(extra_condition="OneTimeUse"), "OneTimeUse"),
+    (lambda env: tamper(env.assertion(name_id="victim")), "signature invalid"),
+], ids=["audience", "recipient", "scd-notbefore", "onetimeuse", "tampered"])
+def test_bad_assertions_rejected(env, make, needle):
+    status, body = env.exchange(make(env))
+    assert (status, body["error"]) == (400, "invalid_grant"), body
+    assert needle in body["error_description"]
+
+
+def test_wrong_client_secret(env):
+    status, body = env.exchange(secret="wrong")
+    assert (status, body["error"]) == (401, "invalid_client")
+
+
+def test_wrong_grant_type(env):
+    status, body = env.exchange(form={"grant_type": "client_credentials"})
+    assert (status, body["error"]) == (400, "unsupported_grant_type")
+
+
+def test_reject_endpoint(env):
+    status, body = env.exchange(path="/oauth/token/reject")
+    assert status == 400
+    assert body == {"error": "invalid_grant", "error_description": "rejected by test endpoint"}
+
+
+def test_stats_and_recorded_requests(env):
+    assert env.exchange()[0] == 200
+    assert env.exchange(env.assertion(name_id="bob"))[0] == 200
+    assert env.exchange(env.assertion(name_id="bob"))[0] == 200
+    assert env.exchange(secret="wrong")[0] == 401
+    assert env.exchange(path="/oauth/token/reject")[0] == 400
+    stats = env.get_json(env.token, "/stats")
+    assert stats == {"exchanges": {"alice": 1, "bob": 2},
+                     "failures": {"invalid_client": 1, "invalid_grant": 1}}
+    requests = env.get_json(env.token, "/requests")
+    assert [r["outcome"] for r in requests] == ["ok", "ok", "ok", "invalid_client", "invalid_grant"]
+    first = requests[0]
+    assert first["path"] == "/oauth/token" and first["form"]["grant_type"] == GRANT
+    assert first["headers"]["authorization"].startswith("Basic ")
+    assert "<saml:NameID" in first["assertion_xml"]
+    assert http("GET", env.token + "/healthz")[0] == 200
