@@ -12,3 +12,8 @@ pub mod keys;
 pub mod oauth;
 pub mod saml;
 pub mod time;
+#[cfg(test)]
+mod testing;
+pub mod cache;
+pub mod exchange;
+pub mod flow;
