@@ -4,16 +4,18 @@
 //! Everything except [`filter`] is host-independent: it takes time, randomness and host
 //! data as inputs, builds natively and for `wasm32-unknown-unknown` (tested under Node).
 
+pub mod cache;
 pub mod config;
 pub mod error;
+pub mod exchange;
+#[cfg(all(target_arch = "wasm32", target_os = "wasi"))]
+pub mod filter;
+pub mod flow;
 pub mod http_url;
 pub mod identity;
 pub mod keys;
 pub mod oauth;
 pub mod saml;
-pub mod time;
 #[cfg(test)]
 mod testing;
-pub mod cache;
-pub mod exchange;
-pub mod flow;
+pub mod time;

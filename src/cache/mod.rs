@@ -39,7 +39,10 @@ pub fn reuse_until(now_ms: u64, lifetime_ms: u64, margin_ms: Option<u64>) -> u64
 #[derive(Clone, PartialEq, Eq)]
 pub enum Entry {
     /// An access token, reusable while `now < reuse_until_ms`.
-    Token { access_token: String, reuse_until_ms: u64 },
+    Token {
+        access_token: String,
+        reuse_until_ms: u64,
+    },
     /// The token service rejected this user's exchange with `code`; held until `until_ms`.
     Rejected { code: String, until_ms: u64 },
 }
@@ -47,8 +50,12 @@ pub enum Entry {
 impl std::fmt::Debug for Entry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Entry::Token { reuse_until_ms, .. } => write!(f, "Token(reuse_until_ms: {reuse_until_ms})"),
-            Entry::Rejected { code, until_ms } => write!(f, "Rejected({code}, until_ms: {until_ms})"),
+            Entry::Token { reuse_until_ms, .. } => {
+                write!(f, "Token(reuse_until_ms: {reuse_until_ms})")
+            }
+            Entry::Rejected { code, until_ms } => {
+                write!(f, "Rejected({code}, until_ms: {until_ms})")
+            }
         }
     }
 }
@@ -60,7 +67,10 @@ impl Entry {
     /// `[kind][valid-until ms, big-endian u64][UTF-8 token or error code]`.
     pub fn encode(&self) -> Vec<u8> {
         let (kind, until, text) = match self {
-            Entry::Token { access_token, reuse_until_ms } => (TOKEN, reuse_until_ms, access_token),
+            Entry::Token {
+                access_token,
+                reuse_until_ms,
+            } => (TOKEN, reuse_until_ms, access_token),
             Entry::Rejected { code, until_ms } => (REJECTED, until_ms, code),
         };
         let mut out = Vec::with_capacity(9 + text.len());
@@ -79,8 +89,14 @@ impl Entry {
             return None;
         }
         match kind {
-            TOKEN => Some(Entry::Token { access_token: text, reuse_until_ms: until }),
-            REJECTED => Some(Entry::Rejected { code: text, until_ms: until }),
+            TOKEN => Some(Entry::Token {
+                access_token: text,
+                reuse_until_ms: until,
+            }),
+            REJECTED => Some(Entry::Rejected {
+                code: text,
+                until_ms: until,
+            }),
             _ => None,
         }
     }
@@ -110,7 +126,10 @@ mod tests {
 
     #[test]
     fn margin_is_the_larger_of_30s_and_10_percent() {
-        assert_eq!(reuse_until(1000, 3_600_000, None), 1000 + 3_600_000 - 360_000);
+        assert_eq!(
+            reuse_until(1000, 3_600_000, None),
+            1000 + 3_600_000 - 360_000
+        );
         assert_eq!(reuse_until(1000, 60_000, None), 1000 + 30_000);
         assert_eq!(reuse_until(1000, 20_000, None), 0);
         assert_eq!(reuse_until(1000, 60_000, Some(5_000)), 56_000);
@@ -118,11 +137,17 @@ mod tests {
 
     #[test]
     fn entries_round_trip_and_expire() {
-        let t = Entry::Token { access_token: "tok".into(), reuse_until_ms: 500 };
+        let t = Entry::Token {
+            access_token: "tok".into(),
+            reuse_until_ms: 500,
+        };
         assert_eq!(Entry::decode(&t.encode()), Some(t.clone()));
         assert_eq!(t.clone().live_at(499), Some(t.clone()));
         assert_eq!(t.clone().live_at(500), None);
-        let r = Entry::Rejected { code: "invalid_grant".into(), until_ms: 9 };
+        let r = Entry::Rejected {
+            code: "invalid_grant".into(),
+            until_ms: 9,
+        };
         assert_eq!(Entry::decode(&r.encode()), Some(r));
         assert_eq!(Entry::decode(b""), None);
         assert_eq!(Entry::decode(&[1, 0, 0]), None);

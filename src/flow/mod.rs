@@ -75,6 +75,7 @@ pub enum Decision {
 
 /// An exchange this worker owes its waiting requests.
 struct Pending {
+    config: Rc<PluginConfig>,
     destination: usize,
     user_id: String,
     attributes: Vec<Attribute>,
@@ -107,6 +108,12 @@ impl Worker {
         &self.config
     }
 
+    /// Uses `config` for new requests; exchanges in flight finish under the one they
+    /// started with.
+    pub fn reconfigure(&mut self, config: Rc<PluginConfig>) {
+        self.config = config;
+    }
+
     /// Number of exchanges started or queued and not yet answered.
     pub fn in_flight(&self) -> usize {
         self.pending.len()
@@ -122,7 +129,9 @@ impl Worker {
         claims: Option<&Value>,
     ) -> Decision {
         let Some(dest) = self.config.destinations.get(destination) else {
-            return Decision::Fail(Failure::Internal { reason: "unknown destination" });
+            return Decision::Fail(Failure::Internal {
+                reason: "unknown destination",
+            });
         };
         let Some(claims) = claims else {
             return Decision::Fail(Failure::NotAuthenticated);
@@ -136,25 +145,36 @@ impl Worker {
         }
         let key = cache::cache_key(&dest.cache_namespace, &user_id);
         let now_ms = host.now_ns() / 1_000_000;
-        match host.shared_get(&key).and_then(|b| Entry::decode(&b)).and_then(|e| e.live_at(now_ms)) {
+        match host
+            .shared_get(&key)
+            .and_then(|b| Entry::decode(&b))
+            .and_then(|e| e.live_at(now_ms))
+        {
             Some(Entry::Token { access_token, .. }) => {
                 host.count(Metric::CacheHit, 1);
                 return Decision::Forward(bearer(&access_token));
             }
-            Some(Entry::Rejected { code, .. }) => return Decision::Fail(Failure::Rejected { code }),
+            Some(Entry::Rejected { code, .. }) => {
+                return Decision::Fail(Failure::Rejected { code })
+            }
             None => host.count(Metric::CacheMiss, 1),
         }
         if let Some(pending) = self.pending.get_mut(&key) {
             pending.waiters.push(request_id);
             return Decision::Wait;
         }
-        let attributes = attributes::from_claims(claims, dest.skip_user_attributes_prefix, dest.skip_user_uuid)
-            .into_iter()
-            .filter(|a| is_xml_text(&a.name) && a.values.iter().all(|v| is_xml_text(v)))
-            .collect();
+        let attributes = attributes::from_claims(
+            claims,
+            dest.skip_user_attributes_prefix,
+            dest.skip_user_uuid,
+        )
+        .into_iter()
+        .filter(|a| is_xml_text(&a.name) && a.values.iter().all(|v| is_xml_text(v)))
+        .collect();
         self.pending.insert(
             key.clone(),
             Pending {
+                config: Rc::clone(&self.config),
                 destination,
                 user_id,
                 attributes,
@@ -193,19 +213,25 @@ impl Worker {
     }
 
     fn start_exchange(&self, host: &dyn Host, key: &str) -> Result<u32, Failure> {
-        let pending = self.pending.get(key).ok_or(Failure::Internal { reason: "lost exchange" })?;
-        let dest = self
-            .config
+        let pending = self.pending.get(key).ok_or(Failure::Internal {
+            reason: "lost exchange",
+        })?;
+        let config = &pending.config;
+        let dest = config
             .destinations
             .get(pending.destination)
-            .ok_or(Failure::Internal { reason: "unknown destination" })?;
+            .ok_or(Failure::Internal {
+                reason: "unknown destination",
+            })?;
         let mut random = [0u8; 16];
         if !host.fill_random(&mut random) {
-            return Err(Failure::Internal { reason: "no randomness for the assertion ID" });
+            return Err(Failure::Internal {
+                reason: "no randomness for the assertion ID",
+            });
         }
         let started_ns = host.now_ns();
         let request = exchange::token_request(
-            &self.config,
+            config,
             dest,
             &pending.user_id,
             &pending.attributes,
@@ -213,10 +239,18 @@ impl Worker {
             &assertion_id(&random),
         )
         .map_err(|e| {
-            host.log(Level::Error, &format!("destination {}: cannot build assertion: {e:?}", dest.name));
-            Failure::Internal { reason: "cannot build the SAML assertion" }
+            host.log(
+                Level::Error,
+                &format!("destination {}: cannot build assertion: {e:?}", dest.name),
+            );
+            Failure::Internal {
+                reason: "cannot build the SAML assertion",
+            }
         })?;
-        host.count(Metric::SigningMicros, host.now_ns().saturating_sub(started_ns) / 1000);
+        host.count(
+            Metric::SigningMicros,
+            host.now_ns().saturating_sub(started_ns) / 1000,
+        );
         host.dispatch(&request).ok_or_else(|| {
             host.log(
                 Level::Error,
@@ -230,7 +264,13 @@ impl Worker {
     }
 
     /// The token service answered callout `callout` (`status` `None`: no response).
-    pub fn on_token_response(&mut self, host: &dyn Host, callout: u32, status: Option<u16>, body: &[u8]) {
+    pub fn on_token_response(
+        &mut self,
+        host: &dyn Host,
+        callout: u32,
+        status: Option<u16>,
+        body: &[u8],
+    ) {
         let Some(key) = self.callouts.remove(&callout) else {
             return;
         };
@@ -239,12 +279,17 @@ impl Worker {
     }
 
     /// Caches the outcome of an exchange and releases every request waiting for it.
-    fn settle(&mut self, host: &dyn Host, key: &str, outcome: Result<token_response::IssuedToken, Failure>) {
+    fn settle(
+        &mut self,
+        host: &dyn Host,
+        key: &str,
+        outcome: Result<token_response::IssuedToken, Failure>,
+    ) {
         let Some(pending) = self.pending.remove(key) else {
             return;
         };
-        let dest_name = self
-            .config
+        let config = Rc::clone(&pending.config);
+        let dest_name = config
             .destinations
             .get(pending.destination)
             .map_or("?", |d: &Destination| d.name.as_str());
@@ -253,9 +298,12 @@ impl Worker {
             Ok(token) => {
                 host.count(Metric::ExchangeOk, 1);
                 let reuse_until_ms =
-                    cache::reuse_until(now_ms, token.expires_in_s * 1000, self.config.token_margin_ms);
+                    cache::reuse_until(now_ms, token.expires_in_s * 1000, config.token_margin_ms);
                 if reuse_until_ms > now_ms {
-                    let entry = Entry::Token { access_token: token.access_token.clone(), reuse_until_ms };
+                    let entry = Entry::Token {
+                        access_token: token.access_token.clone(),
+                        reuse_until_ms,
+                    };
                     host.shared_set(key, &entry.encode());
                 }
                 let authorization = bearer(&token.access_token);
@@ -270,13 +318,19 @@ impl Worker {
                         Level::Warn,
                         &format!("destination {dest_name}: token service rejected the assertion for user {:?}: {code}", pending.user_id),
                     );
-                    if self.config.failure_hold_ms > 0 {
-                        let entry = Entry::Rejected { code: code.clone(), until_ms: now_ms + self.config.failure_hold_ms };
+                    if config.failure_hold_ms > 0 {
+                        let entry = Entry::Rejected {
+                            code: code.clone(),
+                            until_ms: now_ms + config.failure_hold_ms,
+                        };
                         host.shared_set(key, &entry.encode());
                     }
                 } else {
                     host.count(Metric::ExchangeFailed, 1);
-                    host.log(Level::Warn, &format!("destination {dest_name}: token exchange failed: {failure:?}"));
+                    host.log(
+                        Level::Warn,
+                        &format!("destination {dest_name}: token exchange failed: {failure:?}"),
+                    );
                 }
                 for id in pending.waiters {
                     host.fail(id, &failure);

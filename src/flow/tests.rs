@@ -64,7 +64,9 @@ const T0: u64 = 1_795_323_921_000_000_000;
 const OK: &[u8] = br#"{"access_token":"tok-1","token_type":"bearer","expires_in":3600}"#;
 
 fn worker() -> Worker {
-    Worker::new(Rc::new(parse(&config_json(vec![destination_json("d")])).unwrap()))
+    Worker::new(Rc::new(
+        parse(&config_json(vec![destination_json("d")])).unwrap(),
+    ))
 }
 
 fn host() -> FakeHost {
@@ -88,7 +90,10 @@ fn concurrent_requests_of_one_user_share_one_exchange() {
         assert_eq!(w.on_request(&h, id, 0, Some(&alice())), Decision::Wait);
     }
     assert_eq!(h.wakes.get(), 1);
-    assert!(h.dispatched.borrow().is_empty(), "dispatch waits for the worker callback");
+    assert!(
+        h.dispatched.borrow().is_empty(),
+        "dispatch waits for the worker callback"
+    );
     w.on_wake(&h);
     assert_eq!(h.dispatched.borrow().len(), 1);
     w.on_token_response(&h, 101, Some(200), OK);
@@ -104,10 +109,16 @@ fn cached_token_serves_until_the_margin_then_a_new_exchange_runs() {
     w.on_request(&h, 1, 0, Some(&alice()));
     w.on_wake(&h);
     w.on_token_response(&h, 101, Some(200), OK);
-    assert_eq!(w.on_request(&h, 2, 0, Some(&alice())), Decision::Forward("Bearer tok-1".into()));
+    assert_eq!(
+        w.on_request(&h, 2, 0, Some(&alice())),
+        Decision::Forward("Bearer tok-1".into())
+    );
     // 3600 s lifetime, margin 360 s: still good at 3239 s, not at 3240 s.
     h.now_ns.set(T0 + 3_239_000_000_000);
-    assert_eq!(w.on_request(&h, 3, 0, Some(&alice())), Decision::Forward("Bearer tok-1".into()));
+    assert_eq!(
+        w.on_request(&h, 3, 0, Some(&alice())),
+        Decision::Forward("Bearer tok-1".into())
+    );
     h.now_ns.set(T0 + 3_240_000_000_000);
     assert_eq!(w.on_request(&h, 4, 0, Some(&alice())), Decision::Wait);
     w.on_wake(&h);
@@ -149,15 +160,28 @@ fn users_and_failures_are_kept_apart() {
     assert_eq!(h.dispatched.borrow().len(), 2);
     w.on_token_response(&h, 102, Some(400), br#"{"error":"invalid_grant"}"#);
     w.on_token_response(&h, 101, Some(200), OK);
-    assert_eq!(*h.failed.borrow(), vec![(2, Failure::Rejected { code: "invalid_grant".into() })]);
+    assert_eq!(
+        *h.failed.borrow(),
+        vec![(
+            2,
+            Failure::Rejected {
+                code: "invalid_grant".into()
+            }
+        )]
+    );
     assert_eq!(*h.resumed.borrow(), vec![(1, "Bearer tok-1".to_string())]);
     // bob's rejection is held briefly and answered without a new exchange.
     assert_eq!(
         w.on_request(&h, 3, 0, Some(&json!({"user_name": "bob"}))),
-        Decision::Fail(Failure::Rejected { code: "invalid_grant".into() })
+        Decision::Fail(Failure::Rejected {
+            code: "invalid_grant".into()
+        })
     );
     h.now_ns.set(T0 + 5_000_000_000);
-    assert_eq!(w.on_request(&h, 4, 0, Some(&json!({"user_name": "bob"}))), Decision::Wait);
+    assert_eq!(
+        w.on_request(&h, 4, 0, Some(&json!({"user_name": "bob"}))),
+        Decision::Wait
+    );
     // The log names the user and the code, never the token.
     assert!(h.logs.borrow().iter().all(|l| !l.contains("tok-1")));
 }
@@ -165,7 +189,10 @@ fn users_and_failures_are_kept_apart() {
 #[test]
 fn unusable_users_are_refused_before_any_exchange() {
     let (mut w, h) = (worker(), host());
-    assert_eq!(w.on_request(&h, 1, 0, None), Decision::Fail(Failure::NotAuthenticated));
+    assert_eq!(
+        w.on_request(&h, 1, 0, None),
+        Decision::Fail(Failure::NotAuthenticated)
+    );
     assert!(matches!(
         w.on_request(&h, 2, 0, Some(&json!({"sub": "x"}))),
         Decision::Fail(Failure::UserId(_))
@@ -189,7 +216,10 @@ fn transport_failures_reach_every_waiter_and_are_not_cached() {
     h.refuse_dispatch.set(true);
     w.on_request(&h, 3, 0, Some(&alice()));
     w.on_wake(&h);
-    assert!(matches!(h.failed.borrow()[2], (3, Failure::Unavailable { .. })));
+    assert!(matches!(
+        h.failed.borrow()[2],
+        (3, Failure::Unavailable { .. })
+    ));
     assert_eq!(w.in_flight(), 0);
 }
 
@@ -204,7 +234,10 @@ fn requests_that_went_away_are_skipped_and_the_rest_still_resume() {
     w.on_wake(&h);
     w.on_token_response(&h, 101, Some(200), OK);
     assert_eq!(*h.resumed.borrow(), vec![(3, "Bearer tok-1".to_string())]);
-    assert!(h.shared.borrow().values().next().is_some(), "token cached for later requests");
+    assert!(
+        h.shared.borrow().values().next().is_some(),
+        "token cached for later requests"
+    );
 }
 
 #[test]
@@ -212,7 +245,12 @@ fn short_lived_tokens_serve_their_waiters_but_are_not_cached() {
     let (mut w, h) = (worker(), host());
     w.on_request(&h, 1, 0, Some(&alice()));
     w.on_wake(&h);
-    w.on_token_response(&h, 101, Some(200), br#"{"access_token":"t","token_type":"bearer","expires_in":20}"#);
+    w.on_token_response(
+        &h,
+        101,
+        Some(200),
+        br#"{"access_token":"t","token_type":"bearer","expires_in":20}"#,
+    );
     assert_eq!(*h.resumed.borrow(), vec![(1, "Bearer t".to_string())]);
     assert!(h.shared.borrow().is_empty());
 }

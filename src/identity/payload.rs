@@ -1,22 +1,35 @@
 //! The verified JWT payload as Envoy hands it over.
 //!
 //! `jwt_authn` with `payload_in_metadata` stores the payload in the request's dynamic
-//! metadata; read as a property it arrives as a serialized `google.protobuf.Struct`.
-//! Decoding it here (with `prost-types`) gives the plugin the same JSON claims the
-//! token carried, so JSON-path user id rules and attribute mapping need no extra calls.
+//! metadata. Read as the property `metadata`, the whole `envoy.config.core.v3.Metadata`
+//! arrives as protobuf, with every claim's JSON type intact. (Deeper property paths
+//! come back in a flattened encoding where an 8-byte string and a number look alike.)
+//! Decoding it here gives the plugin the claims exactly as the token carried them.
 
 use prost::Message;
 use prost_types::value::Kind;
 use serde_json::{Map, Number, Value};
+use std::collections::HashMap;
+
+/// The part of `envoy.config.core.v3.Metadata` the plugin reads.
+#[derive(Clone, PartialEq, Message)]
+struct Metadata {
+    #[prost(map = "string, message", tag = "1")]
+    filter_metadata: HashMap<String, prost_types::Struct>,
+}
+
+/// The JSON object stored by filter `filter` under `key` in serialized dynamic metadata.
+pub fn claims_from_metadata(metadata: &[u8], filter: &str, key: &str) -> Option<Value> {
+    let metadata = Metadata::decode(metadata).ok()?;
+    let value = metadata.filter_metadata.get(filter)?.fields.get(key)?;
+    match &value.kind {
+        Some(Kind::StructValue(payload)) => Some(struct_to_json(payload, 0)),
+        _ => None,
+    }
+}
 
 /// Claims nested deeper than this are dropped (protects the stack on hostile input).
 const MAX_DEPTH: usize = 32;
-
-/// Decodes a serialized `google.protobuf.Struct` into a JSON object.
-pub fn claims_from_struct(bytes: &[u8]) -> Option<Value> {
-    let payload = prost_types::Struct::decode(bytes).ok()?;
-    Some(struct_to_json(&payload, 0))
-}
 
 fn struct_to_json(s: &prost_types::Struct, depth: usize) -> Value {
     let mut map = Map::new();
@@ -64,7 +77,7 @@ mod tests {
     }
 
     #[test]
-    fn decodes_envoy_payload_struct() {
+    fn decodes_the_jwt_payload_from_envoy_metadata() {
         let mut inner = BTreeMap::new();
         inner.insert("id".to_string(), v(Kind::StringValue("A1".into())));
         let mut fields = BTreeMap::new();
@@ -84,13 +97,26 @@ mod tests {
                 values: vec![v(Kind::StringValue("g".into())), v(Kind::NullValue(0))],
             })),
         );
-        let bytes = Struct { fields }.encode_to_vec();
-        let claims = claims_from_struct(&bytes).unwrap();
+        let mut jwt = BTreeMap::new();
+        jwt.insert(
+            "payload".to_string(),
+            v(Kind::StructValue(Struct { fields })),
+        );
+        let mut filter_metadata = HashMap::new();
+        filter_metadata.insert(
+            "envoy.filters.http.jwt_authn".to_string(),
+            Struct { fields: jwt },
+        );
+        let bytes = Metadata { filter_metadata }.encode_to_vec();
+        let claims =
+            claims_from_metadata(&bytes, "envoy.filters.http.jwt_authn", "payload").unwrap();
         assert_eq!(
             claims,
             serde_json::json!({"user_name": "alice", "exp": 1_700_000_000, "ok": true,
                                "ext": {"id": "A1"}, "groups": ["g", null]})
         );
-        assert!(claims_from_struct(&[0xff, 0xff, 0xff]).is_none());
+        assert!(claims_from_metadata(&bytes, "other", "payload").is_none());
+        assert!(claims_from_metadata(&bytes, "envoy.filters.http.jwt_authn", "x").is_none());
+        assert!(claims_from_metadata(&[0xff, 0xff, 0xff], "a", "b").is_none());
     }
 }

@@ -1,0 +1,392 @@
+"""The local stack: development servers plus the real Envoy running the plugin.
+
+Used by `make run` (profile `demo`, fixed ports, foreground) and by the end-to-end
+tests (profile `test`, shifted ports, extra destinations that exercise failures).
+Everything binds to 127.0.0.1. Envoy's configuration is generated here, from one
+place, and written to `.run/<profile>/envoy.json` so it can be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "principal_propagation.wasm"
+VENV_BIN = ROOT / ".venv" / "bin"
+
+ISSUER = "principal-propagation-gateway"
+ENTITY_ID = "dev-token-server"
+CLIENT_ID = "gateway-client"
+CLIENT_SECRET = "gateway-secret"
+JWT_AUDIENCE = "principal-propagation-demo"
+
+
+@dataclass(frozen=True)
+class Ports:
+    listener: int = 10000
+    admin: int = 9901
+    idp: int = 9000
+    token: int = 9100
+    echo: int = 9200
+
+    @property
+    def closed(self) -> int:
+        """A port nothing listens on: the 'token service down' cluster."""
+        return self.token + 1
+
+    def shifted(self, offset: int) -> "Ports":
+        return Ports(*(p + offset for p in (self.listener, self.admin, self.idp, self.token, self.echo)))
+
+
+def ensure_keys(run_dir: Path) -> tuple[Path, Path]:
+    """A gateway signing key and self-signed certificate whose CN is the issuer."""
+    key_path, cert_path = run_dir / "gateway-key.pem", run_dir / "gateway-cert.pem"
+    if key_path.exists() and cert_path.exists():
+        return key_path, cert_path
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ISSUER)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=730))
+        .sign(key, hashes.SHA256())
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+def destination(ports: Ports, name: str, path: str = "/oauth/token", **extra) -> dict:
+    """An SAP OAuth2SAMLBearerAssertion destination against the dev token server."""
+    d = {
+        "Name": name,
+        "Type": "HTTP",
+        "URL": f"http://127.0.0.1:{ports.echo}",
+        "Authentication": "OAuth2SAMLBearerAssertion",
+        "ProxyType": "Internet",
+        "tokenServiceURL": f"http://127.0.0.1:{ports.token}{path}",
+        "tokenServiceUser": CLIENT_ID,
+        "tokenServicePassword": CLIENT_SECRET,
+        "audience": ENTITY_ID,
+        "assertionIssuer": ISSUER,
+        "nameIdFormat": "urn:oasis:names:tc:SAML:1.1:nameid-format:unspecified",
+        "authnContextClassRef": "urn:oasis:names:tc:SAML:2.0:ac:classes:PreviousSession",
+    }
+    d.update(extra)
+    return d
+
+
+def test_destinations(ports: Ports) -> list[dict]:
+    """Destinations whose behaviour the end-to-end tests check, one route each."""
+    return [
+        destination(ports, "reject", "/oauth/token/reject"),
+        destination(
+            ports,
+            "slow",
+            "/oauth/token/slow",
+            **{"tokenServiceURL.queries.delay": "4", "tokenServiceURL.SocketReadTimeoutInSeconds": "1"},
+        ),
+        destination(ports, "down", tokenServiceCluster="token_service_down"),
+        destination(ports, "wrong-audience", audience="https://someone-else.example"),
+        destination(ports, "short", **{"tokenServiceURL.queries.expires_in": "33"}),
+        destination(
+            ports,
+            "sf",
+            nameIdFormat="urn:oasis:names:tc:SAML:1.1:nameid-format:emailAddress",
+            clientKey=CLIENT_ID,
+            companyId="ACME",
+            scope="read write",
+            samlAssertionEncoding="base64",
+            includeSigningCertificateInSAMLAssertion="true",
+            **{
+                "tokenService.body.extra_field": "1",
+                "tokenServiceURL.headers.X-Token-Test": "yes",
+                "URL.headers.X-Propagated": "1",
+                "URL.queries.sap-client": "100",
+            },
+        ),
+    ]
+
+
+def plugin_config(ports: Ports, profile: str) -> dict:
+    destinations = [destination(ports, "dev")]
+    if profile == "test":
+        destinations += test_destinations(ports)
+    return {
+        "tokenServiceCluster": "token_service",
+        "keys": {"default": {"privateKeyEnv": "PP_SIGNING_KEY", "certificateEnv": "PP_SIGNING_CERT"}},
+        "defaultDestination": "dev",
+        "assertionLifetimeSeconds": 300,
+        "clockSkewSeconds": 60,
+        "destinations": destinations,
+    }
+
+
+def cluster(name: str, port: int) -> dict:
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}
+            ],
+        },
+    }
+
+
+def route(prefix: str, destination_name: str | None = None) -> dict:
+    r = {"match": {"prefix": prefix}, "route": {"cluster": "echo", "timeout": "15s"}}
+    if destination_name:
+        r["metadata"] = {"filter_metadata": {"principal_propagation": {"destination": destination_name}}}
+    return r
+
+
+def envoy_config(ports: Ports, profile: str, config_override: dict | None = None) -> dict:
+    routes = []
+    if profile == "test":
+        routes += [route(f"/t/{d['Name']}/", d["Name"]) for d in test_destinations(ports)]
+    routes.append(route("/"))  # the default destination
+    plugin = config_override if config_override is not None else plugin_config(ports, profile)
+    http_filters = [
+        {
+            "name": "envoy.filters.http.jwt_authn",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+                "providers": {
+                    "dev_idp": {
+                        "issuer": f"http://127.0.0.1:{ports.idp}",
+                        "audiences": [JWT_AUDIENCE],
+                        "remote_jwks": {
+                            "http_uri": {
+                                "uri": f"http://127.0.0.1:{ports.idp}/.well-known/jwks.json",
+                                "cluster": "idp",
+                                "timeout": "5s",
+                            },
+                            "cache_duration": "300s",
+                            "async_fetch": {},
+                        },
+                        "payload_in_metadata": "payload",
+                        "forward": False,
+                    }
+                },
+                # The plugin answers a missing or invalid JWT itself, with the JSON
+                # error body and WWW-Authenticate of the error contract.
+                "rules": [
+                    {
+                        "match": {"prefix": "/"},
+                        "requires": {
+                            "requires_any": {
+                                "requirements": [{"provider_name": "dev_idp"}, {"allow_missing_or_failed": {}}]
+                            }
+                        },
+                    }
+                ],
+            },
+        },
+        {
+            "name": "envoy.filters.http.wasm",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                "config": {
+                    "name": "principal_propagation",
+                    "root_id": "principal_propagation",
+                    "fail_open": False,
+                    "configuration": {
+                        "@type": "type.googleapis.com/google.protobuf.StringValue",
+                        "value": json.dumps(plugin),
+                    },
+                    "vm_config": {
+                        "vm_id": "principal_propagation",
+                        "runtime": "envoy.wasm.runtime.v8",
+                        "code": {"local": {"filename": str(WASM)}},
+                        "environment_variables": {"host_env_keys": ["PP_SIGNING_KEY", "PP_SIGNING_CERT"]},
+                    },
+                },
+            },
+        },
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+        },
+    ]
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ports.admin}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "main",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": ports.listener}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                                        "stat_prefix": "ingress",
+                                        "route_config": {
+                                            "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]
+                                        },
+                                        "http_filters": http_filters,
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                cluster("idp", ports.idp),
+                cluster("token_service", ports.token),
+                cluster("token_service_down", ports.closed),
+                cluster("echo", ports.echo),
+            ],
+        },
+    }
+
+
+def _get(url: str, timeout: float = 1.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except OSError:
+        return 0, b""
+
+
+class Stack:
+    """Starts dev servers and Envoy; stops both. Every wait is bounded."""
+
+    def __init__(self, profile: str = "demo", ports: Ports = Ports(), envoy_log_level: str = "info",
+                 config_override: dict | None = None):
+        self.profile, self.ports = profile, ports
+        self.run_dir = ROOT / ".run" / profile
+        self.envoy_log_level = envoy_log_level
+        self.config_override = config_override
+        self.servers: subprocess.Popen | None = None
+        self.envoy: subprocess.Popen | None = None
+        self.envoy_log = self.run_dir / "envoy.log"
+
+    def start(self, timeout: float = 60.0) -> "Stack":
+        if not WASM.exists():
+            raise RuntimeError(f"{WASM} is missing: run `make build`")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        key_path, cert_path = ensure_keys(ROOT / ".run")
+        self.cert_path = cert_path
+        p = self.ports
+        self.servers = subprocess.Popen(
+            [sys.executable, str(ROOT / "dev" / "servers.py"),
+             "--idp-port", str(p.idp), "--token-port", str(p.token), "--echo-port", str(p.echo),
+             "--trusted-cert", str(cert_path), "--trusted-issuer", ISSUER, "--entity-id", ENTITY_ID,
+             "--client-id", CLIENT_ID, "--client-secret", CLIENT_SECRET, "--jwt-audience", JWT_AUDIENCE],
+            stdout=subprocess.PIPE, stderr=open(self.run_dir / "servers.log", "w"), text=True,
+        )
+        line = self.servers.stdout.readline()  # the servers print `ready` once listening
+        if line.strip() != "ready":
+            self.stop()
+            raise RuntimeError(f"dev servers did not start; see {self.run_dir / 'servers.log'}")
+
+        config_path = self.run_dir / "envoy.json"
+        config_path.write_text(json.dumps(envoy_config(p, self.profile, self.config_override), indent=2))
+        env = dict(os.environ, PP_SIGNING_KEY=key_path.read_text(), PP_SIGNING_CERT=cert_path.read_text())
+        self.envoy = subprocess.Popen(
+            [str(VENV_BIN / "envoy"), "-c", str(config_path), "--concurrency", "2",
+             "--log-level", self.envoy_log_level, "--base-id", str(p.listener),
+             "--disable-hot-restart", "--log-path", str(self.envoy_log)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.envoy.poll() is not None:
+                raise RuntimeError(f"envoy exited with {self.envoy.returncode}; see {self.envoy_log}")
+            if _get(f"http://127.0.0.1:{p.admin}/ready")[0] == 200:
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"envoy not ready within {timeout}s; see {self.envoy_log}")
+
+    def stop(self) -> None:
+        for proc in (self.envoy, self.servers):
+            if proc and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=5)
+
+    def __enter__(self) -> "Stack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--profile", choices=["demo", "test"], default="demo")
+    args = parser.parse_args()
+    stack = Stack(args.profile)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        stack.start()
+        p = stack.ports
+        print(
+            f"""
+principal-propagation demo is up (Ctrl-C to stop):
+  gateway (Envoy + plugin)   http://127.0.0.1:{p.listener}     admin http://127.0.0.1:{p.admin}
+  identity provider          http://127.0.0.1:{p.idp}/token?user=alice
+  token server (UAA rules)   http://127.0.0.1:{p.token}/stats
+  echo upstream              http://127.0.0.1:{p.echo}
+
+Try:
+  curl -s -H "Authorization: Bearer $(curl -s 'http://127.0.0.1:{p.idp}/token?user=alice')" http://127.0.0.1:{p.listener}/hello
+  curl -s -i http://127.0.0.1:{p.listener}/hello
+Logs: {stack.envoy_log}
+""",
+            flush=True,
+        )
+        while stack.envoy.poll() is None and stack.servers.poll() is None:
+            time.sleep(0.5)
+        print("a component exited; stopping", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

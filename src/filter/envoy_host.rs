@@ -1,0 +1,178 @@
+//! [`Host`] over Envoy's proxy-wasm ABI.
+
+use crate::error::Failure;
+use crate::flow::{Host, Level, Metric};
+use crate::oauth::token_request::TokenRequest;
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{LogLevel, MetricType};
+use std::rc::Rc;
+use std::time::{Duration, UNIX_EPOCH};
+
+#[link(wasm_import_module = "wasi_snapshot_preview1")]
+extern "C" {
+    /// WASI `random_get`; Envoy provides it to wasip1 modules.
+    fn random_get(buf: *mut u8, len: usize) -> u16;
+}
+
+/// Metric ids, defined once per worker; Envoy shows them as `wasmcustom.<name>`.
+pub struct Metrics {
+    cache_hit: Option<u32>,
+    cache_miss: Option<u32>,
+    exchange_ok: Option<u32>,
+    exchange_rejected: Option<u32>,
+    exchange_failed: Option<u32>,
+    signing_us: Option<u32>,
+}
+
+impl Metrics {
+    pub fn define() -> Self {
+        let counter = |name| hostcalls::define_metric(MetricType::Counter, name).ok();
+        Metrics {
+            cache_hit: counter("principal_propagation.cache_hit"),
+            cache_miss: counter("principal_propagation.cache_miss"),
+            exchange_ok: counter("principal_propagation.token_exchange.ok"),
+            exchange_rejected: counter("principal_propagation.token_exchange.rejected"),
+            exchange_failed: counter("principal_propagation.token_exchange.failed"),
+            signing_us: hostcalls::define_metric(
+                MetricType::Histogram,
+                "principal_propagation.signing_us",
+            )
+            .ok(),
+        }
+    }
+}
+
+/// The host as seen from one worker.
+pub struct EnvoyHost {
+    queue: Option<u32>,
+    metrics: Option<Rc<Metrics>>,
+}
+
+impl EnvoyHost {
+    pub fn new(queue: Option<u32>, metrics: Option<Rc<Metrics>>) -> Self {
+        EnvoyHost { queue, metrics }
+    }
+
+    /// Registers a queue with a random name, so each worker owns its own.
+    pub fn register_wake_queue() -> Option<u32> {
+        let mut random = [0u8; 8];
+        if !fill(&mut random) {
+            return None;
+        }
+        let suffix: String = random.iter().map(|b| format!("{b:02x}")).collect();
+        hostcalls::register_shared_queue(&format!("principal-propagation/wake/{suffix}")).ok()
+    }
+
+    /// Sends the local reply for `failure` on the current context.
+    pub fn send_reply(&self, failure: &Failure) {
+        let reply = failure.reply();
+        let headers: Vec<(&str, &str)> = reply
+            .headers
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect();
+        let _ = hostcalls::send_http_response(reply.status, headers, Some(reply.body.as_bytes()));
+    }
+}
+
+fn fill(buf: &mut [u8]) -> bool {
+    // SAFETY: the host writes exactly `buf.len()` bytes into `buf`.
+    unsafe { random_get(buf.as_mut_ptr(), buf.len()) == 0 }
+}
+
+impl Host for EnvoyHost {
+    fn now_ns(&self) -> u64 {
+        hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos() as u64)
+    }
+
+    fn fill_random(&self, buf: &mut [u8]) -> bool {
+        fill(buf)
+    }
+
+    fn shared_get(&self, key: &str) -> Option<Vec<u8>> {
+        hostcalls::get_shared_data(key)
+            .ok()
+            .and_then(|(value, _)| value)
+    }
+
+    fn shared_set(&self, key: &str, value: &[u8]) {
+        if hostcalls::set_shared_data(key, Some(value), None).is_err() {
+            self.log(Level::Warn, "cannot store a token in shared data");
+        }
+    }
+
+    fn dispatch(&self, request: &TokenRequest) -> Option<u32> {
+        let headers: Vec<(&str, &str)> = request
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        hostcalls::dispatch_http_call(
+            &request.cluster,
+            headers,
+            Some(&request.body),
+            Vec::new(),
+            Duration::from_millis(request.timeout_ms),
+        )
+        .ok()
+    }
+
+    fn wake(&self) {
+        if let Some(queue) = self.queue {
+            let _ = hostcalls::enqueue_shared_queue(queue, Some(b"wake"));
+        }
+    }
+
+    fn resume(&self, request_id: u32, authorization: &str) -> bool {
+        if hostcalls::set_effective_context(request_id).is_err() {
+            return false;
+        }
+        let _ = hostcalls::set_map_value(
+            proxy_wasm::types::MapType::HttpRequestHeaders,
+            "authorization",
+            Some(authorization),
+        );
+        hostcalls::resume_http_request().is_ok()
+    }
+
+    fn fail(&self, request_id: u32, failure: &Failure) -> bool {
+        if hostcalls::set_effective_context(request_id).is_err() {
+            return false;
+        }
+        self.send_reply(failure);
+        true
+    }
+
+    fn log(&self, level: Level, message: &str) {
+        let level = match level {
+            Level::Debug => LogLevel::Debug,
+            Level::Info => LogLevel::Info,
+            Level::Warn => LogLevel::Warn,
+            Level::Error => LogLevel::Error,
+        };
+        let _ = hostcalls::log(level, &format!("principal-propagation: {message}"));
+    }
+
+    fn count(&self, metric: Metric, amount: u64) {
+        let Some(m) = &self.metrics else { return };
+        let id = match metric {
+            Metric::CacheHit => m.cache_hit,
+            Metric::CacheMiss => m.cache_miss,
+            Metric::ExchangeOk => m.exchange_ok,
+            Metric::ExchangeRejected => m.exchange_rejected,
+            Metric::ExchangeFailed => m.exchange_failed,
+            Metric::SigningMicros => {
+                if let Some(id) = m.signing_us {
+                    let _ = hostcalls::record_metric(id, amount);
+                }
+                return;
+            }
+        };
+        if let Some(id) = id {
+            let _ = hostcalls::increment_metric(id, amount as i64);
+        }
+    }
+}
