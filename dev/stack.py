@@ -115,6 +115,7 @@ def test_destinations(ports: Ports) -> list[dict]:
             "/oauth/token/slow",
             **{"tokenServiceURL.queries.delay": "4", "tokenServiceURL.SocketReadTimeoutInSeconds": "1"},
         ),
+        destination(ports, "lagging", "/oauth/token/slow", **{"tokenServiceURL.queries.delay": "0.5"}),
         destination(ports, "down", tokenServiceCluster="token_service_down"),
         destination(ports, "wrong-audience", audience="https://someone-else.example"),
         destination(ports, "short", **{"tokenServiceURL.queries.expires_in": "33"}),

@@ -1,0 +1,80 @@
+# principal-propagation — every set-up step lives here, so a fresh machine needs only
+# `make run` (the embedded demo) or `make test` (everything a change must pass).
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV        := .venv
+PY          := $(VENV)/bin/python
+WASM        := target/wasm32-wasip1/release/principal_propagation.wasm
+# wasm-bindgen-cli must match the wasm-bindgen crate in Cargo.lock exactly.
+WASM_BINDGEN_VERSION := $(shell awk '/^name = "wasm-bindgen"$$/ {getline; gsub(/[^0-9.]/, ""); print}' Cargo.lock)
+CARGO_BIN   := $(HOME)/.cargo/bin
+export PATH := $(CARGO_BIN):$(PATH)
+
+.PHONY: help setup build run test test-unit test-wasm test-e2e lint clean
+
+help:
+	@echo "make run    - build, install what is missing, start the demo on 127.0.0.1 (Ctrl-C stops)"
+	@echo "make test   - lint, unit tests, core under wasm (Node), end-to-end tests in real Envoy"
+	@echo "make build  - build $(WASM)"
+
+## Installation (idempotent) ---------------------------------------------------------
+
+setup: .make/rust-targets $(VENV)/.installed .make/xmlsec1
+
+.make/rust-targets:
+	@mkdir -p .make
+	rustup target add wasm32-wasip1 wasm32-unknown-unknown
+	rustup component add clippy rustfmt
+	@touch $@
+
+$(VENV)/.installed: dev/requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r dev/requirements.txt
+	@touch $@
+
+.make/xmlsec1:
+	@mkdir -p .make
+	@command -v xmlsec1 >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq xmlsec1 >/dev/null; }
+	xmlsec1 --version
+	@touch $@
+
+.make/wasm-bindgen-$(WASM_BINDGEN_VERSION):
+	@mkdir -p .make
+	@if [ "$$(wasm-bindgen-test-runner --version 2>/dev/null | awk '{print $$2}')" != "$(WASM_BINDGEN_VERSION)" ]; then \
+	  cargo install wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION); fi
+	@touch $@
+
+## Build and run -------------------------------------------------------------------
+
+build: .make/rust-targets
+	cargo build --release --target wasm32-wasip1
+
+run: setup build
+	$(PY) dev/stack.py --profile demo
+
+## Tests ---------------------------------------------------------------------------
+
+test: lint test-unit test-wasm test-e2e
+
+lint: .make/rust-targets
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+	cargo clippy --target wasm32-wasip1 --lib -- -D warnings
+
+test-unit:
+	cargo test
+
+test-wasm: .make/rust-targets .make/wasm-bindgen-$(WASM_BINDGEN_VERSION)
+	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
+	  cargo test --target wasm32-unknown-unknown --test wasm_core
+
+test-e2e: setup build
+	$(PY) -m pytest -q tests/dev tests/e2e
+
+clean:
+	cargo clean
+	rm -rf .run .make $(VENV)

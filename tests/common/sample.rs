@@ -1,0 +1,38 @@
+//! One fixed assertion, signed with the test key: the golden file
+//! `tests/fixtures/golden-assertion.xml` must equal it natively and under wasm, and
+//! the end-to-end suite verifies that file with xmlsec1 and signxml.
+
+use principal_propagation::keys::SigningKey;
+use principal_propagation::saml::assertion::{write, AssertionContent, Attribute};
+use principal_propagation::saml::signature::sign_enveloped;
+
+#[allow(dead_code)] // used by the tests, not by the example
+pub const GOLDEN: &str = include_str!("../fixtures/golden-assertion.xml");
+
+pub fn signed_sample() -> String {
+    let key = SigningKey::from_pem(
+        include_str!("../fixtures/signing-key.pem"),
+        include_str!("../fixtures/signing-cert.pem"),
+    )
+    .expect("test key and certificate belong together");
+    let attributes = [Attribute {
+        name: "Groups".into(),
+        values: vec!["a&b".into(), "<c>".into()],
+    }];
+    let content = AssertionContent {
+        id: "_0123456789abcdef0123456789abcdef",
+        issue_instant_ms: 1_795_323_921_000,
+        issuer: "principal-propagation-test",
+        name_id: "<ä&b>\r\n\"x\" ]]> 𝄞",
+        name_id_format: "urn:oasis:names:tc:SAML:1.1:nameid-format:unspecified",
+        name_qualifier: Some("q\"\t\n"),
+        recipient: "https://ts.example/oauth/token",
+        audience: "https://ts.example",
+        authn_context_class_ref: "urn:oasis:names:tc:SAML:2.0:ac:classes:PreviousSession",
+        not_before_ms: 1_795_323_861_000,
+        not_on_or_after_ms: 1_795_324_221_000,
+        attributes: &attributes,
+    };
+    let unsigned = write(&content).expect("all values are XML text");
+    sign_enveloped(&unsigned, content.id, &key, true)
+}

@@ -1,0 +1,97 @@
+"""Every assertion the token server received verifies with two independent
+implementations (xmlsec1 and signxml), and one changed byte makes both fail."""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from signxml import XMLVerifier
+
+from conftest import ROOT, decode_assertion
+
+SAML = "{urn:oasis:names:tc:SAML:2.0:assertion}"
+
+
+def xmlsec1_verifies(xml: bytes, cert: Path) -> bool:
+    with tempfile.NamedTemporaryFile(suffix=".xml") as f:
+        f.write(xml)
+        f.flush()
+        result = subprocess.run(
+            ["xmlsec1", "--verify", "--pubkey-cert-pem", str(cert),
+             "--id-attr:ID", "urn:oasis:names:tc:SAML:2.0:assertion:Assertion", f.name],
+            capture_output=True, timeout=30,
+        )
+    return result.returncode == 0
+
+
+def signxml_verified_name_id(xml: bytes, cert: Path) -> str | None:
+    """The NameID as signxml vouches for it (read from the signed part), or None."""
+    try:
+        result = XMLVerifier().verify(xml, x509_cert=cert.read_text(), id_attribute="ID", expect_references=1)
+    except Exception:
+        return None
+    return result.signed_xml.find(f"{SAML}Subject/{SAML}NameID").text
+
+
+def mutations(xml: bytes, count: int):
+    """`count` copies of `xml`, each with one alphanumeric byte changed, spread over
+    the whole document (markup, values, digest and signature alike)."""
+    positions = [i for i, b in enumerate(xml) if chr(b).isalnum()]
+    step = max(1, len(positions) // count)
+    for i in positions[::step][:count]:
+        b = xml[i]
+        changed = ord("x") if b != ord("x") else ord("y")
+        yield i, xml[:i] + bytes([changed]) + xml[i + 1:]
+
+
+@pytest.fixture(scope="module")
+def received(client):
+    users = ["sig-alice", "sig <&\"'> ]]> é 𝄞", "sig\ttab"]
+    for user in users:
+        assert client.gateway("/hello", client.jwt(user))[0] == 200
+    assertions = [decode_assertion(r["form"]["assertion"]) for r in client.token_requests()
+                  if r["outcome"] == "ok" and r["form"].get("assertion")]
+    assert len(assertions) >= len(users)
+    return users, assertions
+
+
+def test_every_received_assertion_verifies_with_xmlsec1_and_signxml(gateway, received):
+    users, assertions = received
+    cert = gateway.cert_path
+    seen = set()
+    for xml in assertions:
+        assert xmlsec1_verifies(xml, cert)
+        name_id = signxml_verified_name_id(xml, cert)
+        assert name_id is not None
+        seen.add(name_id)
+    assert set(users) <= seen, "NameIDs arrive byte for byte as the users' ids"
+
+
+def test_one_changed_byte_fails_both_verifiers(gateway, received):
+    _, assertions = received
+    xml = next(a for a in assertions if b"X509Certificate" not in a)
+    cert = gateway.cert_path
+    checked = 0
+    for position, mutated in mutations(xml, 40):
+        assert not xmlsec1_verifies(mutated, cert), f"xmlsec1 accepted a change at byte {position}"
+        assert signxml_verified_name_id(mutated, cert) is None, f"signxml accepted a change at byte {position}"
+        checked += 1
+    assert checked == 40
+
+
+def test_assertion_signed_by_another_key_fails_both():
+    other = ROOT / "tests" / "fixtures" / "other-cert.pem"
+    golden = (ROOT / "tests" / "fixtures" / "golden-assertion.xml").read_bytes()
+    assert not xmlsec1_verifies(golden, other)
+    assert signxml_verified_name_id(golden, other) is None
+
+
+def test_golden_assertion_of_the_unit_tests_verifies_independently():
+    # The same bytes are produced natively and under wasm (tests/golden.rs, tests/wasm_core.rs).
+    cert = ROOT / "tests" / "fixtures" / "signing-cert.pem"
+    golden = (ROOT / "tests" / "fixtures" / "golden-assertion.xml").read_bytes()
+    assert xmlsec1_verifies(golden, cert)
+    assert signxml_verified_name_id(golden, cert) == "<ä&b>\r\n\"x\" ]]> 𝄞"

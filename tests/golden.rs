@@ -1,0 +1,7 @@
+//! The signer's output is byte-for-byte the committed golden assertion (natively).
+mod common;
+
+#[test]
+fn signed_sample_matches_the_golden_file() {
+    assert_eq!(common::sample::signed_sample(), common::sample::GOLDEN);
+}

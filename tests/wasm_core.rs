@@ -1,0 +1,47 @@
+//! The host-independent core under wasm (Node, via wasm-bindgen-test): the same bytes,
+//! the same decisions as natively. Run by `make test-wasm`.
+#![cfg(target_arch = "wasm32")]
+
+mod common;
+
+use principal_propagation::config::PluginConfig;
+use principal_propagation::exchange;
+use principal_propagation::time::xs_date_time;
+use wasm_bindgen_test::wasm_bindgen_test;
+
+#[wasm_bindgen_test]
+fn signed_assertion_is_the_golden_one() {
+    assert_eq!(common::sample::signed_sample(), common::sample::GOLDEN);
+}
+
+#[wasm_bindgen_test]
+fn host_time_formats_like_natively() {
+    assert_eq!(xs_date_time(951_827_696_789), "2000-02-29T12:34:56.789Z");
+}
+
+#[wasm_bindgen_test]
+fn configuration_and_token_request_work_in_wasm() {
+    let config = serde_json::json!({
+        "tokenServiceCluster": "ts",
+        "keys": {"default": {
+            "privateKeyEnv": "KEY",
+            "certificate": include_str!("fixtures/signing-cert.pem")
+        }},
+        "destinations": [{
+            "Name": "d", "Authentication": "OAuth2SAMLBearerAssertion",
+            "tokenServiceURL": "https://ts.example/oauth/token",
+            "audience": "https://ts.example", "assertionIssuer": "gw"
+        }]
+    });
+    let env =
+        |name: &str| (name == "KEY").then(|| include_str!("fixtures/signing-key.pem").to_string());
+    let config =
+        PluginConfig::parse(config.to_string().as_bytes(), &env).expect("valid configuration");
+    let destination = &config.destinations[0];
+    let request =
+        exchange::token_request(&config, destination, "alice", &[], 1_795_323_921_000, "_a1")
+            .expect("request");
+    let form: Vec<(String, String)> = form_urlencoded::parse(&request.body).into_owned().collect();
+    assert_eq!(form[0].1, "urn:ietf:params:oauth:grant-type:saml2-bearer");
+    assert!(!form[1].1.contains('='), "base64url without padding");
+}
