@@ -7,6 +7,7 @@
 use super::values::{ConfigError, Section};
 use crate::http_url::HttpUrl;
 use crate::identity::UserIdRule;
+use crate::saml::canonical::is_xml_text;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -261,7 +262,36 @@ pub fn parse(
         name,
     };
     destination.cache_namespace = namespace_of(value);
+    check_assertion_values(&d, &destination)?;
     Ok(destination)
+}
+
+/// Values written into every assertion must be XML text, or no assertion could be built.
+fn check_assertion_values(d: &Section<'_>, dest: &Destination) -> Result<(), ConfigError> {
+    let values = [
+        ("audience", Some(&dest.audience)),
+        ("assertionIssuer", Some(&dest.assertion_issuer)),
+        ("assertionRecipient", Some(&dest.assertion_recipient)),
+        ("nameIdFormat", Some(&dest.name_id_format)),
+        ("nameQualifier", dest.name_qualifier.as_ref()),
+        ("authnContextClassRef", Some(&dest.authn_context_class_ref)),
+        (
+            "SystemUser",
+            match &dest.user_id {
+                UserIdRule::SystemUser(user) => Some(user),
+                UserIdRule::Claim { .. } => None,
+            },
+        ),
+    ];
+    for (key, value) in values {
+        if value.is_some_and(|v| !is_xml_text(v)) {
+            return Err(ConfigError::new(
+                d.key(key),
+                "contains characters that XML 1.0 cannot carry",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Refuses keys that are neither SAP properties we support, informational SAP

@@ -57,7 +57,8 @@ impl PluginConfig {
     pub fn parse(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let root: Value = serde_json::from_slice(json)
             .map_err(|e| ConfigError::new("(configuration)", format!("is not valid JSON: {e}")))?;
-        let top = Section::new("", &root)?;
+        let top = Section::new("", &root)
+            .map_err(|_| ConfigError::new("(configuration)", "must be a JSON object"))?;
         for key in top.fields.keys() {
             if !TOP_LEVEL.contains(&key.as_str()) {
                 return Err(ConfigError::new(
@@ -238,3 +239,6 @@ fn resolve_key_name(
         )),
     }
 }
+
+#[cfg(test)]
+mod tests;

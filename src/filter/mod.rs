@@ -61,16 +61,11 @@ impl Context for PluginRoot {
         let status = self
             .get_http_call_response_header(":status")
             .and_then(|s| s.parse::<u16>().ok());
+        // One byte over the limit is enough for the parser to refuse an oversized answer.
         let limit = crate::oauth::token_response::MAX_RESPONSE_BYTES + 1;
         let body = self
             .get_http_call_response_body(0, body_size.min(limit))
             .unwrap_or_default();
-        // A body larger than read is reported as oversized, not silently truncated.
-        let body = if body_size > limit {
-            vec![b' '; limit]
-        } else {
-            body
-        };
         worker
             .borrow_mut()
             .on_token_response(&self.host(), token_id, status, &body);
@@ -195,8 +190,12 @@ impl PluginRequest {
 
 impl Context for PluginRequest {
     fn on_done(&mut self) -> bool {
+        // try_borrow: should a host ever end a stream from inside a worker callback,
+        // the worker skips the gone request itself (resume/fail report it missing).
         if self.waiting {
-            self.worker.borrow_mut().forget_request(self.context_id);
+            if let Ok(mut worker) = self.worker.try_borrow_mut() {
+                worker.forget_request(self.context_id);
+            }
         }
         true
     }

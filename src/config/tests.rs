@@ -1,0 +1,271 @@
+//! Configuration parsing: what is accepted, and that each refusal names key and problem.
+use crate::config::destination::{AssertionEncoding, NAMEID_UNSPECIFIED};
+use crate::config::PluginConfig;
+use crate::identity::UserIdRule;
+use crate::testing::{config_json, destination_json, parse, CERT, KEY};
+use serde_json::{json, Value};
+
+fn refused(config: Value) -> String {
+    parse(&config)
+        .expect_err("configuration must be refused")
+        .to_string()
+}
+
+fn with_destination(change: impl FnOnce(&mut serde_json::Map<String, Value>)) -> Value {
+    let mut d = destination_json("d");
+    change(d.as_object_mut().unwrap());
+    config_json(vec![d])
+}
+
+#[test]
+fn accepts_a_pasted_sap_destination_with_defaults() {
+    let config = parse(&with_destination(|d| {
+        d.insert("Description".into(), json!("exported from the BTP cockpit"));
+        d.insert("ProxyType".into(), json!("Internet"));
+        d.insert("tokenServiceURLType".into(), json!("Dedicated"));
+        d.insert(
+            "includeSigningCertificateInSAMLAssertion".into(),
+            json!("true"),
+        );
+        d.insert(
+            "tokenServiceURL.SocketReadTimeoutInSeconds".into(),
+            json!("30"),
+        );
+    }))
+    .unwrap();
+    let d = &config.destinations[0];
+    assert_eq!(d.assertion_recipient, "http://127.0.0.1:9100/oauth/token");
+    assert_eq!(d.name_id_format, NAMEID_UNSPECIFIED);
+    assert_eq!(d.user_id, UserIdRule::claim("user_name").unwrap());
+    assert_eq!(d.encoding, AssertionEncoding::Base64Url);
+    assert!(d.include_certificate);
+    assert_eq!(d.token_service.timeout_ms, 30_000);
+    assert_eq!(d.token_service.cluster, "token_service");
+    assert_eq!(d.key_name, "default");
+    assert_eq!(config.assertion_lifetime_ms, 300_000);
+    assert_eq!(config.default_destination, None);
+}
+
+#[test]
+fn email_format_reads_the_email_claim_and_system_user_wins() {
+    let config = parse(&with_destination(|d| {
+        d.insert(
+            "nameIdFormat".into(),
+            json!("urn:oasis:names:tc:SAML:1.1:nameid-format:emailAddress"),
+        );
+    }))
+    .unwrap();
+    assert_eq!(
+        config.destinations[0].user_id,
+        UserIdRule::claim("email").unwrap()
+    );
+    let config = parse(&with_destination(|d| {
+        d.insert("SystemUser".into(), json!("TECH_USER"));
+        d.insert("userIdSource".into(), json!("sub"));
+    }))
+    .unwrap();
+    assert_eq!(
+        config.destinations[0].user_id,
+        UserIdRule::SystemUser("TECH_USER".into())
+    );
+}
+
+#[test]
+fn keys_come_inline_or_from_the_environment() {
+    let mut config = config_json(vec![destination_json("d")]);
+    config["keys"] = json!({"k1": {"privateKeyEnv": "SIGNING_KEY", "certificate": CERT}});
+    let env = |name: &str| (name == "SIGNING_KEY").then(|| KEY.to_string());
+    let parsed = PluginConfig::parse(config.to_string().as_bytes(), &env).unwrap();
+    assert_eq!(
+        parsed.destinations[0].key_name, "k1",
+        "the only key is the default"
+    );
+}
+
+#[test]
+fn refuses_bad_configurations_naming_key_and_problem() {
+    let cases: Vec<(Value, &str)> = vec![
+        (json!("[]"), "configuration key `(configuration)` must be a JSON object"),
+        (json!({"keys": {}}), "`keys` is required: at least one signing key"),
+        (config_json(vec![]), "`destinations` is required"),
+        (
+            with_destination(|d| {
+                d.remove("audience");
+            }),
+            "`destinations[0].audience` is required",
+        ),
+        (
+            with_destination(|d| {
+                d.insert("audience".into(), json!(42));
+            }),
+            "`destinations[0].audience` must be a string",
+        ),
+        (
+            with_destination(|d| {
+                d.insert("tokenServiceUrl".into(), json!("x"));
+            }),
+            "`destinations[0].tokenServiceUrl` is not a supported destination property",
+        ),
+        (
+            with_destination(|d| {
+                d.insert("Authentication".into(), json!("BasicAuthentication"));
+            }),
+            "only OAuth2SAMLBearerAssertion is supported",
+        ),
+        (
+            with_destination(|d| {
+                d.insert("tokenServiceURL".into(), json!("ftp://x/token"));
+            }),
+            "`destinations[0].tokenServiceURL` must be an absolute http:// or https:// URL",
+        ),
+        (
+            with_destination(|d| {
+                d.remove("tokenServicePassword");
+            }),
+            "`destinations[0].tokenServicePassword` is required when tokenServiceUser is set",
+        ),
+        (
+            with_destination(|d| {
+                d.insert("nameIdFormat".into(), json!("urn:oasis:names:tc:SAML:1.1:nameid-format:X509SubjectName"));
+            }),
+            "`destinations[0].nameIdFormat` has no default user id claim",
+        ),
+        (
+            with_destination(|d| {
+                d.insert("samlAssertionEncoding".into(), json!("hex"));
+            }),
+            "must be base64url or base64",
+        ),
+        (
+            with_destination(|d| {
+                d.insert("tokenServiceURL.SocketReadTimeoutInSeconds".into(), json!("0"));
+            }),
+            "must be a whole number from 1 to 600",
+        ),
+        (
+            with_destination(|d| {
+                d.insert("includeSigningCertificateInSAMLAssertion".into(), json!("yes"));
+            }),
+            "must be true or false",
+        ),
+        (
+            with_destination(|d| {
+                d.insert("tokenService.body.grant_type".into(), json!("password"));
+            }),
+            "`destinations[0].tokenService.body.grant_type` would replace a form field the gateway sets itself",
+        ),
+        (
+            with_destination(|d| {
+                d.insert("URL.headers.Authorization".into(), json!("x"));
+            }),
+            "names a header the gateway sets itself",
+        ),
+        (
+            with_destination(|d| {
+                d.insert("URL.headers.X-Ok".into(), json!("a\r\nInjected: 1"));
+            }),
+            "must not contain control characters",
+        ),
+        (
+            with_destination(|d| {
+                d.insert("tokenServiceURL.headers.".into(), json!("x"));
+            }),
+            "needs a name after the prefix",
+        ),
+        (
+            with_destination(|d| {
+                d.insert("x_user_token.jwks_uri".into(), json!("https://idp/jwks"));
+            }),
+            "verify user JWTs with Envoy's jwt_authn filter",
+        ),
+        (
+            with_destination(|d| {
+                d.insert("KeyStoreLocation".into(), json!("missing"));
+            }),
+            "`destinations[0].KeyStoreLocation` names no key in `keys`",
+        ),
+        (
+            with_destination(|d| {
+                d.insert("assertionIssuer".into(), json!("bad\u{1}issuer"));
+            }),
+            "`destinations[0].assertionIssuer` contains characters that XML 1.0 cannot carry",
+        ),
+        (
+            with_destination(|d| {
+                d.insert("ProxyType".into(), json!("OnPremise"));
+            }),
+            "`destinations[0].ProxyType` must be Internet",
+        ),
+        (
+            config_json(vec![destination_json("same"), destination_json("same")]),
+            "`destinations[1].Name` \"same\" is used by another destination",
+        ),
+        (
+            {
+                let mut c = config_json(vec![destination_json("d")]);
+                c["defaultDestination"] = json!("nope");
+                c
+            },
+            "`defaultDestination` names no destination",
+        ),
+        (
+            {
+                let mut c = config_json(vec![destination_json("d")]);
+                c["keys"]["default"]["privateKey"] = json!(CERT);
+                c
+            },
+            "`keys.default.privateKey` is not a PEM RSA private key",
+        ),
+        (
+            {
+                let mut c = config_json(vec![destination_json("d")]);
+                c["keys"]["default"]["privateKeyEnv"] = json!("UNSET");
+                c
+            },
+            "`keys.default.privateKey` and privateKeyEnv are both set; use one",
+        ),
+        (
+            {
+                let mut c = config_json(vec![destination_json("d")]);
+                c.as_object_mut().unwrap().remove("tokenServiceCluster");
+                c
+            },
+            "`destinations[0].tokenServiceCluster` is required",
+        ),
+        (
+            {
+                let mut c = config_json(vec![destination_json("d")]);
+                c["assertionLifetimeSeconds"] = json!(99_999);
+                c
+            },
+            "`assertionLifetimeSeconds` must be a whole number from 10 to 3000",
+        ),
+        (
+            {
+                let mut c = config_json(vec![destination_json("d")]);
+                c["tokenCache"] = json!(1);
+                c
+            },
+            "`tokenCache` is not a supported plugin setting",
+        ),
+    ];
+    for (config, expected) in cases {
+        let message = refused(config);
+        assert!(
+            message.contains(expected),
+            "{message:?} should contain {expected:?}"
+        );
+        assert!(!message.contains("BEGIN"), "no key material in {message:?}");
+    }
+}
+
+#[test]
+fn refusals_never_echo_secret_values() {
+    let message = refused(with_destination(|d| {
+        d.insert("tokenServicePassword".into(), json!(17));
+    }));
+    assert_eq!(
+        message,
+        "configuration key `destinations[0].tokenServicePassword` must be a string"
+    );
+}
