@@ -291,10 +291,11 @@ class Stack:
     """Starts dev servers and Envoy; stops both. Every wait is bounded."""
 
     def __init__(self, profile: str = "demo", ports: Ports = Ports(), envoy_log_level: str = "info",
-                 config_override: dict | None = None):
+                 config_override: dict | None = None, plugin_log_level: str = "info"):
         self.profile, self.ports = profile, ports
         self.run_dir = ROOT / ".run" / profile
         self.envoy_log_level = envoy_log_level
+        self.plugin_log_level = plugin_log_level
         self.config_override = config_override
         self.servers: subprocess.Popen | None = None
         self.envoy: subprocess.Popen | None = None
@@ -319,12 +320,14 @@ class Stack:
             self.stop()
             raise RuntimeError(f"dev servers did not start; see {self.run_dir / 'servers.log'}")
 
+        self.envoy_log.unlink(missing_ok=True)  # Envoy appends; each run gets its own log
         config_path = self.run_dir / "envoy.json"
         config_path.write_text(json.dumps(envoy_config(p, self.profile, self.config_override), indent=2))
         env = dict(os.environ, PP_SIGNING_KEY=key_path.read_text(), PP_SIGNING_CERT=cert_path.read_text())
         self.envoy = subprocess.Popen(
             [str(VENV_BIN / "envoy"), "-c", str(config_path), "--concurrency", "2",
-             "--log-level", self.envoy_log_level, "--base-id", str(p.listener),
+             "--log-level", self.envoy_log_level, "--component-log-level", f"wasm:{self.plugin_log_level}",
+             "--base-id", str(p.listener),
              "--disable-hot-restart", "--log-path", str(self.envoy_log)],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )

@@ -35,9 +35,9 @@ pub struct LocalReply {
 }
 
 impl Failure {
-    /// The reply the client sees.
-    pub fn reply(&self) -> LocalReply {
-        let (status, error, description) = match self {
+    /// Status, OAuth-style error code and a description without secrets.
+    fn parts(&self) -> (u32, &'static str, String) {
+        match self {
             Failure::NotAuthenticated => (
                 401,
                 "unauthorized",
@@ -65,7 +65,17 @@ impl Failure {
                 "token service did not answer in time".to_string(),
             ),
             Failure::Internal { reason } => (500, "server_error", reason.to_string()),
-        };
+        }
+    }
+
+    /// The description the client sees; also what the log says about the failure.
+    pub fn description(&self) -> String {
+        self.parts().2
+    }
+
+    /// The reply the client sees.
+    pub fn reply(&self) -> LocalReply {
+        let (status, error, description) = self.parts();
         let mut headers = vec![("content-type", "application/json".to_string())];
         match status {
             401 => headers.push(("www-authenticate", "Bearer".to_string())),

@@ -68,7 +68,8 @@ class Client:
 
 @pytest.fixture(scope="session")
 def gateway():
-    with stack.Stack("test", PORTS) as s:
+    # The plugin logs at every level (trace), so the log scan covers all of its lines.
+    with stack.Stack("test", PORTS, plugin_log_level="trace") as s:
         yield s
 
 

@@ -163,3 +163,20 @@ def test_default_encoding_is_base64url_without_padding(client):
     assertion = sent[0]["form"]["assertion"]
     assert "=" not in assertion and "+" not in assertion and "/" not in assertion
     assert decode_assertion(assertion).decode() == sent[0]["assertion_xml"]
+
+
+def test_metrics_count_cache_use_and_exchanges(client):
+    def counters():
+        _, _, body = client.call(f"http://127.0.0.1:{client.ports.admin}/stats?filter=wasmcustom")
+        return {k: v for k, v in (line.split(": ", 1) for line in body.decode().splitlines())}
+
+    before = counters()
+    jwt = client.jwt("metrics-user")
+    for _ in range(3):
+        assert client.gateway("/hello", jwt)[0] == 200
+    after = counters()
+    ok = "wasmcustom.principal_propagation.token_exchange.ok"
+    hit = "wasmcustom.principal_propagation.cache_hit"
+    assert int(after[ok]) - int(before[ok]) == 1
+    assert int(after[hit]) - int(before[hit]) >= 2
+    assert "wasmcustom.principal_propagation.signing_us" in after
