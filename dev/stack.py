@@ -363,7 +363,10 @@ def main() -> int:
     parser.add_argument("--profile", choices=["demo", "test"], default="demo")
     args = parser.parse_args()
     stack = Stack(args.profile)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Ctrl-C and SIGTERM both stop the stack (SIGINT explicitly: a shell may have
+    # started us with it ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         stack.start()
         p = stack.ports
