@@ -120,10 +120,9 @@ impl Host for EnvoyHost {
         .ok()
     }
 
-    fn wake(&self) {
-        if let Some(queue) = self.queue {
-            let _ = hostcalls::enqueue_shared_queue(queue, Some(b"wake"));
-        }
+    fn wake(&self) -> bool {
+        self.queue
+            .is_some_and(|queue| hostcalls::enqueue_shared_queue(queue, Some(b"wake")).is_ok())
     }
 
     fn resume(&self, request_id: u32, authorization: &str) -> bool {

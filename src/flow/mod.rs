@@ -31,8 +31,9 @@ pub trait Host {
     fn shared_set(&self, key: &str, value: &[u8]);
     /// Starts the callout; returns its token, or `None` if the host refused it.
     fn dispatch(&self, request: &TokenRequest) -> Option<u32>;
-    /// Asks for [`Worker::on_wake`] to be called soon from a worker-level callback.
-    fn wake(&self);
+    /// Asks for [`Worker::on_wake`] to be called soon from a worker-level callback;
+    /// false if the host cannot.
+    fn wake(&self) -> bool;
     /// Adds `authorization` to the paused request and resumes it; false if it is gone.
     fn resume(&self, request_id: u32, authorization: &str) -> bool;
     /// Answers the paused request locally with `failure`; false if it is gone.
@@ -80,8 +81,6 @@ struct Pending {
     user_id: String,
     attributes: Vec<Attribute>,
     waiters: Vec<u32>,
-    /// Callout token once dispatched.
-    callout: Option<u32>,
 }
 
 /// Per-worker state: the configuration and the exchanges in flight.
@@ -179,11 +178,13 @@ impl Worker {
                 user_id,
                 attributes,
                 waiters: vec![request_id],
-                callout: None,
             },
         );
-        if self.queued.is_empty() {
-            host.wake();
+        if self.queued.is_empty() && !host.wake() {
+            self.pending.remove(&key);
+            return Decision::Fail(Failure::Internal {
+                reason: "cannot schedule the token exchange",
+            });
         }
         self.queued.push(key);
         Decision::Wait
@@ -199,12 +200,8 @@ impl Worker {
     /// Starts every queued exchange: a fresh assertion ID, sign, dispatch.
     pub fn on_wake(&mut self, host: &dyn Host) {
         for key in std::mem::take(&mut self.queued) {
-            let started = self.start_exchange(host, &key);
-            match started {
+            match self.start_exchange(host, &key) {
                 Ok(callout) => {
-                    if let Some(p) = self.pending.get_mut(&key) {
-                        p.callout = Some(callout);
-                    }
                     self.callouts.insert(callout, key);
                 }
                 Err(failure) => self.settle(host, &key, Err(failure)),

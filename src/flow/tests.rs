@@ -14,6 +14,7 @@ struct FakeHost {
     failed: RefCell<Vec<(u32, Failure)>>,
     gone: RefCell<Vec<u32>>,
     refuse_dispatch: Cell<bool>,
+    refuse_wake: Cell<bool>,
     counter: Cell<u8>,
     logs: RefCell<Vec<String>>,
 }
@@ -40,8 +41,9 @@ impl Host for FakeHost {
         self.dispatched.borrow_mut().push(request.clone());
         Some(100 + self.dispatched.borrow().len() as u32)
     }
-    fn wake(&self) {
+    fn wake(&self) -> bool {
         self.wakes.set(self.wakes.get() + 1);
+        !self.refuse_wake.get()
     }
     fn resume(&self, id: u32, authorization: &str) -> bool {
         if self.gone.borrow().contains(&id) {
@@ -253,4 +255,18 @@ fn short_lived_tokens_serve_their_waiters_but_are_not_cached() {
     );
     assert_eq!(*h.resumed.borrow(), vec![(1, "Bearer t".to_string())]);
     assert!(h.shared.borrow().is_empty());
+}
+
+#[test]
+fn a_host_that_cannot_schedule_the_exchange_fails_the_request_closed() {
+    let (mut w, h) = (worker(), host());
+    h.refuse_wake.set(true);
+    assert!(matches!(
+        w.on_request(&h, 1, 0, Some(&alice())),
+        Decision::Fail(Failure::Internal { .. })
+    ));
+    assert_eq!(w.in_flight(), 0);
+    h.refuse_wake.set(false);
+    assert_eq!(w.on_request(&h, 2, 0, Some(&alice())), Decision::Wait);
+    assert_eq!(w.in_flight(), 1);
 }

@@ -29,36 +29,41 @@ pub fn is_xml_text(value: &str) -> bool {
 
 /// Appends `value` as canonical character data: `&`, `<`, `>` and CR are escaped.
 pub fn push_text(out: &mut String, value: &str) -> Result<(), NotXmlText> {
-    if !is_xml_text(value) {
-        return Err(NotXmlText);
-    }
-    for c in value.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '\r' => out.push_str("&#xD;"),
-            _ => out.push(c),
-        }
-    }
-    Ok(())
+    push_escaped(out, value, |c| match c {
+        '&' => Some("&amp;"),
+        '<' => Some("&lt;"),
+        '>' => Some("&gt;"),
+        '\r' => Some("&#xD;"),
+        _ => None,
+    })
 }
 
 /// Appends `value` as a canonical attribute value (without the quotes): `&`, `<`, `"`,
 /// tab, LF and CR are escaped, so attribute-value normalization cannot change it.
 pub fn push_attribute(out: &mut String, value: &str) -> Result<(), NotXmlText> {
+    push_escaped(out, value, |c| match c {
+        '&' => Some("&amp;"),
+        '<' => Some("&lt;"),
+        '"' => Some("&quot;"),
+        '\t' => Some("&#x9;"),
+        '\n' => Some("&#xA;"),
+        '\r' => Some("&#xD;"),
+        _ => None,
+    })
+}
+
+fn push_escaped(
+    out: &mut String,
+    value: &str,
+    escape: fn(char) -> Option<&'static str>,
+) -> Result<(), NotXmlText> {
     if !is_xml_text(value) {
         return Err(NotXmlText);
     }
     for c in value.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '"' => out.push_str("&quot;"),
-            '\t' => out.push_str("&#x9;"),
-            '\n' => out.push_str("&#xA;"),
-            '\r' => out.push_str("&#xD;"),
-            _ => out.push(c),
+        match escape(c) {
+            Some(reference) => out.push_str(reference),
+            None => out.push(c),
         }
     }
     Ok(())
