@@ -34,10 +34,11 @@ pub fn token_request(
     now_ms: u64,
     id: &str,
 ) -> Result<TokenRequest, BuildError> {
-    let key = config
+    let key = &config
         .keys
         .get(&destination.key_name)
-        .ok_or(BuildError::NoKey)?;
+        .ok_or(BuildError::NoKey)?
+        .active;
     let content = AssertionContent {
         id,
         issue_instant_ms: now_ms,

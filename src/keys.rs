@@ -23,8 +23,39 @@ pub const MIN_RSA_BITS: usize = 2048;
 #[derive(Clone)]
 pub struct SigningKey {
     rsa: RsaSigningKey<Sha256>,
-    /// Base64 of the certificate's DER, as `ds:X509Certificate` carries it.
-    certificate_base64: String,
+    certificate: CertificateInfo,
+}
+
+/// The public facts of a signing certificate: what targets must trust, and until when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateInfo {
+    /// Base64 of the DER, as `ds:X509Certificate` and metadata `KeyDescriptor`s carry it.
+    pub der_base64: String,
+    /// Subject common name (S/4HANA Cloud takes the provider name from it).
+    pub subject_cn: Option<String>,
+    /// End of validity, Unix seconds.
+    pub not_after_s: u64,
+}
+
+impl CertificateInfo {
+    /// The certificate as PEM (public material only).
+    pub fn pem(&self) -> String {
+        let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+        for line in self.der_base64.as_bytes().chunks(64) {
+            pem.push_str(&String::from_utf8_lossy(line));
+            pem.push('\n');
+        }
+        pem.push_str("-----END CERTIFICATE-----\n");
+        pem
+    }
+}
+
+/// A named key of the key set: assertions are signed with `active`; `passive` is the
+/// next (or previous) certificate, published so targets can trust it before a rotation.
+#[derive(Debug, Clone)]
+pub struct KeyPair {
+    pub active: SigningKey,
+    pub passive: Option<SigningKey>,
 }
 
 impl fmt::Debug for SigningKey {
@@ -85,9 +116,14 @@ impl SigningKey {
         let certificate_der = certificate
             .to_der()
             .map_err(|_| KeyError::CertificateUnreadable)?;
+        let validity = &certificate.tbs_certificate.validity;
         Ok(SigningKey {
             rsa: RsaSigningKey::<Sha256>::new(private_key),
-            certificate_base64: base64::engine::general_purpose::STANDARD.encode(certificate_der),
+            certificate: CertificateInfo {
+                der_base64: base64::engine::general_purpose::STANDARD.encode(certificate_der),
+                subject_cn: common_name(&certificate.tbs_certificate.subject),
+                not_after_s: validity.not_after.to_unix_duration().as_secs(),
+            },
         })
     }
 
@@ -98,8 +134,32 @@ impl SigningKey {
 
     /// The certificate as base64 DER, for `ds:KeyInfo/ds:X509Data/ds:X509Certificate`.
     pub fn certificate_base64(&self) -> &str {
-        &self.certificate_base64
+        &self.certificate.der_base64
     }
+
+    /// Public facts of the certificate.
+    pub fn certificate(&self) -> &CertificateInfo {
+        &self.certificate
+    }
+}
+
+/// The first `CN` of a distinguished name, if it is a string.
+fn common_name(name: &x509_cert::name::Name) -> Option<String> {
+    use x509_cert::der::asn1::{PrintableStringRef, Utf8StringRef};
+    const COMMON_NAME: x509_cert::der::asn1::ObjectIdentifier =
+        x509_cert::der::asn1::ObjectIdentifier::new_unwrap("2.5.4.3");
+    name.0
+        .iter()
+        .flat_map(|rdn| rdn.0.iter())
+        .find(|attribute| attribute.oid == COMMON_NAME)
+        .and_then(|attribute| {
+            let value = &attribute.value;
+            value
+                .decode_as::<Utf8StringRef<'_>>()
+                .map(|s| s.as_str().to_string())
+                .or_else(|_| value.decode_as::<PrintableStringRef<'_>>().map(|s| s.as_str().to_string()))
+                .ok()
+        })
 }
 
 fn parse_private_key(pem: &str) -> Result<RsaPrivateKey, KeyError> {
@@ -130,6 +190,10 @@ pub(crate) mod tests {
         assert_eq!(a.sign_rsa_sha256(b"x").len(), 256);
         assert!(CERT.contains(&a.certificate_base64()[..60]));
         assert_eq!(format!("{a:?}"), "SigningKey(..)");
+        let info = a.certificate();
+        assert_eq!(info.subject_cn.as_deref(), Some("principal-propagation-test"));
+        assert!(info.not_after_s > 1_795_323_921, "fixture valid for ten years");
+        assert_eq!(info.pem().replace('\n', ""), CERT.replace('\n', "").trim());
     }
 
     #[test]

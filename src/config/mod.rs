@@ -9,7 +9,7 @@ pub mod values;
 pub use destination::{AssertionEncoding, Destination};
 pub use values::ConfigError;
 
-use crate::keys::SigningKey;
+use crate::keys::{KeyError, KeyPair, SigningKey};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use values::Section;
@@ -39,7 +39,7 @@ pub struct PluginConfig {
     /// Index into `destinations` used when the route names none.
     pub default_destination: Option<usize>,
     /// Signing keys by name; every destination's `key_name` is present here.
-    pub keys: BTreeMap<String, SigningKey>,
+    pub keys: BTreeMap<String, KeyPair>,
     /// `["metadata","filter_metadata",<filter>,<key>]` holds the verified JWT payload.
     pub jwt_filter_name: String,
     pub jwt_payload_key: String,
@@ -133,53 +133,71 @@ impl PluginConfig {
     }
 }
 
-/// `keys`: `{ "<name>": { "privateKey"|"privateKeyEnv": ..., "certificate"|"certificateEnv": ... } }`.
+/// `keys`: `{ "<name>": <key> }` where `<key>` is `{ "privateKey"|"privateKeyEnv": ...,
+/// "certificate"|"certificateEnv": ... }` (active only) or
+/// `{ "active": <that>, "passive": <that> }` (the passive one published, not used).
 fn parse_keys(
     top: &Section<'_>,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<BTreeMap<String, SigningKey>, ConfigError> {
+) -> Result<BTreeMap<String, KeyPair>, ConfigError> {
     let value = top
         .fields
         .get("keys")
         .ok_or_else(|| ConfigError::new("keys", "is required: at least one signing key"))?;
     let section = Section::new("keys", value)?;
     if section.fields.is_empty() {
-        return Err(ConfigError::new(
-            "keys",
-            "is required: at least one signing key",
-        ));
+        return Err(ConfigError::new("keys", "is required: at least one signing key"));
     }
     let mut keys = BTreeMap::new();
     for (name, entry) in section.fields {
         let entry = Section::new(section.key(name), entry)?;
-        for field in entry.fields.keys() {
-            if ![
-                "privateKey",
-                "privateKeyEnv",
-                "certificate",
-                "certificateEnv",
-            ]
-            .contains(&field.as_str())
-            {
-                return Err(ConfigError::new(
-                    entry.key(field),
-                    "is not a supported key setting",
-                ));
+        let pair = if entry.fields.contains_key("active") || entry.fields.contains_key("passive") {
+            for field in entry.fields.keys() {
+                if field != "active" && field != "passive" {
+                    return Err(ConfigError::new(
+                        entry.key(field),
+                        "is not supported next to active/passive",
+                    ));
+                }
             }
-        }
-        let private_key = inline_or_env(&entry, "privateKey", env)?;
-        let certificate = inline_or_env(&entry, "certificate", env)?;
-        let key = SigningKey::from_pem(&private_key, &certificate).map_err(|e| {
-            let field = match e {
-                crate::keys::KeyError::CertificateUnreadable
-                | crate::keys::KeyError::CertificateDoesNotMatchKey => "certificate",
-                _ => "privateKey",
-            };
-            ConfigError::new(entry.key(field), e.to_string())
-        })?;
-        keys.insert(name.clone(), key);
+            let active = entry
+                .fields
+                .get("active")
+                .ok_or_else(|| ConfigError::new(entry.key("active"), "is required next to passive"))?;
+            KeyPair {
+                active: parse_key(&Section::new(entry.key("active"), active)?, env)?,
+                passive: match entry.fields.get("passive") {
+                    Some(passive) => Some(parse_key(&Section::new(entry.key("passive"), passive)?, env)?),
+                    None => None,
+                },
+            }
+        } else {
+            KeyPair {
+                active: parse_key(&entry, env)?,
+                passive: None,
+            }
+        };
+        keys.insert(name.clone(), pair);
     }
     Ok(keys)
+}
+
+/// One private key with its certificate.
+fn parse_key(entry: &Section<'_>, env: &dyn Fn(&str) -> Option<String>) -> Result<SigningKey, ConfigError> {
+    for field in entry.fields.keys() {
+        if !["privateKey", "privateKeyEnv", "certificate", "certificateEnv"].contains(&field.as_str()) {
+            return Err(ConfigError::new(entry.key(field), "is not a supported key setting"));
+        }
+    }
+    let private_key = inline_or_env(entry, "privateKey", env)?;
+    let certificate = inline_or_env(entry, "certificate", env)?;
+    SigningKey::from_pem(&private_key, &certificate).map_err(|e| {
+        let field = match e {
+            KeyError::CertificateUnreadable | KeyError::CertificateDoesNotMatchKey => "certificate",
+            KeyError::PrivateKeyUnreadable | KeyError::KeyTooShort(_) => "privateKey",
+        };
+        ConfigError::new(entry.key(field), e.to_string())
+    })
 }
 
 /// A PEM given inline under `field`, or in the environment variable named by `<field>Env`.
@@ -216,7 +234,7 @@ fn inline_or_env(
 fn resolve_key_name(
     path: &str,
     requested: &str,
-    keys: &BTreeMap<String, SigningKey>,
+    keys: &BTreeMap<String, KeyPair>,
 ) -> Result<String, ConfigError> {
     if !requested.is_empty() {
         return if keys.contains_key(requested) {
