@@ -51,7 +51,7 @@ $(VENV)/.installed: dev/requirements.txt
 ## Build and run -------------------------------------------------------------------
 
 build: .make/rust-targets
-	cargo build --release --target wasm32-wasip1
+	cargo build --release --target wasm32-wasip1 --lib
 
 run: setup build
 	$(PY) dev/stack.py --profile demo

@@ -157,7 +157,11 @@ fn common_name(name: &x509_cert::name::Name) -> Option<String> {
             value
                 .decode_as::<Utf8StringRef<'_>>()
                 .map(|s| s.as_str().to_string())
-                .or_else(|_| value.decode_as::<PrintableStringRef<'_>>().map(|s| s.as_str().to_string()))
+                .or_else(|_| {
+                    value
+                        .decode_as::<PrintableStringRef<'_>>()
+                        .map(|s| s.as_str().to_string())
+                })
                 .ok()
         })
 }
@@ -191,8 +195,14 @@ pub(crate) mod tests {
         assert!(CERT.contains(&a.certificate_base64()[..60]));
         assert_eq!(format!("{a:?}"), "SigningKey(..)");
         let info = a.certificate();
-        assert_eq!(info.subject_cn.as_deref(), Some("principal-propagation-test"));
-        assert!(info.not_after_s > 1_795_323_921, "fixture valid for ten years");
+        assert_eq!(
+            info.subject_cn.as_deref(),
+            Some("principal-propagation-test")
+        );
+        assert!(
+            info.not_after_s > 1_795_323_921,
+            "fixture valid for ten years"
+        );
         assert_eq!(info.pem().replace('\n', ""), CERT.replace('\n', "").trim());
     }
 

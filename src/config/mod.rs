@@ -146,7 +146,10 @@ fn parse_keys(
         .ok_or_else(|| ConfigError::new("keys", "is required: at least one signing key"))?;
     let section = Section::new("keys", value)?;
     if section.fields.is_empty() {
-        return Err(ConfigError::new("keys", "is required: at least one signing key"));
+        return Err(ConfigError::new(
+            "keys",
+            "is required: at least one signing key",
+        ));
     }
     let mut keys = BTreeMap::new();
     for (name, entry) in section.fields {
@@ -160,14 +163,16 @@ fn parse_keys(
                     ));
                 }
             }
-            let active = entry
-                .fields
-                .get("active")
-                .ok_or_else(|| ConfigError::new(entry.key("active"), "is required next to passive"))?;
+            let active = entry.fields.get("active").ok_or_else(|| {
+                ConfigError::new(entry.key("active"), "is required next to passive")
+            })?;
             KeyPair {
                 active: parse_key(&Section::new(entry.key("active"), active)?, env)?,
                 passive: match entry.fields.get("passive") {
-                    Some(passive) => Some(parse_key(&Section::new(entry.key("passive"), passive)?, env)?),
+                    Some(passive) => Some(parse_key(
+                        &Section::new(entry.key("passive"), passive)?,
+                        env,
+                    )?),
                     None => None,
                 },
             }
@@ -183,10 +188,23 @@ fn parse_keys(
 }
 
 /// One private key with its certificate.
-fn parse_key(entry: &Section<'_>, env: &dyn Fn(&str) -> Option<String>) -> Result<SigningKey, ConfigError> {
+fn parse_key(
+    entry: &Section<'_>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<SigningKey, ConfigError> {
     for field in entry.fields.keys() {
-        if !["privateKey", "privateKeyEnv", "certificate", "certificateEnv"].contains(&field.as_str()) {
-            return Err(ConfigError::new(entry.key(field), "is not a supported key setting"));
+        if ![
+            "privateKey",
+            "privateKeyEnv",
+            "certificate",
+            "certificateEnv",
+        ]
+        .contains(&field.as_str())
+        {
+            return Err(ConfigError::new(
+                entry.key(field),
+                "is not a supported key setting",
+            ));
         }
     }
     let private_key = inline_or_env(entry, "privateKey", env)?;

@@ -281,12 +281,22 @@ fn keys_can_have_an_active_and_a_passive_certificate() {
     }});
     let parsed = parse(&config).unwrap();
     let pair = &parsed.keys["default"];
-    assert!(pair.active.certificate().pem().replace('\n', "").contains(&CERT.lines().nth(1).unwrap()));
+    assert!(pair
+        .active
+        .certificate()
+        .pem()
+        .replace('\n', "")
+        .contains(&CERT.lines().nth(1).unwrap()));
     let passive = pair.passive.as_ref().unwrap();
-    assert_ne!(passive.certificate_base64(), pair.active.certificate_base64());
+    assert_ne!(
+        passive.certificate_base64(),
+        pair.active.certificate_base64()
+    );
 
     config["keys"]["default"]["extra"] = json!(1);
-    assert!(refused(config.clone()).contains("`keys.default.extra` is not supported next to active/passive"));
-    config["keys"] = json!({"default": {"passive": {"privateKey": passive_key, "certificate": passive_cert}}});
+    assert!(refused(config.clone())
+        .contains("`keys.default.extra` is not supported next to active/passive"));
+    config["keys"] =
+        json!({"default": {"passive": {"privateKey": passive_key, "certificate": passive_cert}}});
     assert!(refused(config).contains("`keys.default.active` is required next to passive"));
 }

@@ -1,0 +1,236 @@
+//! `pp-keys`: creates and renews the gateway's signing trust (native command).
+//!
+//! ```text
+//! pp-keys generate --issuer <CN> --key <key.pem> --cert <cert.pem> [--bits 2048|3072] [--days 730]
+//! pp-keys renew    --key <key.pem> --cert <cert.pem> [--issuer <CN>] [--days 730]
+//! ```
+//!
+//! `generate` makes a new RSA key and a self-signed certificate; `renew` issues a new
+//! certificate for the existing key (targets that pin the key keep working). The
+//! certificate's subject CN is the assertion issuer: S/4HANA Cloud takes the provider
+//! name from it. Validity defaults to two years, as SAP's Destination Service does.
+
+#[cfg(not(target_arch = "wasm32"))]
+fn main() -> std::process::ExitCode {
+    match native::run(std::env::args().skip(1).collect()) {
+        Ok(message) => {
+            println!("{message}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("pp-keys: {message}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(target_arch = "wasm32")]
+fn main() {}
+
+#[cfg(not(target_arch = "wasm32"))]
+mod native {
+    use principal_propagation::keys::SigningKey;
+    use rand_core::{OsRng, RngCore};
+    use rsa::pkcs1::DecodeRsaPrivateKey;
+    use rsa::pkcs1v15::SigningKey as RsaSigningKey;
+    use rsa::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey, LineEnding};
+    use rsa::RsaPrivateKey;
+    use sha2::Sha256;
+    use std::collections::HashMap;
+    use std::fs;
+    use std::path::Path;
+    use std::str::FromStr;
+    use std::time::{Duration, SystemTime};
+    use x509_cert::builder::{Builder, CertificateBuilder, Profile};
+    use x509_cert::der::EncodePem;
+    use x509_cert::name::Name;
+    use x509_cert::serial_number::SerialNumber;
+    use x509_cert::spki::SubjectPublicKeyInfoOwned;
+    use x509_cert::time::{Time, Validity};
+
+    const DEFAULT_DAYS: u64 = 730;
+
+    pub fn run(args: Vec<String>) -> Result<String, String> {
+        let (command, options) = args.split_first().ok_or_else(usage)?;
+        let options = parse_options(options)?;
+        let get = |name: &str| options.get(name).map(String::as_str);
+        let required =
+            |name: &str| get(name).ok_or_else(|| format!("--{name} is required\n{}", usage()));
+        let days = match get("days") {
+            None => DEFAULT_DAYS,
+            Some(d) => d
+                .parse()
+                .ok()
+                .filter(|d| (1..=3650).contains(d))
+                .ok_or("--days must be 1 to 3650")?,
+        };
+        let (key_path, cert_path) = (Path::new(required("key")?), Path::new(required("cert")?));
+        match command.as_str() {
+            "generate" => {
+                let bits = match get("bits").unwrap_or("2048") {
+                    "2048" => 2048,
+                    "3072" => 3072,
+                    _ => return Err("--bits must be 2048 or 3072".into()),
+                };
+                let issuer = required("issuer")?;
+                let key = RsaPrivateKey::new(&mut OsRng, bits)
+                    .map_err(|e| format!("key generation failed: {e}"))?;
+                let pem = key
+                    .to_pkcs8_pem(LineEnding::LF)
+                    .map_err(|e| e.to_string())?;
+                let cert = self_signed(&key, issuer, days)?;
+                write_private(key_path, pem.as_bytes())?;
+                fs::write(cert_path, &cert).map_err(|e| format!("{}: {e}", cert_path.display()))?;
+                check(key_path, cert_path)?;
+                Ok(format!(
+                    "generated a {bits}-bit RSA key ({}) and a certificate for CN={issuer}, valid {days} days ({})",
+                    key_path.display(),
+                    cert_path.display()
+                ))
+            }
+            "renew" => {
+                let pem = fs::read_to_string(key_path)
+                    .map_err(|e| format!("{}: {e}", key_path.display()))?;
+                let key = RsaPrivateKey::from_pkcs8_pem(&pem)
+                    .or_else(|_| RsaPrivateKey::from_pkcs1_pem(&pem))
+                    .map_err(|_| format!("{} is not a PEM RSA private key", key_path.display()))?;
+                let issuer = match get("issuer") {
+                    Some(issuer) => issuer.to_string(),
+                    None => current_cn(key_path, cert_path)?,
+                };
+                let cert = self_signed(&key, &issuer, days)?;
+                fs::write(cert_path, &cert).map_err(|e| format!("{}: {e}", cert_path.display()))?;
+                check(key_path, cert_path)?;
+                Ok(format!(
+                    "renewed the certificate for CN={issuer} with the same key, valid {days} days ({})",
+                    cert_path.display()
+                ))
+            }
+            _ => Err(usage()),
+        }
+    }
+
+    fn usage() -> String {
+        "usage: pp-keys generate --issuer <CN> --key <key.pem> --cert <cert.pem> [--bits 2048|3072] [--days N]\n       \
+         pp-keys renew --key <key.pem> --cert <cert.pem> [--issuer <CN>] [--days N]"
+            .into()
+    }
+
+    fn parse_options(args: &[String]) -> Result<HashMap<String, String>, String> {
+        let mut options = HashMap::new();
+        let mut rest = args.iter();
+        while let Some(flag) = rest.next() {
+            let name = flag
+                .strip_prefix("--")
+                .ok_or_else(|| format!("unexpected argument {flag:?}"))?;
+            let value = rest.next().ok_or_else(|| format!("{flag} needs a value"))?;
+            options.insert(name.to_string(), value.clone());
+        }
+        Ok(options)
+    }
+
+    /// A self-signed end-entity certificate for `key` with subject `CN=<issuer>`.
+    fn self_signed(key: &RsaPrivateKey, issuer: &str, days: u64) -> Result<String, String> {
+        let subject = Name::from_str(&format!("CN={}", escape_rdn_value(issuer)))
+            .map_err(|e| e.to_string())?;
+        let mut serial = [0u8; 16];
+        OsRng.fill_bytes(&mut serial);
+        serial[0] &= 0x7f; // positive
+        let now = SystemTime::now();
+        let validity = Validity {
+            not_before: time(now - Duration::from_secs(300))?,
+            not_after: time(now + Duration::from_secs(days * 86_400))?,
+        };
+        let spki_der = key
+            .to_public_key()
+            .to_public_key_der()
+            .map_err(|e| e.to_string())?;
+        let spki =
+            SubjectPublicKeyInfoOwned::try_from(spki_der.as_bytes()).map_err(|e| e.to_string())?;
+        let signer = RsaSigningKey::<Sha256>::new(key.clone());
+        let profile = Profile::Leaf {
+            issuer: subject.clone(),
+            enable_key_agreement: false,
+            enable_key_encipherment: false,
+        };
+        let builder = CertificateBuilder::new(
+            profile,
+            SerialNumber::new(&serial).map_err(|e| e.to_string())?,
+            validity,
+            subject,
+            spki,
+            &signer,
+        )
+        .map_err(|e| e.to_string())?;
+        let certificate = builder
+            .build::<rsa::pkcs1v15::Signature>()
+            .map_err(|e| e.to_string())?;
+        certificate
+            .to_pem(LineEnding::LF)
+            .map_err(|e| e.to_string())
+    }
+
+    fn time(at: SystemTime) -> Result<Time, String> {
+        Time::try_from(at).map_err(|e| e.to_string())
+    }
+
+    /// RFC 4514 escaping of an attribute value.
+    fn escape_rdn_value(value: &str) -> String {
+        let mut out = String::new();
+        for (i, c) in value.chars().enumerate() {
+            let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';' | '=')
+                || (i == 0 && (c == '#' || c == ' '))
+                || (i + 1 == value.chars().count() && c == ' ');
+            if special {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out
+    }
+
+    /// The CN of the certificate now in place (renew keeps it unless told otherwise).
+    fn current_cn(key_path: &Path, cert_path: &Path) -> Result<String, String> {
+        let key =
+            fs::read_to_string(key_path).map_err(|e| format!("{}: {e}", key_path.display()))?;
+        let cert = fs::read_to_string(cert_path).map_err(|e| {
+            format!(
+                "{}: {e} (give --issuer to renew without it)",
+                cert_path.display()
+            )
+        })?;
+        let signing = SigningKey::from_pem(&key, &cert)
+            .map_err(|e| format!("{}: {e}", cert_path.display()))?;
+        signing
+            .certificate()
+            .subject_cn
+            .clone()
+            .ok_or_else(|| "the current certificate has no CN: give --issuer".to_string())
+    }
+
+    /// The files must pass the same check the plugin applies at load time.
+    fn check(key_path: &Path, cert_path: &Path) -> Result<(), String> {
+        let key = fs::read_to_string(key_path).map_err(|e| e.to_string())?;
+        let cert = fs::read_to_string(cert_path).map_err(|e| e.to_string())?;
+        SigningKey::from_pem(&key, &cert)
+            .map(|_| ())
+            .map_err(|e| format!("written files fail the plugin's check: {e}"))
+    }
+
+    fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        file.write_all(bytes)
+            .map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
