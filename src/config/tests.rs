@@ -286,7 +286,7 @@ fn keys_can_have_an_active_and_a_passive_certificate() {
         .certificate()
         .pem()
         .replace('\n', "")
-        .contains(&CERT.lines().nth(1).unwrap()));
+        .contains(CERT.lines().nth(1).unwrap()));
     let passive = pair.passive.as_ref().unwrap();
     assert_ne!(
         passive.certificate_base64(),
