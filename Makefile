@@ -12,12 +12,16 @@ WASM_BINDGEN_VERSION := $(shell awk '/^name = "wasm-bindgen"$$/ {getline; gsub(/
 CARGO_BIN   := $(HOME)/.cargo/bin
 export PATH := $(CARGO_BIN):$(PATH)
 
-.PHONY: help setup build run test test-unit test-wasm test-e2e lint clean
+.PHONY: help setup build keys renew regenerate rotate run test test-unit test-wasm test-e2e lint clean
 
 help:
 	@echo "make run    - build, install what is missing, start the demo on 127.0.0.1 (Ctrl-C stops)"
 	@echo "make test   - lint, unit tests, core under wasm (Node), end-to-end tests in real Envoy"
 	@echo "make build  - build $(WASM)"
+	@echo "make keys   - create the demo's missing signing keys in .run/keys (BITS=2048|3072)"
+	@echo "make renew SLOT=a|b|second       - new certificate (2 years) for the same key"
+	@echo "make regenerate SLOT=a|b|second  - new key and certificate"
+	@echo "make rotate - swap active and passive key of the running demo, without a restart"
 
 ## Installation (idempotent) ---------------------------------------------------------
 
@@ -53,8 +57,31 @@ $(VENV)/.installed: dev/requirements.txt
 build: .make/rust-targets
 	cargo build --release --target wasm32-wasip1 --lib
 
-run: setup build
-	$(PY) dev/stack.py --profile demo
+PP_KEYS := target/release/pp-keys
+BITS    ?= 2048
+ISSUER  ?= principal-propagation-gateway
+KEY_DIR := .run/keys
+
+$(PP_KEYS): $(wildcard src/*.rs src/*/*.rs) Cargo.toml
+	cargo build --release --bin pp-keys
+
+keys: $(PP_KEYS)
+	@mkdir -p $(KEY_DIR)
+	@for slot in a b second; do \
+	  [ -f $(KEY_DIR)/$$slot-key.pem ] || $(PP_KEYS) generate --issuer "$(ISSUER)" --bits $(BITS) \
+	    --key $(KEY_DIR)/$$slot-key.pem --cert $(KEY_DIR)/$$slot-cert.pem; done
+
+renew: $(PP_KEYS)
+	$(PP_KEYS) renew --key $(KEY_DIR)/$(SLOT)-key.pem --cert $(KEY_DIR)/$(SLOT)-cert.pem
+
+regenerate: $(PP_KEYS)
+	$(PP_KEYS) generate --issuer "$(ISSUER)" --bits $(BITS) --key $(KEY_DIR)/$(SLOT)-key.pem --cert $(KEY_DIR)/$(SLOT)-cert.pem
+
+rotate:
+	$(PY) dev/stack.py rotate --profile demo
+
+run: setup build keys
+	$(PY) dev/stack.py run --profile demo
 
 ## Tests ---------------------------------------------------------------------------
 
@@ -72,7 +99,7 @@ test-wasm: .make/rust-targets .make/wasm-bindgen-$(WASM_BINDGEN_VERSION)
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
 	  cargo test --target wasm32-unknown-unknown --test wasm_core
 
-test-e2e: setup build
+test-e2e: setup build keys
 	$(PY) -m pytest -q tests/dev tests/e2e
 
 clean:

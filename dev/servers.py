@@ -31,6 +31,7 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, unquote_plus, urlsplit
 
 import jwt
@@ -84,7 +85,7 @@ class Config:
     idp_port: int
     token_port: int
     echo_port: int
-    trusted_cert: x509.Certificate
+    trusted_certs: list  # (label, x509.Certificate): any of them may sign
     trusted_issuer: str
     entity_id: str
     client_id: str
@@ -297,27 +298,33 @@ def parse_assertion(data):
     return root
 
 
-def verify_signature(data, root, trusted_cert):
-    """Verify the enveloped signature and return the *signed* Assertion element.
+def verify_signature(data, root, trusted_certs):
+    """Verify the enveloped signature and return the *signed* Assertion element and the
+    label of the trusted certificate that verified it.
 
     Only the element signxml returns is trusted; reading claims from the original
     tree would open the door to signature-wrapping attacks. SAML core puts the
-    Signature right after Issuer, so it is required there.
+    Signature right after Issuer, so it is required there. Several certificates may be
+    trusted at once, as a target does during a key rotation.
     """
     children = [c for c in root if isinstance(c.tag, str)]
     if len(children) < 2 or children[0].tag != saml("Issuer") or children[1].tag != f"{{{DS_NS}}}Signature":
         raise invalid_grant("signature invalid: ds:Signature must directly follow saml:Issuer")
-    try:
-        result = XMLVerifier().verify(
-            data, x509_cert=trusted_cert, id_attribute="ID", parser=safe_parser(),
-            expect_config=SignatureConfiguration(expect_references=1, location="./"))
-    except (SignXMLException, etree.LxmlError, ValueError) as exc:
-        raise invalid_grant(f"signature invalid: {exc}") from None
-    signed = result.signed_xml
-    if signed is None or signed.tag != saml("Assertion") or not root.get("ID") \
-            or signed.get("ID") != root.get("ID"):
-        raise invalid_grant("signature invalid: it does not cover the root Assertion")
-    return signed
+    problem = "no trusted certificate"
+    for label, cert in trusted_certs:
+        try:
+            result = XMLVerifier().verify(
+                data, x509_cert=cert, id_attribute="ID", parser=safe_parser(),
+                expect_config=SignatureConfiguration(expect_references=1, location="./"))
+        except (SignXMLException, etree.LxmlError, ValueError) as exc:
+            problem = str(exc)
+            continue
+        signed = result.signed_xml
+        if signed is None or signed.tag != saml("Assertion") or not root.get("ID") \
+                or signed.get("ID") != root.get("ID"):
+            raise invalid_grant("signature invalid: it does not cover the root Assertion")
+        return signed, label
+    raise invalid_grant(f"signature invalid: {problem}")
 
 
 def check_issuer(assertion, trusted_issuer):
@@ -405,12 +412,13 @@ def slow_delay(query):
 
 
 def validate_exchange(headers, form, endpoint, cfg, state):
-    """Run all checks in order and return the NameID of the accepted assertion."""
+    """Run all checks in order; return the accepted assertion's NameID and the label of
+    the certificate that verified it."""
     authenticate_client(headers, form, cfg)
     check_grant_type(form)
     data = decode_assertion(form)
     root = parse_assertion(data)
-    assertion = verify_signature(data, root, cfg.trusted_cert)
+    assertion, verified_by = verify_signature(data, root, cfg.trusted_certs)
     now = time.time()
     check_issuer(assertion, cfg.trusted_issuer)
     check_issue_instant(assertion, now)
@@ -419,7 +427,7 @@ def validate_exchange(headers, form, endpoint, cfg, state):
     check_authn_statement(assertion, now)
     if not state.claim_assertion_id(assertion.get("ID")):
         raise invalid_grant("assertion ID replayed")
-    return user
+    return user, verified_by
 
 
 # ----------------------------------------------------------------- HTTP plumbing
@@ -545,7 +553,7 @@ class TokenHandler(BaseHandler):
         except UnicodeDecodeError:
             form = {}
         entry = {"path": url.path, "query": flatten(query), "headers": self.lower_headers(),
-                 "form": flatten(form), "assertion_xml": None}
+                 "form": flatten(form), "assertion_xml": None, "time": time.time(), "verified_by": None}
         try:
             entry["assertion_xml"] = decode_assertion(form).decode("utf-8", errors="replace")
         except OAuthError:
@@ -559,7 +567,8 @@ class TokenHandler(BaseHandler):
             if content_type != FORM_CONTENT_TYPE:
                 raise OAuthError("invalid_request", f"Content-Type must be {FORM_CONTENT_TYPE}")
             endpoint = f"http://{HOST}:{self.app.cfg.token_port}{url.path}"
-            user = validate_exchange(self.headers, form, endpoint, self.app.cfg, self.app.state)
+            user, entry["verified_by"] = validate_exchange(self.headers, form, endpoint, self.app.cfg,
+                                                          self.app.state)
         except OAuthError as exc:
             self.app.state.record(entry, exc.error)
             headers = dict(self.NO_STORE)
@@ -617,7 +626,9 @@ def parse_args(argv):
     p.add_argument("--idp-port", type=int, required=True)
     p.add_argument("--token-port", type=int, required=True)
     p.add_argument("--echo-port", type=int, required=True)
-    p.add_argument("--trusted-cert", required=True, help="PEM certificate that signs assertions")
+    p.add_argument("--trusted-cert", required=True, action="append",
+                   help="PEM certificate that signs assertions (repeat to trust several; "
+                        "each is labelled by its file name without extension)")
     p.add_argument("--trusted-issuer", required=True)
     p.add_argument("--entity-id", required=True, help="this token server's SAML audience")
     p.add_argument("--client-id", required=True)
@@ -628,9 +639,11 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    with open(args.trusted_cert, "rb") as f:
-        trusted_cert = x509.load_pem_x509_certificate(f.read())
-    cfg = Config(args.idp_port, args.token_port, args.echo_port, trusted_cert, args.trusted_issuer,
+    trusted_certs = []
+    for path in args.trusted_cert:
+        with open(path, "rb") as f:
+            trusted_certs.append((Path(path).stem, x509.load_pem_x509_certificate(f.read())))
+    cfg = Config(args.idp_port, args.token_port, args.echo_port, trusted_certs, args.trusted_issuer,
                  args.entity_id, args.client_id, args.client_secret, args.jwt_audience)
     app = App(cfg, SharedState(), IdentityProvider(f"http://{HOST}:{cfg.idp_port}", cfg.jwt_audience))
 

@@ -47,42 +47,45 @@ class Ports:
         return Ports(*(p + offset for p in (self.listener, self.admin, self.idp, self.token, self.echo)))
 
 
-def ensure_keys(run_dir: Path) -> tuple[Path, Path]:
-    """A gateway signing key and self-signed certificate whose CN is the issuer."""
-    key_path, cert_path = run_dir / "gateway-key.pem", run_dir / "gateway-cert.pem"
-    if key_path.exists() and cert_path.exists():
-        return key_path, cert_path
-    import datetime
+PP_KEYS = ROOT / "target" / "release" / "pp-keys"
+KEY_DIR = ROOT / ".run" / "keys"
+# Key files of the demo: the active/passive pair `a`/`b` of key `default`, and `second`
+# (the test profile's per-destination key). Each reaches Envoy as PP_KEY_<X>/PP_CERT_<X>.
+KEY_SLOTS = ("a", "b", "second")
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import NameOID
 
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ISSUER)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=730))
-        .sign(key, hashes.SHA256())
-    )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o600)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
+def key_files(slot: str) -> tuple[Path, Path]:
+    return KEY_DIR / f"{slot}-key.pem", KEY_DIR / f"{slot}-cert.pem"
+
+
+def ensure_keys() -> None:
+    """Generates the demo's missing keys with the project's own `pp-keys` command."""
+    for slot in KEY_SLOTS:
+        key, cert = key_files(slot)
+        if key.exists() and cert.exists():
+            continue
+        if not PP_KEYS.exists():
+            raise RuntimeError(f"{PP_KEYS} is missing: run `make keys`")
+        subprocess.run([str(PP_KEYS), "generate", "--issuer", ISSUER, "--key", str(key), "--cert", str(cert)],
+                       check=True, stdout=subprocess.DEVNULL)
+
+
+def trusted_cert(label: str) -> Path:
+    """The certificate the token server names (by file stem) as having verified an assertion."""
+    return KEY_DIR / f"{label}.pem"
+
+
+def key_environment() -> dict[str, str]:
+    env = {}
+    for slot in KEY_SLOTS:
+        key, cert = key_files(slot)
+        env[f"PP_KEY_{slot.upper()}"] = key.read_text()
+        env[f"PP_CERT_{slot.upper()}"] = cert.read_text()
+    return env
+
+
+def key_ref(slot: str) -> dict:
+    return {"privateKeyEnv": f"PP_KEY_{slot.upper()}", "certificateEnv": f"PP_CERT_{slot.upper()}"}
 
 
 def destination(ports: Ports, name: str, path: str = "/oauth/token", **extra) -> dict:
@@ -119,6 +122,7 @@ def test_destinations(ports: Ports) -> list[dict]:
         destination(ports, "down", tokenServiceCluster="token_service_down"),
         destination(ports, "wrong-audience", audience="https://someone-else.example"),
         destination(ports, "short", **{"tokenServiceURL.queries.expires_in": "33"}),
+        destination(ports, "own-key", KeyStoreLocation="second"),
         destination(
             ports,
             "sf",
@@ -142,10 +146,14 @@ def plugin_config(ports: Ports, profile: str) -> dict:
     destinations = [destination(ports, "dev")]
     if profile == "test":
         destinations += test_destinations(ports)
+    keys = {"default": {"active": key_ref("a"), "passive": key_ref("b")}}
+    if profile == "test":
+        keys["second"] = key_ref("second")
     return {
         "tokenServiceCluster": "token_service",
-        "keys": {"default": {"privateKeyEnv": "PP_SIGNING_KEY", "certificateEnv": "PP_SIGNING_CERT"}},
+        "keys": keys,
         "defaultDestination": "dev",
+        "trustMetadataPath": "/.well-known/saml-idp-metadata",
         "assertionLifetimeSeconds": 300,
         "clockSkewSeconds": 60,
         "destinations": destinations,
@@ -173,12 +181,89 @@ def route(prefix: str, destination_name: str | None = None) -> dict:
     return r
 
 
-def envoy_config(ports: Ports, profile: str, config_override: dict | None = None) -> dict:
+def wasm_filter(plugin: dict) -> dict:
+    """The Wasm HTTP filter running the plugin with configuration `plugin`."""
+    return {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+        "config": {
+            "name": "principal_propagation",
+            "root_id": "principal_propagation",
+            "fail_open": False,
+            "configuration": {
+                "@type": "type.googleapis.com/google.protobuf.StringValue",
+                "value": json.dumps(plugin),
+            },
+            "vm_config": {
+                "vm_id": "principal_propagation",
+                "runtime": "envoy.wasm.runtime.v8",
+                "code": {"local": {"filename": str(WASM)}},
+                "environment_variables": {
+                    "host_env_keys": [f"PP_{kind}_{slot.upper()}" for slot in KEY_SLOTS for kind in ("KEY", "CERT")]
+                },
+            },
+        },
+    }
+
+
+def write_plugin_file(path: Path, plugin: dict) -> None:
+    """Writes the plugin's filter configuration where Envoy watches it (extension config
+    discovery from the filesystem). The rename makes the update atomic."""
+    response = {
+        "version_info": str(time.time_ns()),
+        "resources": [{
+            "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+            "name": "principal_propagation",
+            "typed_config": wasm_filter(plugin),
+        }],
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(response, indent=2))
+    tmp.rename(path)
+
+
+def read_plugin_file(path: Path) -> dict:
+    response = json.loads(path.read_text())
+    return json.loads(response["resources"][0]["typed_config"]["config"]["configuration"]["value"])
+
+
+def rotate(path: Path) -> list[str]:
+    """Swaps active and passive of every key that has both; Envoy applies it without a
+    restart. Returns the names of the rotated keys."""
+    plugin = read_plugin_file(path)
+    rotated = []
+    for name, key in plugin["keys"].items():
+        if "active" in key and "passive" in key:
+            key["active"], key["passive"] = key["passive"], key["active"]
+            rotated.append(name)
+    write_plugin_file(path, plugin)
+    return rotated
+
+
+def envoy_config(ports: Ports, profile: str, config_override: dict | None = None,
+                 plugin_file: Path | None = None) -> dict:
+    """Envoy's bootstrap. The plugin's configuration is inline when `plugin_file` is
+    None (a bad one stops Envoy at start), else read from that watched file."""
     routes = []
     if profile == "test":
         routes += [route(f"/t/{d['Name']}/", d["Name"]) for d in test_destinations(ports)]
     routes.append(route("/"))  # the default destination
     plugin = config_override if config_override is not None else plugin_config(ports, profile)
+    if plugin_file is None:
+        plugin_filter = {"name": "envoy.filters.http.wasm", "typed_config": wasm_filter(plugin)}
+    else:
+        write_plugin_file(plugin_file, plugin)
+        plugin_filter = {
+            "name": "principal_propagation",
+            "config_discovery": {
+                "config_source": {
+                    "path_config_source": {
+                        "path": str(plugin_file),
+                        "watched_directory": {"path": str(plugin_file.parent)},
+                    },
+                },
+                "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"],
+            },
+        }
     http_filters = [
         {
             "name": "envoy.filters.http.jwt_authn",
@@ -215,33 +300,15 @@ def envoy_config(ports: Ports, profile: str, config_override: dict | None = None
                 ],
             },
         },
-        {
-            "name": "envoy.filters.http.wasm",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                "config": {
-                    "name": "principal_propagation",
-                    "root_id": "principal_propagation",
-                    "fail_open": False,
-                    "configuration": {
-                        "@type": "type.googleapis.com/google.protobuf.StringValue",
-                        "value": json.dumps(plugin),
-                    },
-                    "vm_config": {
-                        "vm_id": "principal_propagation",
-                        "runtime": "envoy.wasm.runtime.v8",
-                        "code": {"local": {"filename": str(WASM)}},
-                        "environment_variables": {"host_env_keys": ["PP_SIGNING_KEY", "PP_SIGNING_CERT"]},
-                    },
-                },
-            },
-        },
+        plugin_filter,
         {
             "name": "envoy.filters.http.router",
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
         },
     ]
     return {
+        # xDS from files (the plugin's configuration) needs a node identity.
+        "node": {"id": f"principal-propagation-{profile}", "cluster": "principal-propagation"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ports.admin}}},
         "static_resources": {
             "listeners": [
@@ -302,28 +369,40 @@ class Stack:
         self.envoy_log = self.run_dir / "envoy.log"
 
     def start(self, timeout: float = 60.0) -> "Stack":
+        """Starts everything or, on any failure, stops what did start and raises."""
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> "Stack":
         if not WASM.exists():
             raise RuntimeError(f"{WASM} is missing: run `make build`")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        key_path, cert_path = ensure_keys(ROOT / ".run")
-        self.cert_path = cert_path
+        ensure_keys()
         p = self.ports
+        trusted = [arg for slot in KEY_SLOTS for arg in ("--trusted-cert", str(key_files(slot)[1]))]
         self.servers = subprocess.Popen(
             [sys.executable, str(ROOT / "dev" / "servers.py"),
              "--idp-port", str(p.idp), "--token-port", str(p.token), "--echo-port", str(p.echo),
-             "--trusted-cert", str(cert_path), "--trusted-issuer", ISSUER, "--entity-id", ENTITY_ID,
+             *trusted, "--trusted-issuer", ISSUER, "--entity-id", ENTITY_ID,
              "--client-id", CLIENT_ID, "--client-secret", CLIENT_SECRET, "--jwt-audience", JWT_AUDIENCE],
             stdout=subprocess.PIPE, stderr=open(self.run_dir / "servers.log", "w"), text=True,
         )
         line = self.servers.stdout.readline()  # the servers print `ready` once listening
         if line.strip() != "ready":
-            self.stop()
             raise RuntimeError(f"dev servers did not start; see {self.run_dir / 'servers.log'}")
 
         self.envoy_log.unlink(missing_ok=True)  # Envoy appends; each run gets its own log
         config_path = self.run_dir / "envoy.json"
-        config_path.write_text(json.dumps(envoy_config(p, self.profile, self.config_override), indent=2))
-        env = dict(os.environ, PP_SIGNING_KEY=key_path.read_text(), PP_SIGNING_CERT=cert_path.read_text())
+        self.plugin_file = None
+        if self.config_override is None:
+            (self.run_dir / "ecds").mkdir(exist_ok=True)
+            self.plugin_file = self.run_dir / "ecds" / "plugin.json"
+        config = envoy_config(p, self.profile, self.config_override, self.plugin_file)
+        config_path.write_text(json.dumps(config, indent=2))
+        env = dict(os.environ, **key_environment())
         self.envoy = subprocess.Popen(
             [str(VENV_BIN / "envoy"), "-c", str(config_path), "--concurrency", "2",
              "--log-level", self.envoy_log_level, "--component-log-level", f"wasm:{self.plugin_log_level}",
@@ -338,7 +417,6 @@ class Stack:
             if _get(f"http://127.0.0.1:{p.admin}/ready")[0] == 200:
                 return self
             time.sleep(0.1)
-        self.stop()
         raise RuntimeError(f"envoy not ready within {timeout}s; see {self.envoy_log}")
 
     def stop(self) -> None:
@@ -360,8 +438,19 @@ class Stack:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("command", nargs="?", choices=["run", "rotate"], default="run")
     parser.add_argument("--profile", choices=["demo", "test"], default="demo")
     args = parser.parse_args()
+    if args.command == "rotate":
+        plugin_file = ROOT / ".run" / args.profile / "ecds" / "plugin.json"
+        if not plugin_file.exists():
+            print(f"{plugin_file} does not exist: start the stack first (make run)", file=sys.stderr)
+            return 1
+        rotated = rotate(plugin_file)
+        active = {name: key["active"]["privateKeyEnv"] for name, key in read_plugin_file(plugin_file)["keys"].items()
+                  if "active" in key}
+        print(f"rotated {', '.join(rotated) or 'nothing'}; active now: {active}")
+        return 0
     stack = Stack(args.profile)
     # Ctrl-C and SIGTERM both stop the stack (SIGINT explicitly: a shell may have
     # started us with it ignored).

@@ -19,3 +19,4 @@ pub mod saml;
 #[cfg(test)]
 mod testing;
 pub mod time;
+pub mod trust;

@@ -19,7 +19,8 @@ pub const DEFAULT_JWT_FILTER: &str = "envoy.filters.http.jwt_authn";
 /// `payload_in_metadata` key used by Istio's RequestAuthentication.
 pub const DEFAULT_PAYLOAD_KEY: &str = "payload";
 
-const TOP_LEVEL: [&str; 10] = [
+const TOP_LEVEL: [&str; 11] = [
+    "trustMetadataPath",
     "destinations",
     "defaultDestination",
     "tokenServiceCluster",
@@ -49,6 +50,9 @@ pub struct PluginConfig {
     pub token_margin_ms: Option<u64>,
     /// How long a rejected exchange is remembered per user before it is retried.
     pub failure_hold_ms: u64,
+    /// Path under which the gateway answers with its SAML IdP metadata and
+    /// certificates (`<path>`, `<path>/<key>`, `<path>/<key>/active.pem`, ...).
+    pub trust_metadata_path: Option<String>,
 }
 
 impl PluginConfig {
@@ -124,6 +128,16 @@ impl PluginConfig {
                 Some(_) => Some(top.integer("tokenCacheMarginSeconds", 0..=86_400, 0)? * 1000),
             },
             failure_hold_ms: top.integer("failedExchangeHoldSeconds", 0..=3600, 5)? * 1000,
+            trust_metadata_path: match top.string("trustMetadataPath")? {
+                Some(path) if path.starts_with('/') && !path.ends_with('/') && !path.contains(['?', '#']) => Some(path),
+                Some(_) => {
+                    return Err(ConfigError::new(
+                        "trustMetadataPath",
+                        "must be a path starting with / (no trailing /, query or fragment)",
+                    ))
+                }
+                None => None,
+            },
         })
     }
 

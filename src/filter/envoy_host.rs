@@ -5,7 +5,20 @@ use crate::flow::{Host, Level, Metric};
 use crate::oauth::token_request::TokenRequest;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{LogLevel, MetricType};
+use crate::config::PluginConfig;
+use crate::trust::expiry;
+use sha2::{Digest, Sha256};
 use std::rc::Rc;
+
+/// Shared-data key remembering the last day expiry notices were logged.
+const EXPIRY_MARKER_KEY: &str = "principal-propagation/expiry-notices";
+
+/// Stats names allow letters, digits, `_` and `-`; anything else becomes `_`.
+fn metric_safe(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .collect()
+}
 use std::time::{Duration, UNIX_EPOCH};
 
 #[link(wasm_import_module = "wasi_snapshot_preview1")]
@@ -61,6 +74,54 @@ impl EnvoyHost {
         }
         let suffix: String = random.iter().map(|b| format!("{b:02x}")).collect();
         hostcalls::register_shared_queue(&format!("principal-propagation/wake/{suffix}")).ok()
+    }
+
+    /// Logs due expiry notices once a day across all workers, and sets the
+    /// `certificate_days_left` gauges.
+    pub fn check_certificates(&self, config: &PluginConfig) {
+        let now_s = self.now_ns() / 1_000_000_000;
+        for status in expiry::statuses(config, now_s) {
+            let name = format!(
+                "principal_propagation.certificate_days_left.{}.{}",
+                metric_safe(&status.key),
+                status.slot
+            );
+            if let Ok(id) = hostcalls::define_metric(MetricType::Gauge, &name) {
+                let _ = hostcalls::record_metric(id, status.days_left.max(0) as u64);
+            }
+        }
+        let notices = expiry::notices(config, now_s);
+        if notices.is_empty() || !self.first_today(config, now_s) {
+            return;
+        }
+        for notice in notices {
+            let level = match notice {
+                expiry::Notice::Expired { .. } => Level::Error,
+                expiry::Notice::ExpiresSoon { .. } => Level::Warn,
+            };
+            self.log(level, &notice.message());
+        }
+    }
+
+    /// True for the first caller today (per key set): workers share the marker through
+    /// shared data, and compare-and-swap lets only one of them win.
+    fn first_today(&self, config: &PluginConfig, now_s: u64) -> bool {
+        let mut hash = Sha256::new();
+        for pair in config.keys.values() {
+            hash.update(pair.active.certificate_base64());
+            if let Some(passive) = &pair.passive {
+                hash.update(passive.certificate_base64());
+            }
+        }
+        let marker = format!("{}:{:x}", now_s / 86_400, hash.finalize());
+        if matches!(hostcalls::get_shared_data(EXPIRY_MARKER_KEY), Ok((None, _))) {
+            let _ = hostcalls::set_shared_data(EXPIRY_MARKER_KEY, Some(b""), None);
+        }
+        match hostcalls::get_shared_data(EXPIRY_MARKER_KEY) {
+            Ok((Some(current), _)) if current == marker.as_bytes() => false,
+            Ok((_, cas)) => hostcalls::set_shared_data(EXPIRY_MARKER_KEY, Some(marker.as_bytes()), cas).is_ok(),
+            Err(_) => true,
+        }
     }
 
     /// Sends the local reply for `failure` on the current context.

@@ -10,6 +10,7 @@ use crate::config::PluginConfig;
 use crate::flow::{Decision, Host, Level, Worker};
 use crate::http_url::append_query;
 use crate::identity::payload::claims_from_metadata;
+use crate::trust::download::answer;
 use envoy_host::{EnvoyHost, Metrics};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -26,6 +27,9 @@ pub const ROUTE_METADATA_PATH: [&str; 5] = [
     "principal_propagation",
     "destination",
 ];
+
+/// How often certificate expiry is looked at (notices are logged once a day).
+const CERTIFICATE_CHECK_PERIOD: std::time::Duration = std::time::Duration::from_secs(3600);
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -105,11 +109,20 @@ impl RootContext for PluginRoot {
                 config.keys.len()
             ),
         );
+        self.host().check_certificates(&config);
+        self.set_tick_period(CERTIFICATE_CHECK_PERIOD);
         match &self.worker {
             Some(worker) => worker.borrow_mut().reconfigure(config),
             None => self.worker = Some(Rc::new(RefCell::new(Worker::new(config)))),
         }
         true
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(worker) = &self.worker {
+            let config = Rc::clone(worker.borrow().config());
+            self.host().check_certificates(&config);
+        }
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {
@@ -171,6 +184,28 @@ impl PluginRequest {
         claims_from_metadata(&metadata, &config.jwt_filter_name, &config.jwt_payload_key)
     }
 
+    /// Answers a request for the gateway's IdP metadata or certificates; false if the
+    /// path is not one of those.
+    fn answer_trust_download(&self, config: &PluginConfig) -> bool {
+        let path = self.get_http_request_header(":path").unwrap_or_default();
+        let scheme = self.get_http_request_header(":scheme").unwrap_or_else(|| "http".into());
+        let authority = self.get_http_request_header(":authority").unwrap_or_default();
+        let Some(download) = answer(config, &path, &format!("{scheme}://{authority}")) else {
+            return false;
+        };
+        let method = self.get_http_request_header(":method").unwrap_or_default();
+        if method != "GET" && method != "HEAD" {
+            self.send_http_response(405, vec![("allow", "GET, HEAD")], None);
+            return true;
+        }
+        self.send_http_response(
+            download.status,
+            vec![("content-type", download.content_type), ("cache-control", "no-cache")],
+            Some(download.body.as_bytes()),
+        );
+        true
+    }
+
     /// `URL.headers.*` and `URL.queries.*` of the destination, on the forwarded request.
     fn add_destination_extras(&self, config: &PluginConfig, destination: usize) {
         let Some(dest) = config.destinations.get(destination) else {
@@ -204,6 +239,9 @@ impl Context for PluginRequest {
 impl HttpContext for PluginRequest {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         let config = Rc::clone(self.worker.borrow().config());
+        if config.trust_metadata_path.is_some() && self.answer_trust_download(&config) {
+            return Action::Pause;
+        }
         let destination = match self.destination(&config) {
             Ok(Some(index)) => index,
             Ok(None) => return Action::Continue,

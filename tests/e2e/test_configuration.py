@@ -31,14 +31,15 @@ CASES = {
         "only OAuth2SAMLBearerAssertion is supported",
     ),
     "key-env-unset": (
-        lambda c: c["keys"]["default"].update({"privateKeyEnv": "PP_NOT_SET"}),
-        "`keys.default.privateKeyEnv` names environment variable \"PP_NOT_SET\", which is not set",
+        lambda c: c["keys"]["default"]["active"].update({"privateKeyEnv": "PP_NOT_SET"}),
+        "`keys.default.active.privateKeyEnv` names environment variable \"PP_NOT_SET\", which is not set",
     ),
     "certificate-of-another-key": (
-        lambda c: c["keys"]["default"].update(
-            {"certificateEnv": None, "certificate": (ROOT / "tests/fixtures/other-cert.pem").read_text()}
-        ) or c["keys"]["default"].pop("certificateEnv"),
-        "`keys.default.certificate` does not certify the configured private key",
+        lambda c: c["keys"]["default"].update({"active": {
+            "privateKeyEnv": "PP_KEY_A",
+            "certificate": (ROOT / "tests/fixtures/other-cert.pem").read_text(),
+        }}),
+        "`keys.default.active.certificate` does not certify the configured private key",
     ),
     "format-without-user-source": (
         lambda c: c["destinations"][0].update(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from conftest import ROOT
+import stack
 
 
 def test_no_secret_in_the_log_after_success_and_failure_paths(gateway, client):
@@ -21,7 +21,7 @@ def test_no_secret_in_the_log_after_success_and_failure_paths(gateway, client):
 
     log = gateway.envoy_log.read_text()
     assert "principal-propagation:" in log, "the plugin's own lines are in the scanned log"
-    key_lines = [line for line in (ROOT / ".run" / "gateway-key.pem").read_text().splitlines()
+    key_lines = [line for slot in stack.KEY_SLOTS for line in stack.key_files(slot)[0].read_text().splitlines()
                  if not line.startswith("-----")]
     secrets = {
         "client password": ["gateway-secret"],
