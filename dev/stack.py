@@ -52,6 +52,8 @@ KEY_DIR = ROOT / ".run" / "keys"
 # Key files of the demo: the active/passive pair `a`/`b` of key `default`, and `second`
 # (the test profile's per-destination key). Each reaches Envoy as PP_KEY_<X>/PP_CERT_<X>.
 KEY_SLOTS = ("a", "b", "second")
+# Further variables PP_EXTRA_0.. passed to the Wasm VM (tests put extra keys there).
+EXTRA_ENV_SLOTS = 4
 
 
 def key_files(slot: str) -> tuple[Path, Path]:
@@ -199,6 +201,7 @@ def wasm_filter(plugin: dict) -> dict:
                 "code": {"local": {"filename": str(WASM)}},
                 "environment_variables": {
                     "host_env_keys": [f"PP_{kind}_{slot.upper()}" for slot in KEY_SLOTS for kind in ("KEY", "CERT")]
+                    + [f"PP_EXTRA_{i}" for i in range(EXTRA_ENV_SLOTS)]
                 },
             },
         },
@@ -358,9 +361,13 @@ class Stack:
     """Starts dev servers and Envoy; stops both. Every wait is bounded."""
 
     def __init__(self, profile: str = "demo", ports: Ports = Ports(), envoy_log_level: str = "info",
-                 config_override: dict | None = None, plugin_log_level: str = "info"):
+                 config_override: dict | None = None, plugin_log_level: str = "info", name: str | None = None,
+                 extra_trusted: tuple[Path, ...] = (), extra_env: dict[str, str] | None = None):
+        """`name` (default: the profile) names the run directory; `extra_trusted` are
+        further certificates the token server trusts; `extra_env` reaches Envoy."""
         self.profile, self.ports = profile, ports
-        self.run_dir = ROOT / ".run" / profile
+        self.run_dir = ROOT / ".run" / (name or profile)
+        self.extra_trusted, self.extra_env = extra_trusted, extra_env or {}
         self.envoy_log_level = envoy_log_level
         self.plugin_log_level = plugin_log_level
         self.config_override = config_override
@@ -382,7 +389,8 @@ class Stack:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ensure_keys()
         p = self.ports
-        trusted = [arg for slot in KEY_SLOTS for arg in ("--trusted-cert", str(key_files(slot)[1]))]
+        certs = [key_files(slot)[1] for slot in KEY_SLOTS] + list(self.extra_trusted)
+        trusted = [arg for cert in certs for arg in ("--trusted-cert", str(cert))]
         self.servers = subprocess.Popen(
             [sys.executable, str(ROOT / "dev" / "servers.py"),
              "--idp-port", str(p.idp), "--token-port", str(p.token), "--echo-port", str(p.echo),
@@ -402,12 +410,12 @@ class Stack:
             self.plugin_file = self.run_dir / "ecds" / "plugin.json"
         config = envoy_config(p, self.profile, self.config_override, self.plugin_file)
         config_path.write_text(json.dumps(config, indent=2))
-        env = dict(os.environ, **key_environment())
+        env = dict(os.environ, **key_environment(), **self.extra_env)
         self.envoy = subprocess.Popen(
             [str(VENV_BIN / "envoy"), "-c", str(config_path), "--concurrency", "2",
              "--log-level", self.envoy_log_level, "--component-log-level", f"wasm:{self.plugin_log_level}",
              "--base-id", str(p.listener),
-             "--disable-hot-restart", "--log-path", str(self.envoy_log)],
+             "--disable-hot-restart", "--log-path", str(self.envoy_log), "--file-flush-interval-msec", "100"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout

@@ -129,7 +129,13 @@ impl PluginConfig {
             },
             failure_hold_ms: top.integer("failedExchangeHoldSeconds", 0..=3600, 5)? * 1000,
             trust_metadata_path: match top.string("trustMetadataPath")? {
-                Some(path) if path.starts_with('/') && !path.ends_with('/') && !path.contains(['?', '#']) => Some(path),
+                Some(path)
+                    if path.starts_with('/')
+                        && !path.ends_with('/')
+                        && !path.contains(['?', '#']) =>
+                {
+                    Some(path)
+                }
                 Some(_) => {
                     return Err(ConfigError::new(
                         "trustMetadataPath",

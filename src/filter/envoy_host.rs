@@ -1,12 +1,12 @@
 //! [`Host`] over Envoy's proxy-wasm ABI.
 
+use crate::config::PluginConfig;
 use crate::error::Failure;
 use crate::flow::{Host, Level, Metric};
 use crate::oauth::token_request::TokenRequest;
+use crate::trust::expiry;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{LogLevel, MetricType};
-use crate::config::PluginConfig;
-use crate::trust::expiry;
 use sha2::{Digest, Sha256};
 use std::rc::Rc;
 
@@ -16,7 +16,13 @@ const EXPIRY_MARKER_KEY: &str = "principal-propagation/expiry-notices";
 /// Stats names allow letters, digits, `_` and `-`; anything else becomes `_`.
 fn metric_safe(name: &str) -> String {
     name.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 use std::time::{Duration, UNIX_EPOCH};
@@ -119,7 +125,9 @@ impl EnvoyHost {
         }
         match hostcalls::get_shared_data(EXPIRY_MARKER_KEY) {
             Ok((Some(current), _)) if current == marker.as_bytes() => false,
-            Ok((_, cas)) => hostcalls::set_shared_data(EXPIRY_MARKER_KEY, Some(marker.as_bytes()), cas).is_ok(),
+            Ok((_, cas)) => {
+                hostcalls::set_shared_data(EXPIRY_MARKER_KEY, Some(marker.as_bytes()), cas).is_ok()
+            }
             Err(_) => true,
         }
     }

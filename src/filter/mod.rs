@@ -188,8 +188,12 @@ impl PluginRequest {
     /// path is not one of those.
     fn answer_trust_download(&self, config: &PluginConfig) -> bool {
         let path = self.get_http_request_header(":path").unwrap_or_default();
-        let scheme = self.get_http_request_header(":scheme").unwrap_or_else(|| "http".into());
-        let authority = self.get_http_request_header(":authority").unwrap_or_default();
+        let scheme = self
+            .get_http_request_header(":scheme")
+            .unwrap_or_else(|| "http".into());
+        let authority = self
+            .get_http_request_header(":authority")
+            .unwrap_or_default();
         let Some(download) = answer(config, &path, &format!("{scheme}://{authority}")) else {
             return false;
         };
@@ -200,7 +204,10 @@ impl PluginRequest {
         }
         self.send_http_response(
             download.status,
-            vec![("content-type", download.content_type), ("cache-control", "no-cache")],
+            vec![
+                ("content-type", download.content_type),
+                ("cache-control", "no-cache"),
+            ],
             Some(download.body.as_bytes()),
         );
         true

@@ -78,17 +78,45 @@ mod tests {
         assert_eq!(get("/hello"), None);
         assert_eq!(get("/.well-known/saml-idp-metadataX"), None);
         let metadata = get("/.well-known/saml-idp-metadata").unwrap();
-        assert_eq!((metadata.status, metadata.content_type), (200, "application/samlmetadata+xml"));
-        assert!(metadata.body.contains("entityID=\"principal-propagation-gateway\""));
-        assert!(metadata.body.contains("Location=\"http://gw/.well-known/saml-idp-metadata\""));
-        assert_eq!(get("/.well-known/saml-idp-metadata/default").unwrap().status, 200);
+        assert_eq!(
+            (metadata.status, metadata.content_type),
+            (200, "application/samlmetadata+xml")
+        );
+        assert!(metadata
+            .body
+            .contains("entityID=\"principal-propagation-gateway\""));
+        assert!(metadata
+            .body
+            .contains("Location=\"http://gw/.well-known/saml-idp-metadata\""));
+        assert_eq!(
+            get("/.well-known/saml-idp-metadata/default")
+                .unwrap()
+                .status,
+            200
+        );
         let pem = get("/.well-known/saml-idp-metadata/default/active.pem").unwrap();
         assert!(pem.body.starts_with("-----BEGIN CERTIFICATE-----\n"));
-        assert_eq!(get("/.well-known/saml-idp-metadata/default/passive.pem").unwrap().status, 404);
-        assert_eq!(get("/.well-known/saml-idp-metadata/other").unwrap().status, 404);
-        assert_eq!(get("/.well-known/saml-idp-metadata/default/key.pem").unwrap().status, 404);
+        assert_eq!(
+            get("/.well-known/saml-idp-metadata/default/passive.pem")
+                .unwrap()
+                .status,
+            404
+        );
+        assert_eq!(
+            get("/.well-known/saml-idp-metadata/other").unwrap().status,
+            404
+        );
+        assert_eq!(
+            get("/.well-known/saml-idp-metadata/default/key.pem")
+                .unwrap()
+                .status,
+            404
+        );
 
         let disabled = parse(&config_json(vec![destination_json("d")])).unwrap();
-        assert_eq!(answer(&disabled, "/.well-known/saml-idp-metadata", "http://gw"), None);
+        assert_eq!(
+            answer(&disabled, "/.well-known/saml-idp-metadata", "http://gw"),
+            None
+        );
     }
 }

@@ -26,8 +26,13 @@ pub struct CertificateStatus {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {
     /// Expires within one of [`NOTICE_DAYS`] (the smallest threshold reached).
-    ExpiresSoon { status: CertificateStatus, threshold_days: i64 },
-    Expired { status: CertificateStatus },
+    ExpiresSoon {
+        status: CertificateStatus,
+        threshold_days: i64,
+    },
+    Expired {
+        status: CertificateStatus,
+    },
 }
 
 impl Notice {
@@ -49,7 +54,8 @@ impl Notice {
 pub fn statuses(config: &PluginConfig, now_s: u64) -> Vec<CertificateStatus> {
     let mut out = Vec::new();
     for (name, pair) in &config.keys {
-        let slots = std::iter::once(("active", &pair.active)).chain(pair.passive.as_ref().map(|k| ("passive", k)));
+        let slots = std::iter::once(("active", &pair.active))
+            .chain(pair.passive.as_ref().map(|k| ("passive", k)));
         for (slot, key) in slots {
             let not_after_s = key.certificate().not_after_s;
             let seconds_left = not_after_s as i64 - now_s as i64;
@@ -73,7 +79,10 @@ pub fn notices(config: &PluginConfig, now_s: u64) -> Vec<Notice> {
                 return Some(Notice::Expired { status });
             }
             let threshold = NOTICE_DAYS.iter().rev().find(|&&d| status.days_left < d)?;
-            Some(Notice::ExpiresSoon { threshold_days: *threshold, status })
+            Some(Notice::ExpiresSoon {
+                threshold_days: *threshold,
+                status,
+            })
         })
         .collect()
 }
@@ -93,10 +102,34 @@ mod tests {
             Notice::ExpiresSoon { threshold_days, .. } => *threshold_days,
             Notice::Expired { .. } => 0,
         };
-        assert_eq!(notices(&config, at(14)).iter().map(threshold).collect::<Vec<_>>(), [14]);
-        assert_eq!(notices(&config, at(7)).iter().map(threshold).collect::<Vec<_>>(), [7]);
-        assert_eq!(notices(&config, at(3)).iter().map(threshold).collect::<Vec<_>>(), [3]);
-        assert_eq!(notices(&config, at(1)).iter().map(threshold).collect::<Vec<_>>(), [3]);
+        assert_eq!(
+            notices(&config, at(14))
+                .iter()
+                .map(threshold)
+                .collect::<Vec<_>>(),
+            [14]
+        );
+        assert_eq!(
+            notices(&config, at(7))
+                .iter()
+                .map(threshold)
+                .collect::<Vec<_>>(),
+            [7]
+        );
+        assert_eq!(
+            notices(&config, at(3))
+                .iter()
+                .map(threshold)
+                .collect::<Vec<_>>(),
+            [3]
+        );
+        assert_eq!(
+            notices(&config, at(1))
+                .iter()
+                .map(threshold)
+                .collect::<Vec<_>>(),
+            [3]
+        );
         let expired = notices(&config, not_after + 2 * DAY_S as u64);
         assert!(matches!(&expired[..], [Notice::Expired { status }] if status.days_left == -2));
         assert!(expired[0].message().contains("expired 2 day(s) ago"));

@@ -65,7 +65,9 @@ pub fn idp_metadata(key: &PublishedKey<'_>, sso_location: &str) -> String {
     let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
     let several = key.entity_ids.len() > 1;
     if several {
-        out.push_str(&format!("<md:EntitiesDescriptor xmlns:md=\"{MD_NS}\" xmlns:ds=\"{DS_NS}\">"));
+        out.push_str(&format!(
+            "<md:EntitiesDescriptor xmlns:md=\"{MD_NS}\" xmlns:ds=\"{DS_NS}\">"
+        ));
     }
     for entity_id in &key.entity_ids {
         out.push_str("<md:EntityDescriptor");
@@ -78,7 +80,9 @@ pub fn idp_metadata(key: &PublishedKey<'_>, sso_location: &str) -> String {
         out.push_str(SAML2_PROTOCOL);
         out.push_str("\">");
         for certificate in std::iter::once(key.active).chain(key.passive) {
-            out.push_str("<md:KeyDescriptor use=\"signing\"><ds:KeyInfo><ds:X509Data><ds:X509Certificate>");
+            out.push_str(
+                "<md:KeyDescriptor use=\"signing\"><ds:KeyInfo><ds:X509Data><ds:X509Certificate>",
+            );
             out.push_str(&certificate.der_base64);
             out.push_str("</ds:X509Certificate></ds:X509Data></ds:KeyInfo></md:KeyDescriptor>");
         }
@@ -131,7 +135,10 @@ mod tests {
         let config = parse(&config).unwrap();
         assert_eq!(default_key_name(&config), Some("default"));
         let key = published_key(&config, "default").unwrap();
-        assert_eq!(key.entity_ids, ["principal-propagation-gateway", "other & issuer"]);
+        assert_eq!(
+            key.entity_ids,
+            ["principal-propagation-gateway", "other & issuer"]
+        );
         let xml = idp_metadata(&key, "http://gw/.well-known/saml-idp-metadata");
         assert!(xml.contains("<md:EntitiesDescriptor"));
         assert!(xml.contains("entityID=\"other &amp; issuer\""));
@@ -140,9 +147,14 @@ mod tests {
         assert!(!xml.contains("PRIVATE"));
         assert!(published_key(&config, "nope").is_none());
 
-        let single = PublishedKey { entity_ids: vec!["gw"], ..key };
+        let single = PublishedKey {
+            entity_ids: vec!["gw"],
+            ..key
+        };
         let xml = idp_metadata(&single, "http://gw/m");
-        assert!(xml.contains("<md:EntityDescriptor xmlns:md=\"urn:oasis:names:tc:SAML:2.0:metadata\""));
+        assert!(
+            xml.contains("<md:EntityDescriptor xmlns:md=\"urn:oasis:names:tc:SAML:2.0:metadata\"")
+        );
         assert!(!xml.contains("EntitiesDescriptor"));
     }
 }
