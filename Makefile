@@ -40,9 +40,9 @@ $(VENV)/.installed: dev/requirements.txt
 
 .make/xmlsec1:
 	@mkdir -p .make
-	@command -v xmlsec1 >/dev/null || { \
+	@command -v xmlsec1 >/dev/null && command -v openssl >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq xmlsec1 >/dev/null; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq xmlsec1 openssl >/dev/null; }
 	xmlsec1 --version
 	@touch $@
 
