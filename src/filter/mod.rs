@@ -84,7 +84,7 @@ impl RootContext for PluginRoot {
         let config = match PluginConfig::parse(&bytes, &env) {
             Ok(config) => Rc::new(config),
             Err(e) => {
-                let _ = hostcalls::log(LogLevel::Error, &format!("principal-propagation: {e}"));
+                self.host().log(Level::Error, &e.to_string());
                 return false;
             }
         };
@@ -94,17 +94,15 @@ impl RootContext for PluginRoot {
         if self.queue.is_none() {
             self.queue = EnvoyHost::register_wake_queue();
             if self.queue.is_none() {
-                let _ = hostcalls::log(
-                    LogLevel::Error,
-                    "principal-propagation: cannot register the wake-up queue",
-                );
+                self.host()
+                    .log(Level::Error, "cannot register the wake-up queue");
                 return false;
             }
         }
-        let _ = hostcalls::log(
-            LogLevel::Info,
+        self.host().log(
+            Level::Info,
             &format!(
-                "principal-propagation: configured {} destination(s), {} signing key(s)",
+                "configured {} destination(s), {} signing key(s)",
                 config.destinations.len(),
                 config.keys.len()
             ),
