@@ -559,10 +559,10 @@ class TokenHandler(BaseHandler):
         except OAuthError:
             pass
         try:
+            if url.path == "/oauth/token/slow" or "delay" in query:
+                time.sleep(slow_delay(query))
             if url.path == "/oauth/token/reject":
                 raise invalid_grant("rejected by test endpoint")
-            if url.path == "/oauth/token/slow":
-                time.sleep(slow_delay(query))
             content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
             if content_type != FORM_CONTENT_TYPE:
                 raise OAuthError("invalid_request", f"Content-Type must be {FORM_CONTENT_TYPE}")

@@ -121,6 +121,13 @@ def test_destinations(ports: Ports) -> list[dict]:
             **{"tokenServiceURL.queries.delay": "4", "tokenServiceURL.SocketReadTimeoutInSeconds": "1"},
         ),
         destination(ports, "lagging", "/oauth/token/slow", **{"tokenServiceURL.queries.delay": "0.5"}),
+        destination(ports, "lagging-reject", "/oauth/token/reject", **{"tokenServiceURL.queries.delay": "0.5"}),
+        destination(
+            ports,
+            "lagging-timeout",
+            "/oauth/token/slow",
+            **{"tokenServiceURL.queries.delay": "1.5", "tokenServiceURL.SocketReadTimeoutInSeconds": "1"},
+        ),
         destination(ports, "down", tokenServiceCluster="token_service_down"),
         destination(ports, "wrong-audience", audience="https://someone-else.example"),
         destination(ports, "short", **{"tokenServiceURL.queries.expires_in": "33"}),

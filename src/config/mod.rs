@@ -16,10 +16,13 @@ use values::Section;
 
 /// Where Envoy's `jwt_authn` filter leaves the verified payload by default.
 pub const DEFAULT_JWT_FILTER: &str = "envoy.filters.http.jwt_authn";
+/// Default size of the shared token table.
+pub const DEFAULT_CACHE_SLOTS: u64 = 100_000;
 /// `payload_in_metadata` key used by Istio's RequestAuthentication.
 pub const DEFAULT_PAYLOAD_KEY: &str = "payload";
 
-const TOP_LEVEL: [&str; 11] = [
+const TOP_LEVEL: [&str; 12] = [
+    "tokenCacheSlots",
     "trustMetadataPath",
     "destinations",
     "defaultDestination",
@@ -50,6 +53,8 @@ pub struct PluginConfig {
     pub token_margin_ms: Option<u64>,
     /// How long a rejected exchange is remembered per user before it is retried.
     pub failure_hold_ms: u64,
+    /// Size of the shared token table: at most this many users' tokens are cached.
+    pub cache_slots: u64,
     /// Path under which the gateway answers with its SAML IdP metadata and
     /// certificates (`<path>`, `<path>/<key>`, `<path>/<key>/active.pem`, ...).
     pub trust_metadata_path: Option<String>,
@@ -128,6 +133,7 @@ impl PluginConfig {
                 Some(_) => Some(top.integer("tokenCacheMarginSeconds", 0..=86_400, 0)? * 1000),
             },
             failure_hold_ms: top.integer("failedExchangeHoldSeconds", 0..=3600, 5)? * 1000,
+            cache_slots: top.integer("tokenCacheSlots", 1..=10_000_000, DEFAULT_CACHE_SLOTS)?,
             trust_metadata_path: match top.string("trustMetadataPath")? {
                 Some(path)
                     if path.starts_with('/')

@@ -2,13 +2,59 @@
 
 use crate::config::PluginConfig;
 use crate::error::Failure;
-use crate::flow::{Host, Level, Metric};
+use crate::flow::{Host, Level, Metric, Notice};
 use crate::oauth::token_request::TokenRequest;
 use crate::trust::expiry;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{LogLevel, MetricType};
 use sha2::{Digest, Sha256};
 use std::rc::Rc;
+
+/// Shared-data key listing every worker's queue (u32 tokens, big-endian), newest last.
+const REGISTRY_KEY: &str = "principal-propagation/workers";
+/// Registry length kept: VMs replaced by a code update leave stale entries behind.
+const REGISTRY_MAX: usize = 64;
+
+thread_local! {
+    static QUEUE_NAME: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Adds `queue` to the registry (compare-and-swap, a few tries).
+fn announce(queue: u32) {
+    for _ in 0..8 {
+        let (current, cas) = match hostcalls::get_shared_data(REGISTRY_KEY) {
+            Ok((value, cas)) => (value.unwrap_or_default(), cas),
+            Err(_) => return,
+        };
+        let mut queues = decode_queues(&current);
+        if queues.contains(&queue) {
+            return;
+        }
+        queues.push(queue);
+        let skip = queues.len().saturating_sub(REGISTRY_MAX);
+        let encoded: Vec<u8> = queues[skip..]
+            .iter()
+            .flat_map(|q| q.to_be_bytes())
+            .collect();
+        if hostcalls::set_shared_data(REGISTRY_KEY, Some(&encoded), cas).is_ok() {
+            return;
+        }
+    }
+}
+
+fn registered_queues() -> Vec<u32> {
+    match hostcalls::get_shared_data(REGISTRY_KEY) {
+        Ok((Some(value), _)) => decode_queues(&value),
+        _ => Vec::new(),
+    }
+}
+
+fn decode_queues(bytes: &[u8]) -> Vec<u32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
 
 /// Shared-data key remembering the last day expiry notices were logged.
 const EXPIRY_MARKER_KEY: &str = "principal-propagation/expiry-notices";
@@ -41,22 +87,25 @@ pub struct Metrics {
     exchange_rejected: Option<u32>,
     exchange_failed: Option<u32>,
     signing_us: Option<u32>,
+    wake_us: Option<u32>,
+    joined_remote: Option<u32>,
+    refresh: Option<u32>,
 }
 
 impl Metrics {
     pub fn define() -> Self {
         let counter = |name| hostcalls::define_metric(MetricType::Counter, name).ok();
+        let histogram = |name| hostcalls::define_metric(MetricType::Histogram, name).ok();
         Metrics {
             cache_hit: counter("principal_propagation.cache_hit"),
             cache_miss: counter("principal_propagation.cache_miss"),
             exchange_ok: counter("principal_propagation.token_exchange.ok"),
             exchange_rejected: counter("principal_propagation.token_exchange.rejected"),
             exchange_failed: counter("principal_propagation.token_exchange.failed"),
-            signing_us: hostcalls::define_metric(
-                MetricType::Histogram,
-                "principal_propagation.signing_us",
-            )
-            .ok(),
+            joined_remote: counter("principal_propagation.joined_other_worker"),
+            refresh: counter("principal_propagation.refresh_ahead"),
+            signing_us: histogram("principal_propagation.signing_us"),
+            wake_us: histogram("principal_propagation.wake_us"),
         }
     }
 }
@@ -72,14 +121,25 @@ impl EnvoyHost {
         EnvoyHost { queue, metrics }
     }
 
-    /// Registers a queue with a random name, so each worker owns its own.
-    pub fn register_wake_queue() -> Option<u32> {
-        let mut random = [0u8; 8];
-        if !fill(&mut random) {
-            return None;
-        }
-        let suffix: String = random.iter().map(|b| format!("{b:02x}")).collect();
-        hostcalls::register_shared_queue(&format!("principal-propagation/wake/{suffix}")).ok()
+    /// Registers this VM's queue (a random name chosen once per VM, so each worker
+    /// has its own) and announces it in the shared registry of worker queues.
+    pub fn register_worker_queue() -> Option<u32> {
+        let name = QUEUE_NAME.with(|name| {
+            name.borrow_mut()
+                .get_or_insert_with(|| {
+                    let mut random = [0u8; 8];
+                    let suffix: String = if fill(&mut random) {
+                        random.iter().map(|b| format!("{b:02x}")).collect()
+                    } else {
+                        String::new()
+                    };
+                    format!("principal-propagation/worker/{suffix}")
+                })
+                .clone()
+        });
+        let queue = hostcalls::register_shared_queue(&name).ok()?;
+        announce(queue);
+        Some(queue)
     }
 
     /// Logs due expiry notices once a day across all workers, and sets the
@@ -161,16 +221,15 @@ impl Host for EnvoyHost {
         fill(buf)
     }
 
-    fn shared_get(&self, key: &str) -> Option<Vec<u8>> {
-        hostcalls::get_shared_data(key)
-            .ok()
-            .and_then(|(value, _)| value)
+    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        match hostcalls::get_shared_data(key) {
+            Ok((Some(value), cas)) => Some((value, cas.unwrap_or(0))),
+            _ => None,
+        }
     }
 
-    fn shared_set(&self, key: &str, value: &[u8]) {
-        if hostcalls::set_shared_data(key, Some(value), None).is_err() {
-            self.log(Level::Warn, "cannot store a token in shared data");
-        }
+    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+        hostcalls::set_shared_data(key, Some(value), cas).is_ok()
     }
 
     fn dispatch(&self, request: &TokenRequest) -> Option<u32> {
@@ -191,7 +250,14 @@ impl Host for EnvoyHost {
 
     fn wake(&self) -> bool {
         self.queue
-            .is_some_and(|queue| hostcalls::enqueue_shared_queue(queue, Some(b"wake")).is_ok())
+            .is_some_and(|queue| hostcalls::enqueue_shared_queue(queue, Some(b"w")).is_ok())
+    }
+
+    fn notify_all(&self, notice: &Notice) {
+        let message = notice.encode();
+        for queue in registered_queues() {
+            let _ = hostcalls::enqueue_shared_queue(queue, Some(&message));
+        }
     }
 
     fn resume(&self, request_id: u32, authorization: &str) -> bool {
@@ -232,8 +298,15 @@ impl Host for EnvoyHost {
             Metric::ExchangeOk => m.exchange_ok,
             Metric::ExchangeRejected => m.exchange_rejected,
             Metric::ExchangeFailed => m.exchange_failed,
-            Metric::SigningMicros => {
-                if let Some(id) = m.signing_us {
+            Metric::JoinedRemote => m.joined_remote,
+            Metric::Refresh => m.refresh,
+            Metric::SigningMicros | Metric::WakeMicros => {
+                let histogram = if metric == Metric::SigningMicros {
+                    m.signing_us
+                } else {
+                    m.wake_us
+                };
+                if let Some(id) = histogram {
                     let _ = hostcalls::record_metric(id, amount);
                 }
                 return;

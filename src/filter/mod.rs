@@ -1,13 +1,14 @@
 //! The thin proxy-wasm layer: Envoy's root and HTTP contexts around [`crate::flow`].
 //!
-//! The root context (one per worker) owns the configuration, the per-worker
-//! [`Worker`] and every token callout; HTTP contexts read the route's destination and
+//! Root contexts (one per configuration and worker) own the configuration and every
+//! token callout, and drive the worker's [`Worker`] (one per VM, i.e. per Envoy
+//! worker); HTTP contexts read the route's destination and
 //! the verified JWT payload, ask the worker, and forward, pause or answer.
 
 mod envoy_host;
 
 use crate::config::PluginConfig;
-use crate::flow::{Decision, Host, Level, Worker};
+use crate::flow::{Decision, Host, Level, Notice, Worker};
 use crate::http_url::append_query;
 use crate::identity::payload::claims_from_metadata;
 use crate::trust::download::answer;
@@ -17,6 +18,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::time::Duration;
 
 /// Route metadata (`filter_metadata.principal_propagation.destination`) selecting the
 /// destination for a route.
@@ -28,28 +30,55 @@ pub const ROUTE_METADATA_PATH: [&str; 5] = [
     "destination",
 ];
 
+/// How often a worker looks for results it may have missed (see [`Worker::on_tick`]).
+const TICK_PERIOD: Duration = Duration::from_secs(1);
 /// How often certificate expiry is looked at (notices are logged once a day).
-const CERTIFICATE_CHECK_PERIOD: std::time::Duration = std::time::Duration::from_secs(3600);
+const CERTIFICATE_CHECK_MS: u64 = 3_600_000;
+
+thread_local! {
+    /// One [`Worker`] per VM (that is, per Envoy worker thread), shared by all root
+    /// contexts of the VM, so exchanges survive a configuration update.
+    static WORKER: Rc<RefCell<Worker>> = Rc::new(RefCell::new(Worker::new()));
+}
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
-        Box::new(PluginRoot { context_id, worker: None, queue: None, metrics: None })
+        Box::new(PluginRoot {
+            context_id,
+            config: None,
+            queue: None,
+            metrics: None,
+            certificates_checked_ms: 0,
+        })
     });
 }}
 
-/// Per-worker root context.
+/// A root context: one per plugin configuration and VM.
 struct PluginRoot {
     context_id: u32,
-    worker: Option<Rc<RefCell<Worker>>>,
-    /// This worker's own wake-up queue (a shared queue is delivered to its last registrant).
+    config: Option<Rc<PluginConfig>>,
+    /// The VM's queue (wake-ups and notices from other workers).
     queue: Option<u32>,
     metrics: Option<Rc<Metrics>>,
+    certificates_checked_ms: u64,
 }
 
 impl PluginRoot {
     fn host(&self) -> EnvoyHost {
         EnvoyHost::new(self.queue, self.metrics.clone())
+    }
+
+    /// Runs `f` on the VM's worker, then makes this root the effective context again
+    /// (the worker may have switched to requests' contexts to resume them).
+    fn with_worker(&self, f: impl FnOnce(&mut Worker, &EnvoyHost)) {
+        let host = self.host();
+        WORKER.with(|worker| {
+            if let Ok(mut worker) = worker.try_borrow_mut() {
+                f(&mut worker, &host);
+            }
+        });
+        let _ = hostcalls::set_effective_context(self.context_id);
     }
 }
 
@@ -61,7 +90,6 @@ impl Context for PluginRoot {
         body_size: usize,
         _trailers: usize,
     ) {
-        let Some(worker) = &self.worker else { return };
         let status = self
             .get_http_call_response_header(":status")
             .and_then(|s| s.parse::<u16>().ok());
@@ -70,10 +98,7 @@ impl Context for PluginRoot {
         let body = self
             .get_http_call_response_body(0, body_size.min(limit))
             .unwrap_or_default();
-        worker
-            .borrow_mut()
-            .on_token_response(&self.host(), token_id, status, &body);
-        let _ = hostcalls::set_effective_context(self.context_id);
+        self.with_worker(|worker, host| worker.on_token_response(host, token_id, status, &body));
     }
 }
 
@@ -91,13 +116,12 @@ impl RootContext for PluginRoot {
         if self.metrics.is_none() {
             self.metrics = Some(Rc::new(Metrics::define()));
         }
+        // Every root registers the VM's queue: the newest one receives its messages.
+        self.queue = EnvoyHost::register_worker_queue();
         if self.queue.is_none() {
-            self.queue = EnvoyHost::register_wake_queue();
-            if self.queue.is_none() {
-                self.host()
-                    .log(Level::Error, "cannot register the wake-up queue");
-                return false;
-            }
+            self.host()
+                .log(Level::Error, "cannot register the worker queue");
+            return false;
         }
         self.host().log(
             Level::Info,
@@ -107,35 +131,55 @@ impl RootContext for PluginRoot {
                 config.keys.len()
             ),
         );
-        self.host().check_certificates(&config);
-        self.set_tick_period(CERTIFICATE_CHECK_PERIOD);
-        match &self.worker {
-            Some(worker) => worker.borrow_mut().reconfigure(config),
-            None => self.worker = Some(Rc::new(RefCell::new(Worker::new(config)))),
-        }
+        let host = self.host();
+        host.check_certificates(&config);
+        self.certificates_checked_ms = host.now_ns() / 1_000_000;
+        self.set_tick_period(TICK_PERIOD);
+        self.config = Some(config);
         true
     }
 
     fn on_tick(&mut self) {
-        if let Some(worker) = &self.worker {
-            let config = Rc::clone(worker.borrow().config());
-            self.host().check_certificates(&config);
+        let host = self.host();
+        let now_ms = host.now_ns() / 1_000_000;
+        if now_ms.saturating_sub(self.certificates_checked_ms) >= CERTIFICATE_CHECK_MS {
+            if let Some(config) = &self.config {
+                host.check_certificates(config);
+            }
+            self.certificates_checked_ms = now_ms;
         }
+        self.with_worker(|worker, host| {
+            if worker.waits_elsewhere() {
+                worker.on_tick(host);
+            }
+        });
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {
-        while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
-        if let Some(worker) = &self.worker {
-            worker.borrow_mut().on_wake(&self.host());
-            let _ = hostcalls::set_effective_context(self.context_id);
+        let mut wake = false;
+        let mut notices = Vec::new();
+        while let Ok(Some(message)) = hostcalls::dequeue_shared_queue(queue_id) {
+            match Notice::decode(&message) {
+                Some(notice) => notices.push(notice),
+                None => wake = true,
+            }
         }
+        self.with_worker(|worker, host| {
+            for notice in &notices {
+                worker.on_notice(host, notice);
+            }
+            if wake {
+                worker.on_wake(host);
+            }
+        });
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let worker = self.worker.clone()?;
+        let config = Rc::clone(self.config.as_ref()?);
         Some(Box::new(PluginRequest {
             context_id,
-            worker,
+            config,
+            worker: WORKER.with(Rc::clone),
             host: self.host(),
             waiting: false,
         }))
@@ -149,6 +193,7 @@ impl RootContext for PluginRoot {
 /// One HTTP request.
 struct PluginRequest {
     context_id: u32,
+    config: Rc<PluginConfig>,
     worker: Rc<RefCell<Worker>>,
     host: EnvoyHost,
     waiting: bool,
@@ -243,7 +288,7 @@ impl Context for PluginRequest {
 
 impl HttpContext for PluginRequest {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        let config = Rc::clone(self.worker.borrow().config());
+        let config = Rc::clone(&self.config);
         if config.trust_metadata_path.is_some() && self.answer_trust_download(&config) {
             return Action::Pause;
         }
@@ -260,12 +305,20 @@ impl HttpContext for PluginRequest {
         // The caller's credentials never reach the backend.
         self.set_http_request_header("authorization", None);
         let claims = self.claims(&config);
-        let decision = self.worker.borrow_mut().on_request(
+        let Ok(mut worker) = self.worker.try_borrow_mut() else {
+            self.host.send_reply(&crate::error::Failure::Internal {
+                reason: "worker busy",
+            });
+            return Action::Pause;
+        };
+        let decision = worker.on_request(
             &self.host,
+            &config,
             self.context_id,
             destination,
             claims.as_ref(),
         );
+        drop(worker);
         match decision {
             Decision::Forward(authorization) => {
                 self.add_destination_extras(&config, destination);

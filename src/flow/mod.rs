@@ -1,14 +1,22 @@
-//! The per-worker request flow, independent of proxy-wasm.
+//! The request flow, independent of proxy-wasm.
 //!
 //! A request either finds a reusable token in shared data and goes on at once, or waits
-//! while one exchange per user and destination runs on this worker: the first request
-//! queues the exchange, later ones join it, and all are resumed (or answered) together
-//! when the token service answers. Exchanges are started from a worker-level callback
-//! ([`Worker::on_wake`]), never from a request's own context, so a client that goes away
-//! cannot cancel an exchange other requests wait for.
+//! while one exchange per user and destination runs for the whole Envoy:
+//!
+//! - On a worker, the first request queues the exchange and later ones join it.
+//! - Across workers, an exchange lock in shared data (taken with compare-and-swap)
+//!   lets one worker exchange; the others wait for its result.
+//! - The worker that exchanged stores the result in shared data, releases the lock and
+//!   notifies every worker through its queue; each resumes (or answers) its waiters.
+//!   A periodic check ([`Worker::on_tick`]) covers a lost notice or a vanished holder.
+//!
+//! Exchanges start from a worker-level callback ([`Worker::on_wake`]), never from a
+//! request's own context, so a client that goes away cannot cancel an exchange other
+//! requests wait for. Tokens are refreshed in the background shortly before they
+//! stop being reused, so steady users never wait.
 
-use crate::cache::{self, Entry};
-use crate::config::{Destination, PluginConfig};
+use crate::cache::{self, CacheKey, Entry};
+use crate::config::PluginConfig;
 use crate::error::Failure;
 use crate::exchange::{self, assertion_id};
 use crate::identity::{self, attributes};
@@ -20,6 +28,11 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+/// How long waiters keep a failed exchange's answer before the next request retries.
+pub const FAILURE_BACKOFF_MS: u64 = 1_000;
+/// Extra time on top of the callout timeout before a lock is presumed abandoned.
+const LOCK_GRACE_MS: u64 = 2_000;
+
 /// Everything the flow needs from the host. The proxy-wasm layer implements it over
 /// Envoy; tests implement it in memory.
 pub trait Host {
@@ -27,19 +40,49 @@ pub trait Host {
     fn now_ns(&self) -> u64;
     /// Fills `buf` with cryptographically secure random bytes; false if unavailable.
     fn fill_random(&self, buf: &mut [u8]) -> bool;
-    fn shared_get(&self, key: &str) -> Option<Vec<u8>>;
-    fn shared_set(&self, key: &str, value: &[u8]);
+    /// A shared-data value with its compare-and-swap version.
+    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)>;
+    /// Writes a shared-data value; with `cas`, only if the version is still `cas`.
+    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool;
     /// Starts the callout; returns its token, or `None` if the host refused it.
     fn dispatch(&self, request: &TokenRequest) -> Option<u32>;
     /// Asks for [`Worker::on_wake`] to be called soon from a worker-level callback;
     /// false if the host cannot.
     fn wake(&self) -> bool;
+    /// Delivers `notice` to [`Worker::on_notice`] on every worker (this one too).
+    fn notify_all(&self, notice: &Notice);
     /// Adds `authorization` to the paused request and resumes it; false if it is gone.
     fn resume(&self, request_id: u32, authorization: &str) -> bool;
     /// Answers the paused request locally with `failure`; false if it is gone.
     fn fail(&self, request_id: u32, failure: &Failure) -> bool;
     fn log(&self, level: Level, message: &str);
     fn count(&self, metric: Metric, amount: u64);
+}
+
+/// "The exchange for this slot has ended": sent by the worker that exchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Notice {
+    pub slot: u64,
+    /// When the result was stored (host ns), to measure how fast waiters wake.
+    pub stored_at_ns: u64,
+}
+
+impl Notice {
+    pub fn encode(&self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out[..8].copy_from_slice(&self.slot.to_be_bytes());
+        out[8..].copy_from_slice(&self.stored_at_ns.to_be_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Notice> {
+        let bytes: &[u8; 16] = bytes.try_into().ok()?;
+        let (slot, at) = bytes.split_at(8);
+        Some(Notice {
+            slot: u64::from_be_bytes(slot.try_into().ok()?),
+            stored_at_ns: u64::from_be_bytes(at.try_into().ok()?),
+        })
+    }
 }
 
 /// Log levels the flow uses.
@@ -61,6 +104,12 @@ pub enum Metric {
     ExchangeFailed,
     /// Microseconds spent building and signing one assertion.
     SigningMicros,
+    /// Microseconds from a result being stored to a waiting worker picking it up.
+    WakeMicros,
+    /// A request that waited for another worker's exchange.
+    JoinedRemote,
+    /// A token refreshed ahead of its reuse limit.
+    Refresh,
 }
 
 /// What to do with a request right now.
@@ -74,60 +123,65 @@ pub enum Decision {
     Fail(Failure),
 }
 
-/// An exchange this worker owes its waiting requests.
+/// Where an exchange this worker waits for stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Waits for [`Worker::on_wake`] to take the lock and dispatch.
+    Queued,
+    /// This worker holds the lock; the callout runs.
+    Dispatched,
+    /// Another worker holds the lock until `deadline_ms`.
+    Elsewhere { deadline_ms: u64 },
+}
+
+/// An exchange this worker owes its waiting requests (none for a background refresh).
 struct Pending {
+    key: CacheKey,
     config: Rc<PluginConfig>,
     destination: usize,
     user_id: String,
     attributes: Vec<Attribute>,
     waiters: Vec<u32>,
+    stage: Stage,
 }
 
-/// Per-worker state: the configuration and the exchanges in flight.
+/// Per-worker state: the exchanges this worker waits for, by cache key id.
+#[derive(Default)]
 pub struct Worker {
-    config: Rc<PluginConfig>,
-    pending: HashMap<String, Pending>,
-    /// Cache keys whose exchange waits for [`Worker::on_wake`].
-    queued: Vec<String>,
-    /// Callout token → cache key.
-    callouts: HashMap<u32, String>,
+    pending: HashMap<[u8; cache::ID_LEN], Pending>,
+    /// Callout token → cache key id.
+    callouts: HashMap<u32, [u8; cache::ID_LEN]>,
 }
 
 impl Worker {
-    pub fn new(config: Rc<PluginConfig>) -> Self {
-        Worker {
-            config,
-            pending: HashMap::new(),
-            queued: Vec::new(),
-            callouts: HashMap::new(),
-        }
+    pub fn new() -> Self {
+        Worker::default()
     }
 
-    pub fn config(&self) -> &Rc<PluginConfig> {
-        &self.config
-    }
-
-    /// Uses `config` for new requests; exchanges in flight finish under the one they
-    /// started with.
-    pub fn reconfigure(&mut self, config: Rc<PluginConfig>) {
-        self.config = config;
-    }
-
-    /// Number of exchanges started or queued and not yet answered.
+    /// Number of exchanges queued, running or awaited and not yet settled.
     pub fn in_flight(&self) -> usize {
         self.pending.len()
     }
 
-    /// Decides a request for destination index `destination` with the verified
+    /// True when some exchange waits on another worker (the host should call
+    /// [`Worker::on_tick`] now and then).
+    pub fn waits_elsewhere(&self) -> bool {
+        self.pending
+            .values()
+            .any(|p| matches!(p.stage, Stage::Elsewhere { .. }))
+    }
+
+    /// Decides a request for `config.destinations[destination]` with the verified
     /// `claims` (`None`: no authenticated user).
     pub fn on_request(
         &mut self,
         host: &dyn Host,
+        config: &Rc<PluginConfig>,
         request_id: u32,
         destination: usize,
         claims: Option<&Value>,
     ) -> Decision {
-        let Some(dest) = self.config.destinations.get(destination) else {
+        let Some(dest) = config.destinations.get(destination) else {
             return Decision::Fail(Failure::Internal {
                 reason: "unknown destination",
             });
@@ -142,52 +196,76 @@ impl Worker {
         if !is_xml_text(&user_id) {
             return Decision::Fail(Failure::UserIdNotXml);
         }
-        let key = cache::cache_key(&dest.cache_namespace, &user_id);
-        let now_ms = host.now_ns() / 1_000_000;
-        match host
-            .shared_get(&key)
-            .and_then(|b| Entry::decode(&b))
-            .and_then(|e| e.live_at(now_ms))
-        {
-            Some(Entry::Token { access_token, .. }) => {
+        let key = CacheKey::new(&dest.cache_namespace, &user_id, config.cache_slots);
+        let now_ms = now_ms(host);
+        match read_entry(host, &key).and_then(|e| e.live_at(now_ms)) {
+            Some(Entry::Token {
+                access_token,
+                times,
+            }) => {
                 host.count(Metric::CacheHit, 1);
+                if now_ms >= times.refresh_at_ms && !self.pending.contains_key(&key.id) {
+                    // Refresh in the background; this request goes on with the current token.
+                    let attributes = attributes_of(claims, dest);
+                    self.queue(host, key, config, destination, user_id, attributes, None);
+                    host.count(Metric::Refresh, 1);
+                }
                 return Decision::Forward(bearer(&access_token));
             }
-            Some(Entry::Rejected { code, .. }) => {
-                return Decision::Fail(Failure::Rejected { code })
-            }
+            Some(entry) => return Decision::Fail(failure_of(entry)),
             None => host.count(Metric::CacheMiss, 1),
         }
-        if let Some(pending) = self.pending.get_mut(&key) {
+        if let Some(pending) = self.pending.get_mut(&key.id) {
             pending.waiters.push(request_id);
             return Decision::Wait;
         }
-        let attributes = attributes::from_claims(
-            claims,
-            dest.skip_user_attributes_prefix,
-            dest.skip_user_uuid,
-        )
-        .into_iter()
-        .filter(|a| is_xml_text(&a.name) && a.values.iter().all(|v| is_xml_text(v)))
-        .collect();
+        let attributes = attributes_of(claims, dest);
+        if self.queue(
+            host,
+            key,
+            config,
+            destination,
+            user_id,
+            attributes,
+            Some(request_id),
+        ) {
+            Decision::Wait
+        } else {
+            Decision::Fail(Failure::Internal {
+                reason: "cannot schedule the token exchange",
+            })
+        }
+    }
+
+    /// Queues an exchange and asks for a worker-level callback; false if the host cannot.
+    #[allow(clippy::too_many_arguments)]
+    fn queue(
+        &mut self,
+        host: &dyn Host,
+        key: CacheKey,
+        config: &Rc<PluginConfig>,
+        destination: usize,
+        user_id: String,
+        attributes: Vec<Attribute>,
+        waiter: Option<u32>,
+    ) -> bool {
+        let first_queued = !self.pending.values().any(|p| p.stage == Stage::Queued);
+        if first_queued && !host.wake() {
+            return false;
+        }
         self.pending.insert(
-            key.clone(),
+            key.id,
             Pending {
-                config: Rc::clone(&self.config),
+                key,
+                config: Rc::clone(config),
                 destination,
                 user_id,
                 attributes,
-                waiters: vec![request_id],
+                waiters: waiter.into_iter().collect(),
+                stage: Stage::Queued,
             },
         );
-        if self.queued.is_empty() && !host.wake() {
-            self.pending.remove(&key);
-            return Decision::Fail(Failure::Internal {
-                reason: "cannot schedule the token exchange",
-            });
-        }
-        self.queued.push(key);
-        Decision::Wait
+        true
     }
 
     /// A request went away (client closed, stream reset): it no longer waits.
@@ -197,20 +275,72 @@ impl Worker {
         }
     }
 
-    /// Starts every queued exchange: a fresh assertion ID, sign, dispatch.
+    /// Starts every queued exchange this worker can lock; waits for the others.
     pub fn on_wake(&mut self, host: &dyn Host) {
-        for key in std::mem::take(&mut self.queued) {
-            match self.start_exchange(host, &key) {
+        let queued: Vec<[u8; cache::ID_LEN]> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.stage == Stage::Queued)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in queued {
+            self.advance(host, id);
+        }
+    }
+
+    /// Moves one queued or abandoned exchange on: settle from a stored result, take
+    /// the lock and dispatch, or wait for the worker holding it.
+    fn advance(&mut self, host: &dyn Host, id: [u8; cache::ID_LEN]) {
+        let Some(pending) = self.pending.get(&id) else {
+            return;
+        };
+        let key = pending.key;
+        let now_ms = now_ms(host);
+        let refreshing = pending.waiters.is_empty();
+        match read_entry(host, &key).and_then(|e| e.live_at(now_ms)) {
+            // Another worker refreshed already.
+            Some(Entry::Token {
+                access_token,
+                times,
+            }) if refreshing && now_ms < times.refresh_at_ms => {
+                self.settle(host, id, Ok(access_token));
+                return;
+            }
+            Some(entry) if !refreshing => {
+                self.settle(host, id, entry_outcome(entry));
+                return;
+            }
+            _ => {}
+        }
+        let timeout_ms = pending
+            .config
+            .destinations
+            .get(pending.destination)
+            .map_or(0, |d| d.token_service.timeout_ms);
+        match take_lock(host, &key, now_ms + timeout_ms + LOCK_GRACE_MS) {
+            Lock::Taken => match self.start_exchange(host, id) {
                 Ok(callout) => {
-                    self.callouts.insert(callout, key);
+                    self.callouts.insert(callout, id);
+                    if let Some(p) = self.pending.get_mut(&id) {
+                        p.stage = Stage::Dispatched;
+                    }
                 }
-                Err(failure) => self.settle(host, &key, Err(failure)),
+                Err(failure) => {
+                    release_lock(host, &key);
+                    self.settle(host, id, Err(failure));
+                }
+            },
+            Lock::HeldUntil(deadline_ms) => {
+                if let Some(p) = self.pending.get_mut(&id) {
+                    p.stage = Stage::Elsewhere { deadline_ms };
+                    host.count(Metric::JoinedRemote, p.waiters.len() as u64);
+                }
             }
         }
     }
 
-    fn start_exchange(&self, host: &dyn Host, key: &str) -> Result<u32, Failure> {
-        let pending = self.pending.get(key).ok_or(Failure::Internal {
+    fn start_exchange(&self, host: &dyn Host, id: [u8; cache::ID_LEN]) -> Result<u32, Failure> {
+        let pending = self.pending.get(&id).ok_or(Failure::Internal {
             reason: "lost exchange",
         })?;
         let config = &pending.config;
@@ -261,6 +391,8 @@ impl Worker {
     }
 
     /// The token service answered callout `callout` (`status` `None`: no response).
+    /// Stores the result for every worker, releases the lock, notifies all workers
+    /// and releases this worker's waiters.
     pub fn on_token_response(
         &mut self,
         host: &dyn Host,
@@ -268,73 +400,272 @@ impl Worker {
         status: Option<u16>,
         body: &[u8],
     ) {
-        let Some(key) = self.callouts.remove(&callout) else {
+        let Some(id) = self.callouts.remove(&callout) else {
             return;
         };
-        let outcome = token_response::parse(status, body);
-        self.settle(host, &key, outcome);
-    }
-
-    /// Caches the outcome of an exchange and releases every request waiting for it.
-    fn settle(
-        &mut self,
-        host: &dyn Host,
-        key: &str,
-        outcome: Result<token_response::IssuedToken, Failure>,
-    ) {
-        let Some(pending) = self.pending.remove(key) else {
+        let Some(pending) = self.pending.get(&id) else {
             return;
         };
-        let config = Rc::clone(&pending.config);
+        let (key, config) = (pending.key, Rc::clone(&pending.config));
         let dest_name = config
             .destinations
             .get(pending.destination)
-            .map_or("?", |d: &Destination| d.name.as_str());
-        let now_ms = host.now_ns() / 1_000_000;
-        match outcome {
+            .map_or("?", |d| d.name.as_str());
+        let now_ms = now_ms(host);
+        let outcome = token_response::parse(status, body);
+        let entry = match &outcome {
             Ok(token) => {
                 host.count(Metric::ExchangeOk, 1);
-                let reuse_until_ms =
-                    cache::reuse_until(now_ms, token.expires_in_s * 1000, config.token_margin_ms);
-                if reuse_until_ms > now_ms {
-                    let entry = Entry::Token {
-                        access_token: token.access_token.clone(),
-                        reuse_until_ms,
-                    };
-                    host.shared_set(key, &entry.encode());
-                }
-                let authorization = bearer(&token.access_token);
-                for id in pending.waiters {
-                    host.resume(id, &authorization);
-                }
+                let times = cache::token_times(
+                    now_ms,
+                    token.expires_in_s * 1000,
+                    config.token_margin_ms,
+                    key.jitter(),
+                );
+                (times.reuse_until_ms > now_ms).then(|| Entry::Token {
+                    access_token: token.access_token.clone(),
+                    times,
+                })
+            }
+            Err(Failure::Rejected { code }) => {
+                host.count(Metric::ExchangeRejected, 1);
+                host.log(
+                    Level::Warn,
+                    &format!(
+                        "destination {dest_name}: token service rejected the assertion for user {:?}: {code}",
+                        pending.user_id
+                    ),
+                );
+                (config.failure_hold_ms > 0).then(|| Entry::Rejected {
+                    code: code.clone(),
+                    until_ms: now_ms + config.failure_hold_ms,
+                })
             }
             Err(failure) => {
-                if let Failure::Rejected { code } = &failure {
-                    host.count(Metric::ExchangeRejected, 1);
-                    host.log(
-                        Level::Warn,
-                        &format!("destination {dest_name}: token service rejected the assertion for user {:?}: {code}", pending.user_id),
-                    );
-                    if config.failure_hold_ms > 0 {
-                        let entry = Entry::Rejected {
-                            code: code.clone(),
-                            until_ms: now_ms + config.failure_hold_ms,
-                        };
-                        host.shared_set(key, &entry.encode());
-                    }
-                } else {
-                    host.count(Metric::ExchangeFailed, 1);
-                    host.log(
-                        Level::Warn,
-                        &format!("destination {dest_name}: token exchange failed: {failure:?}"),
-                    );
+                host.count(Metric::ExchangeFailed, 1);
+                host.log(
+                    Level::Warn,
+                    &format!(
+                        "destination {dest_name}: token exchange failed: {}",
+                        failure.description()
+                    ),
+                );
+                Some(Entry::Failed {
+                    timeout: *failure == Failure::Timeout,
+                    until_ms: now_ms + FAILURE_BACKOFF_MS,
+                })
+            }
+        };
+        let current = read_entry(host, &key).and_then(|e| e.live_at(now_ms));
+        let stored = match (entry, current) {
+            // A failed refresh leaves the still-usable token in place and tries again
+            // after the backoff, not on every request.
+            (
+                Some(Entry::Rejected { .. } | Entry::Failed { .. }) | None,
+                Some(Entry::Token {
+                    access_token,
+                    mut times,
+                }),
+            ) => {
+                times.refresh_at_ms = (now_ms + FAILURE_BACKOFF_MS).min(times.reuse_until_ms);
+                Some(Entry::Token {
+                    access_token,
+                    times,
+                })
+            }
+            (entry, _) => entry,
+        };
+        if let Some(entry) = stored {
+            host.shared_set(&key.entry_key(), &entry.encode(&key), None);
+        }
+        release_lock(host, &key);
+        host.notify_all(&Notice {
+            slot: key.slot,
+            stored_at_ns: host.now_ns(),
+        });
+        self.settle(host, id, outcome.map(|token| token.access_token));
+    }
+
+    /// Another worker finished an exchange for `notice.slot`: settle what waited on it.
+    pub fn on_notice(&mut self, host: &dyn Host, notice: &Notice) {
+        let waiting: Vec<[u8; cache::ID_LEN]> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| {
+                p.key.slot == notice.slot && matches!(p.stage, Stage::Elsewhere { .. })
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        if !waiting.is_empty() {
+            host.count(
+                Metric::WakeMicros,
+                host.now_ns().saturating_sub(notice.stored_at_ns) / 1000,
+            );
+        }
+        for id in waiting {
+            self.pick_up(host, id);
+        }
+    }
+
+    /// Periodic check for exchanges awaited elsewhere: a result whose notice was lost,
+    /// or a lock whose holder vanished (its deadline passed).
+    pub fn on_tick(&mut self, host: &dyn Host) {
+        let now_ms = now_ms(host);
+        let waiting: Vec<([u8; cache::ID_LEN], u64)> = self
+            .pending
+            .iter()
+            .filter_map(|(id, p)| match p.stage {
+                Stage::Elsewhere { deadline_ms } => Some((*id, deadline_ms)),
+                _ => None,
+            })
+            .collect();
+        for (id, deadline_ms) in waiting {
+            if now_ms >= deadline_ms {
+                if let Some(p) = self.pending.get_mut(&id) {
+                    p.stage = Stage::Queued;
                 }
-                for id in pending.waiters {
-                    host.fail(id, &failure);
+                self.advance(host, id);
+            } else {
+                self.pick_up(host, id);
+            }
+        }
+    }
+
+    /// Settles an exchange awaited elsewhere from the stored result, or, when there is
+    /// none for it (the slot went to another user, the holder failed), tries again.
+    fn pick_up(&mut self, host: &dyn Host, id: [u8; cache::ID_LEN]) {
+        let Some(pending) = self.pending.get(&id) else {
+            return;
+        };
+        let key = pending.key;
+        let now_ms = now_ms(host);
+        match read_entry(host, &key).and_then(|e| e.live_at(now_ms)) {
+            // A background refresh ends when the exchange elsewhere ends, fresh token or not.
+            Some(Entry::Token { access_token, .. }) if pending.waiters.is_empty() => {
+                self.settle(host, id, Ok(access_token));
+            }
+            Some(entry) => self.settle(host, id, entry_outcome(entry)),
+            None => {
+                let lock_free = host
+                    .shared_get(&key.lock_key())
+                    .and_then(|(value, _)| cache::lock_deadline(&value))
+                    .is_none_or(|deadline| deadline <= now_ms);
+                if lock_free {
+                    if let Some(p) = self.pending.get_mut(&id) {
+                        p.stage = Stage::Queued;
+                    }
+                    self.advance(host, id);
                 }
             }
         }
     }
+
+    /// Releases this worker's requests waiting for exchange `id`.
+    fn settle(
+        &mut self,
+        host: &dyn Host,
+        id: [u8; cache::ID_LEN],
+        outcome: Result<String, Failure>,
+    ) {
+        let Some(pending) = self.pending.remove(&id) else {
+            return;
+        };
+        match outcome {
+            Ok(access_token) => {
+                let authorization = bearer(&access_token);
+                for request in pending.waiters {
+                    host.resume(request, &authorization);
+                }
+            }
+            Err(failure) => {
+                for request in pending.waiters {
+                    host.fail(request, &failure);
+                }
+            }
+        }
+    }
+}
+
+/// Outcome of taking an exchange lock.
+enum Lock {
+    Taken,
+    HeldUntil(u64),
+}
+
+/// Takes the slot's exchange lock with compare-and-swap. A key that does not exist
+/// yet cannot be CAS-guarded, so it is created empty first.
+fn take_lock(host: &dyn Host, key: &CacheKey, deadline_ms: u64) -> Lock {
+    let lock_key = key.lock_key();
+    let now_ms = now_ms(host);
+    let current = match host.shared_get(&lock_key) {
+        Some(current) => current,
+        None => {
+            host.shared_set(&lock_key, &cache::FREE_LOCK, None);
+            match host.shared_get(&lock_key) {
+                Some(current) => current,
+                None => return Lock::HeldUntil(deadline_ms),
+            }
+        }
+    };
+    let (value, cas) = current;
+    if let Some(held_until) = cache::lock_deadline(&value).filter(|&d| d > now_ms) {
+        return Lock::HeldUntil(held_until);
+    }
+    if host.shared_set(&lock_key, &cache::encode_lock(key, deadline_ms), Some(cas)) {
+        Lock::Taken
+    } else {
+        let held_until = host
+            .shared_get(&lock_key)
+            .and_then(|(value, _)| cache::lock_deadline(&value))
+            .unwrap_or(deadline_ms);
+        Lock::HeldUntil(held_until)
+    }
+}
+
+fn release_lock(host: &dyn Host, key: &CacheKey) {
+    host.shared_set(&key.lock_key(), &cache::FREE_LOCK, None);
+}
+
+fn read_entry(host: &dyn Host, key: &CacheKey) -> Option<Entry> {
+    host.shared_get(&key.entry_key())
+        .and_then(|(bytes, _)| Entry::decode(&bytes, key))
+}
+
+/// What waiters get from a stored entry.
+fn entry_outcome(entry: Entry) -> Result<String, Failure> {
+    match entry {
+        Entry::Token { access_token, .. } => Ok(access_token),
+        other => Err(failure_of(other)),
+    }
+}
+
+fn failure_of(entry: Entry) -> Failure {
+    match entry {
+        Entry::Rejected { code, .. } => Failure::Rejected { code },
+        Entry::Failed { timeout: true, .. } => Failure::Timeout,
+        Entry::Failed { timeout: false, .. } => Failure::Unavailable {
+            reason: "the last exchange failed moments ago; retrying shortly",
+        },
+        Entry::Token { .. } => Failure::Internal {
+            reason: "unexpected token entry",
+        },
+    }
+}
+
+/// SAML attributes for the assertion; values XML cannot carry are left out.
+fn attributes_of(claims: &Value, dest: &crate::config::Destination) -> Vec<Attribute> {
+    attributes::from_claims(
+        claims,
+        dest.skip_user_attributes_prefix,
+        dest.skip_user_uuid,
+    )
+    .into_iter()
+    .filter(|a| is_xml_text(&a.name) && a.values.iter().all(|v| is_xml_text(v)))
+    .collect()
+}
+
+fn now_ms(host: &dyn Host) -> u64 {
+    host.now_ns() / 1_000_000
 }
 
 fn bearer(access_token: &str) -> String {

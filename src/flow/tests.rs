@@ -3,13 +3,15 @@ use crate::testing::{config_json, destination_json, parse};
 use serde_json::json;
 use std::cell::{Cell, RefCell};
 
-/// An in-memory host that records what the flow asks of it.
+/// An in-memory host that records what the flow asks of it. Several workers may share
+/// one (shared data is per VM set, as in Envoy); notices are delivered by the test.
 #[derive(Default)]
 struct FakeHost {
     now_ns: Cell<u64>,
-    shared: RefCell<HashMap<String, Vec<u8>>>,
+    shared: RefCell<HashMap<String, (Vec<u8>, u32)>>,
     dispatched: RefCell<Vec<TokenRequest>>,
     wakes: Cell<u32>,
+    notices: RefCell<Vec<Notice>>,
     resumed: RefCell<Vec<(u32, String)>>,
     failed: RefCell<Vec<(u32, Failure)>>,
     gone: RefCell<Vec<u32>>,
@@ -28,11 +30,18 @@ impl Host for FakeHost {
         buf.fill(self.counter.get());
         true
     }
-    fn shared_get(&self, key: &str) -> Option<Vec<u8>> {
+    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
         self.shared.borrow().get(key).cloned()
     }
-    fn shared_set(&self, key: &str, value: &[u8]) {
-        self.shared.borrow_mut().insert(key.into(), value.to_vec());
+    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+        let mut shared = self.shared.borrow_mut();
+        let version = shared.get(key).map_or(0, |(_, v)| *v);
+        // As in Envoy: the CAS is checked only when the key exists.
+        if cas.is_some_and(|c| shared.contains_key(key) && c != version) {
+            return false;
+        }
+        shared.insert(key.into(), (value.to_vec(), version + 1));
+        true
     }
     fn dispatch(&self, request: &TokenRequest) -> Option<u32> {
         if self.refuse_dispatch.get() {
@@ -44,6 +53,9 @@ impl Host for FakeHost {
     fn wake(&self) -> bool {
         self.wakes.set(self.wakes.get() + 1);
         !self.refuse_wake.get()
+    }
+    fn notify_all(&self, notice: &Notice) {
+        self.notices.borrow_mut().push(*notice);
     }
     fn resume(&self, id: u32, authorization: &str) -> bool {
         if self.gone.borrow().contains(&id) {
@@ -63,12 +75,11 @@ impl Host for FakeHost {
 }
 
 const T0: u64 = 1_795_323_921_000_000_000;
+const SECOND: u64 = 1_000_000_000;
 const OK: &[u8] = br#"{"access_token":"tok-1","token_type":"bearer","expires_in":3600}"#;
 
-fn worker() -> Worker {
-    Worker::new(Rc::new(
-        parse(&config_json(vec![destination_json("d")])).unwrap(),
-    ))
+fn config() -> Rc<PluginConfig> {
+    Rc::new(parse(&config_json(vec![destination_json("d")])).unwrap())
 }
 
 fn host() -> FakeHost {
@@ -81,15 +92,45 @@ fn alice() -> Value {
     json!({"user_name": "alice", "email": "alice@example.com"})
 }
 
+fn bob() -> Value {
+    json!({"user_name": "bob"})
+}
+
 fn form_of(request: &TokenRequest) -> HashMap<String, String> {
     form_urlencoded::parse(&request.body).into_owned().collect()
 }
 
+/// The callout token of the exchange whose assertion names `user`.
+fn callout_for(h: &FakeHost, user: &str) -> u32 {
+    use base64::Engine;
+    let position = h
+        .dispatched
+        .borrow()
+        .iter()
+        .position(|r| {
+            let xml = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(&form_of(r)["assertion"])
+                .unwrap();
+            String::from_utf8(xml)
+                .unwrap()
+                .contains(&format!(">{user}<"))
+        })
+        .unwrap();
+    101 + position as u32
+}
+
+/// Delivers the notices sent so far to `worker`.
+fn deliver(h: &FakeHost, worker: &mut Worker) {
+    for notice in h.notices.borrow().clone() {
+        worker.on_notice(h, &notice);
+    }
+}
+
 #[test]
 fn concurrent_requests_of_one_user_share_one_exchange() {
-    let (mut w, h) = (worker(), host());
+    let (mut w, h, c) = (Worker::new(), host(), config());
     for id in 1..=5 {
-        assert_eq!(w.on_request(&h, id, 0, Some(&alice())), Decision::Wait);
+        assert_eq!(w.on_request(&h, &c, id, 0, Some(&alice())), Decision::Wait);
     }
     assert_eq!(h.wakes.get(), 1);
     assert!(
@@ -106,34 +147,182 @@ fn concurrent_requests_of_one_user_share_one_exchange() {
 }
 
 #[test]
-fn cached_token_serves_until_the_margin_then_a_new_exchange_runs() {
-    let (mut w, h) = (worker(), host());
-    w.on_request(&h, 1, 0, Some(&alice()));
-    w.on_wake(&h);
-    w.on_token_response(&h, 101, Some(200), OK);
+fn workers_share_one_exchange_through_the_lock_and_the_notice() {
+    let (h, c) = (host(), config());
+    let (mut w1, mut w2) = (Worker::new(), Worker::new());
+    w1.on_request(&h, &c, 1, 0, Some(&alice()));
+    w2.on_request(&h, &c, 2, 0, Some(&alice()));
+    w2.on_request(&h, &c, 3, 0, Some(&alice()));
+    w1.on_wake(&h);
+    w2.on_wake(&h);
     assert_eq!(
-        w.on_request(&h, 2, 0, Some(&alice())),
-        Decision::Forward("Bearer tok-1".into())
+        h.dispatched.borrow().len(),
+        1,
+        "the second worker found the lock taken"
     );
-    // 3600 s lifetime, margin 360 s: still good at 3239 s, not at 3240 s.
-    h.now_ns.set(T0 + 3_239_000_000_000);
+    assert!(w2.waits_elsewhere());
+    w1.on_token_response(&h, 101, Some(200), OK);
+    assert_eq!(h.resumed.borrow().len(), 1);
+    deliver(&h, &mut w2);
+    assert_eq!(h.resumed.borrow().len(), 3);
+    assert!(h.resumed.borrow().iter().all(|(_, a)| a == "Bearer tok-1"));
+    assert_eq!((w1.in_flight(), w2.in_flight()), (0, 0));
+}
+
+#[test]
+fn a_failed_exchange_reaches_waiters_on_every_worker_and_is_retried_after_backoff() {
+    let (h, c) = (host(), config());
+    let (mut w1, mut w2) = (Worker::new(), Worker::new());
+    w1.on_request(&h, &c, 1, 0, Some(&alice()));
+    w2.on_request(&h, &c, 2, 0, Some(&alice()));
+    w1.on_wake(&h);
+    w2.on_wake(&h);
+    w1.on_token_response(&h, 101, Some(504), b"upstream request timeout");
+    deliver(&h, &mut w2);
     assert_eq!(
-        w.on_request(&h, 3, 0, Some(&alice())),
-        Decision::Forward("Bearer tok-1".into())
+        *h.failed.borrow(),
+        vec![(1, Failure::Timeout), (2, Failure::Timeout)]
     );
-    h.now_ns.set(T0 + 3_240_000_000_000);
-    assert_eq!(w.on_request(&h, 4, 0, Some(&alice())), Decision::Wait);
-    w.on_wake(&h);
+    // Within the backoff, answered without an exchange; after it, retried.
+    assert_eq!(
+        w2.on_request(&h, &c, 3, 0, Some(&alice())),
+        Decision::Fail(Failure::Timeout)
+    );
+    h.now_ns.set(T0 + FAILURE_BACKOFF_MS * 1_000_000);
+    assert_eq!(w2.on_request(&h, &c, 4, 0, Some(&alice())), Decision::Wait);
+    w2.on_wake(&h);
     assert_eq!(h.dispatched.borrow().len(), 2);
 }
 
 #[test]
+fn a_vanished_lock_holder_is_taken_over_after_its_deadline() {
+    let (h, c) = (host(), config());
+    let (mut w1, mut w2) = (Worker::new(), Worker::new());
+    w1.on_request(&h, &c, 1, 0, Some(&alice()));
+    w2.on_request(&h, &c, 2, 0, Some(&alice()));
+    w1.on_wake(&h);
+    w2.on_wake(&h);
+    drop(w1); // its callout never answers
+    w2.on_tick(&h);
+    assert_eq!(
+        h.dispatched.borrow().len(),
+        1,
+        "still within the holder's deadline"
+    );
+    h.now_ns.set(T0 + 13 * SECOND); // 10 s timeout + 2 s grace
+    w2.on_tick(&h);
+    assert_eq!(h.dispatched.borrow().len(), 2);
+    w2.on_token_response(&h, 102, Some(200), OK);
+    assert_eq!(*h.resumed.borrow(), vec![(2, "Bearer tok-1".to_string())]);
+}
+
+#[test]
+fn a_lost_notice_is_made_up_by_the_tick() {
+    let (h, c) = (host(), config());
+    let (mut w1, mut w2) = (Worker::new(), Worker::new());
+    w1.on_request(&h, &c, 1, 0, Some(&alice()));
+    w2.on_request(&h, &c, 2, 0, Some(&alice()));
+    w1.on_wake(&h);
+    w2.on_wake(&h);
+    w1.on_token_response(&h, 101, Some(200), OK);
+    w2.on_tick(&h);
+    assert_eq!(h.resumed.borrow().len(), 2);
+}
+
+#[test]
+fn cached_token_serves_until_the_margin_then_a_new_exchange_runs() {
+    let (mut w, h, c) = (Worker::new(), host(), config());
+    w.on_request(&h, &c, 1, 0, Some(&alice()));
+    w.on_wake(&h);
+    w.on_token_response(&h, 101, Some(200), OK);
+    assert_eq!(
+        w.on_request(&h, &c, 2, 0, Some(&alice())),
+        Decision::Forward("Bearer tok-1".into())
+    );
+    let key = CacheKey::new(&c.destinations[0].cache_namespace, "alice", c.cache_slots);
+    let times = cache::token_times(T0 / 1_000_000, 3_600_000, None, key.jitter());
+    h.now_ns.set(times.reuse_until_ms * 1_000_000 - 1);
+    assert_eq!(
+        w.on_request(&h, &c, 3, 0, Some(&alice())),
+        Decision::Forward("Bearer tok-1".into())
+    );
+    h.now_ns.set(times.reuse_until_ms * 1_000_000);
+    assert_eq!(w.on_request(&h, &c, 4, 0, Some(&alice())), Decision::Wait);
+}
+
+#[test]
+fn tokens_are_refreshed_ahead_in_the_background_without_making_anyone_wait() {
+    let (mut w, h, c) = (Worker::new(), host(), config());
+    w.on_request(&h, &c, 1, 0, Some(&alice()));
+    w.on_wake(&h);
+    w.on_token_response(&h, 101, Some(200), OK);
+    let key = CacheKey::new(&c.destinations[0].cache_namespace, "alice", c.cache_slots);
+    let times = cache::token_times(T0 / 1_000_000, 3_600_000, None, key.jitter());
+    h.now_ns.set(times.refresh_at_ms * 1_000_000);
+    assert_eq!(
+        w.on_request(&h, &c, 2, 0, Some(&alice())),
+        Decision::Forward("Bearer tok-1".into())
+    );
+    assert_eq!(
+        w.on_request(&h, &c, 3, 0, Some(&alice())),
+        Decision::Forward("Bearer tok-1".into())
+    );
+    w.on_wake(&h);
+    assert_eq!(
+        h.dispatched.borrow().len(),
+        2,
+        "one refresh, not one per request"
+    );
+    w.on_token_response(
+        &h,
+        102,
+        Some(200),
+        br#"{"access_token":"tok-2","token_type":"bearer","expires_in":3600}"#,
+    );
+    assert_eq!(
+        w.on_request(&h, &c, 4, 0, Some(&alice())),
+        Decision::Forward("Bearer tok-2".into())
+    );
+    assert_eq!(w.in_flight(), 0);
+}
+
+#[test]
+fn a_failed_refresh_keeps_the_token_and_backs_off() {
+    let (mut w, h, c) = (Worker::new(), host(), config());
+    w.on_request(&h, &c, 1, 0, Some(&alice()));
+    w.on_wake(&h);
+    w.on_token_response(&h, 101, Some(200), OK);
+    let key = CacheKey::new(&c.destinations[0].cache_namespace, "alice", c.cache_slots);
+    let times = cache::token_times(T0 / 1_000_000, 3_600_000, None, key.jitter());
+    h.now_ns.set(times.refresh_at_ms * 1_000_000);
+    w.on_request(&h, &c, 2, 0, Some(&alice()));
+    w.on_wake(&h);
+    w.on_token_response(&h, 102, Some(503), b"down");
+    assert_eq!(
+        w.on_request(&h, &c, 3, 0, Some(&alice())),
+        Decision::Forward("Bearer tok-1".into())
+    );
+    w.on_wake(&h);
+    assert_eq!(
+        h.dispatched.borrow().len(),
+        2,
+        "no new refresh within the backoff"
+    );
+    h.now_ns
+        .set(times.refresh_at_ms * 1_000_000 + FAILURE_BACKOFF_MS * 1_000_000);
+    w.on_request(&h, &c, 4, 0, Some(&alice()));
+    w.on_wake(&h);
+    assert_eq!(h.dispatched.borrow().len(), 3);
+}
+
+#[test]
 fn every_exchange_gets_a_fresh_assertion_id() {
-    let (mut w, h) = (worker(), host());
-    w.on_request(&h, 1, 0, Some(&alice()));
+    let (mut w, h, c) = (Worker::new(), host(), config());
+    w.on_request(&h, &c, 1, 0, Some(&alice()));
     w.on_wake(&h);
     w.on_token_response(&h, 101, Some(503), b"down");
-    w.on_request(&h, 2, 0, Some(&alice()));
+    h.now_ns.set(T0 + 2 * SECOND);
+    w.on_request(&h, &c, 2, 0, Some(&alice()));
     w.on_wake(&h);
     let ids: Vec<String> = h
         .dispatched
@@ -155,13 +344,14 @@ fn every_exchange_gets_a_fresh_assertion_id() {
 
 #[test]
 fn users_and_failures_are_kept_apart() {
-    let (mut w, h) = (worker(), host());
-    w.on_request(&h, 1, 0, Some(&alice()));
-    w.on_request(&h, 2, 0, Some(&json!({"user_name": "bob"})));
+    let (mut w, h, c) = (Worker::new(), host(), config());
+    w.on_request(&h, &c, 1, 0, Some(&alice()));
+    w.on_request(&h, &c, 2, 0, Some(&bob()));
     w.on_wake(&h);
     assert_eq!(h.dispatched.borrow().len(), 2);
-    w.on_token_response(&h, 102, Some(400), br#"{"error":"invalid_grant"}"#);
-    w.on_token_response(&h, 101, Some(200), OK);
+    let (bob_call, alice_call) = (callout_for(&h, "bob"), callout_for(&h, "alice"));
+    w.on_token_response(&h, bob_call, Some(400), br#"{"error":"invalid_grant"}"#);
+    w.on_token_response(&h, alice_call, Some(200), OK);
     assert_eq!(
         *h.failed.borrow(),
         vec![(
@@ -174,78 +364,104 @@ fn users_and_failures_are_kept_apart() {
     assert_eq!(*h.resumed.borrow(), vec![(1, "Bearer tok-1".to_string())]);
     // bob's rejection is held briefly and answered without a new exchange.
     assert_eq!(
-        w.on_request(&h, 3, 0, Some(&json!({"user_name": "bob"}))),
+        w.on_request(&h, &c, 3, 0, Some(&bob())),
         Decision::Fail(Failure::Rejected {
             code: "invalid_grant".into()
         })
     );
-    h.now_ns.set(T0 + 5_000_000_000);
-    assert_eq!(
-        w.on_request(&h, 4, 0, Some(&json!({"user_name": "bob"}))),
-        Decision::Wait
-    );
-    // The log names the user and the code, never the token.
+    h.now_ns.set(T0 + 5 * SECOND);
+    assert_eq!(w.on_request(&h, &c, 4, 0, Some(&bob())), Decision::Wait);
     assert!(h.logs.borrow().iter().all(|l| !l.contains("tok-1")));
 }
 
 #[test]
-fn unusable_users_are_refused_before_any_exchange() {
-    let (mut w, h) = (worker(), host());
+fn a_slot_taken_by_another_user_is_a_miss_not_their_token() {
+    let mut config = config_json(vec![destination_json("d")]);
+    config["tokenCacheSlots"] = json!(1);
+    let c = Rc::new(parse(&config).unwrap());
+    let (mut w, h) = (Worker::new(), host());
+    w.on_request(&h, &c, 1, 0, Some(&alice()));
+    w.on_wake(&h);
+    w.on_token_response(&h, 101, Some(200), OK);
+    assert_eq!(w.on_request(&h, &c, 2, 0, Some(&bob())), Decision::Wait);
+    w.on_wake(&h);
+    w.on_token_response(
+        &h,
+        102,
+        Some(200),
+        br#"{"access_token":"tok-bob","token_type":"bearer","expires_in":3600}"#,
+    );
     assert_eq!(
-        w.on_request(&h, 1, 0, None),
+        h.resumed.borrow().last().unwrap(),
+        &(2, "Bearer tok-bob".to_string())
+    );
+    assert_eq!(
+        h.shared
+            .borrow()
+            .keys()
+            .filter(|k| k.starts_with(cache::ENTRY_PREFIX))
+            .count(),
+        1
+    );
+    assert_eq!(
+        w.on_request(&h, &c, 3, 0, Some(&alice())),
+        Decision::Wait,
+        "evicted, never bob's token"
+    );
+}
+
+#[test]
+fn unusable_users_are_refused_before_any_exchange() {
+    let (mut w, h, c) = (Worker::new(), host(), config());
+    assert_eq!(
+        w.on_request(&h, &c, 1, 0, None),
         Decision::Fail(Failure::NotAuthenticated)
     );
     assert!(matches!(
-        w.on_request(&h, 2, 0, Some(&json!({"sub": "x"}))),
+        w.on_request(&h, &c, 2, 0, Some(&json!({"sub": "x"}))),
         Decision::Fail(Failure::UserId(_))
     ));
     assert_eq!(
-        w.on_request(&h, 3, 0, Some(&json!({"user_name": "a\u{1}"}))),
+        w.on_request(&h, &c, 3, 0, Some(&json!({"user_name": "a\u{1}"}))),
         Decision::Fail(Failure::UserIdNotXml)
     );
     assert_eq!(h.wakes.get(), 0);
 }
 
 #[test]
-fn transport_failures_reach_every_waiter_and_are_not_cached() {
-    let (mut w, h) = (worker(), host());
-    w.on_request(&h, 1, 0, Some(&alice()));
-    w.on_request(&h, 2, 0, Some(&alice()));
-    w.on_wake(&h);
-    w.on_token_response(&h, 101, None, b"");
-    assert_eq!(h.failed.borrow().len(), 2);
-    assert!(h.shared.borrow().is_empty());
+fn a_refused_callout_fails_its_waiters_and_frees_the_lock() {
+    let (mut w, h, c) = (Worker::new(), host(), config());
     h.refuse_dispatch.set(true);
-    w.on_request(&h, 3, 0, Some(&alice()));
+    w.on_request(&h, &c, 1, 0, Some(&alice()));
     w.on_wake(&h);
     assert!(matches!(
-        h.failed.borrow()[2],
-        (3, Failure::Unavailable { .. })
+        h.failed.borrow()[0],
+        (1, Failure::Unavailable { .. })
     ));
     assert_eq!(w.in_flight(), 0);
+    h.refuse_dispatch.set(false);
+    w.on_request(&h, &c, 2, 0, Some(&alice()));
+    w.on_wake(&h);
+    assert_eq!(h.dispatched.borrow().len(), 1, "the lock was released");
 }
 
 #[test]
 fn requests_that_went_away_are_skipped_and_the_rest_still_resume() {
-    let (mut w, h) = (worker(), host());
+    let (mut w, h, c) = (Worker::new(), host(), config());
     for id in 1..=3 {
-        w.on_request(&h, id, 0, Some(&alice()));
+        w.on_request(&h, &c, id, 0, Some(&alice()));
     }
     w.forget_request(1);
     h.gone.borrow_mut().push(2);
     w.on_wake(&h);
     w.on_token_response(&h, 101, Some(200), OK);
     assert_eq!(*h.resumed.borrow(), vec![(3, "Bearer tok-1".to_string())]);
-    assert!(
-        h.shared.borrow().values().next().is_some(),
-        "token cached for later requests"
-    );
 }
 
 #[test]
 fn short_lived_tokens_serve_their_waiters_but_are_not_cached() {
-    let (mut w, h) = (worker(), host());
-    w.on_request(&h, 1, 0, Some(&alice()));
+    let (mut w, h, c) = (Worker::new(), host(), config());
+    w.on_request(&h, &c, 1, 0, Some(&alice()));
     w.on_wake(&h);
     w.on_token_response(
         &h,
@@ -254,19 +470,19 @@ fn short_lived_tokens_serve_their_waiters_but_are_not_cached() {
         br#"{"access_token":"t","token_type":"bearer","expires_in":20}"#,
     );
     assert_eq!(*h.resumed.borrow(), vec![(1, "Bearer t".to_string())]);
-    assert!(h.shared.borrow().is_empty());
+    assert_eq!(w.on_request(&h, &c, 2, 0, Some(&alice())), Decision::Wait);
 }
 
 #[test]
 fn a_host_that_cannot_schedule_the_exchange_fails_the_request_closed() {
-    let (mut w, h) = (worker(), host());
+    let (mut w, h, c) = (Worker::new(), host(), config());
     h.refuse_wake.set(true);
     assert!(matches!(
-        w.on_request(&h, 1, 0, Some(&alice())),
+        w.on_request(&h, &c, 1, 0, Some(&alice())),
         Decision::Fail(Failure::Internal { .. })
     ));
     assert_eq!(w.in_flight(), 0);
     h.refuse_wake.set(false);
-    assert_eq!(w.on_request(&h, 2, 0, Some(&alice())), Decision::Wait);
+    assert_eq!(w.on_request(&h, &c, 2, 0, Some(&alice())), Decision::Wait);
     assert_eq!(w.in_flight(), 1);
 }
