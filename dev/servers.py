@@ -619,6 +619,7 @@ class App:
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 512  # listen backlog: tests open hundreds of connections at once
 
 
 def parse_args(argv):

@@ -19,6 +19,10 @@ pub const ENTRY_PREFIX: &str = "principal-propagation/token/";
 pub const LOCK_PREFIX: &str = "principal-propagation/lock/";
 /// Smallest default reuse margin before expiry.
 pub const MIN_MARGIN_MS: u64 = 30_000;
+/// Number of exchange locks. Locks are created up front (see [`lock_key`]): a key that
+/// does not exist yet cannot be guarded by compare-and-swap, so creating one while
+/// exchanges run could let two workers take it.
+pub const LOCK_STRIPES: u64 = 4096;
 /// Length of the identity hash stored in entries.
 pub const ID_LEN: usize = 20;
 
@@ -54,9 +58,14 @@ impl CacheKey {
         format!("{ENTRY_PREFIX}{}", self.slot)
     }
 
-    /// Shared-data key of the slot's exchange lock.
+    /// The exchange lock guarding this key's slot (one lock serves many slots).
+    pub fn lock_stripe(&self) -> u64 {
+        self.slot % LOCK_STRIPES
+    }
+
+    /// Shared-data key of the exchange lock.
     pub fn lock_key(&self) -> String {
-        format!("{LOCK_PREFIX}{}", self.slot)
+        lock_key(self.lock_stripe())
     }
 
     /// A number in [0, 1) fixed for this key: spreads expiry across users.
@@ -207,6 +216,11 @@ impl Entry {
         };
         (now_ms < until).then_some(self)
     }
+}
+
+/// Shared-data key of lock `stripe`.
+pub fn lock_key(stripe: u64) -> String {
+    format!("{LOCK_PREFIX}{stripe}")
 }
 
 /// An exchange lock: who holds a slot's exchange and until when (after that deadline

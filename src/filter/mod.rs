@@ -132,6 +132,7 @@ impl RootContext for PluginRoot {
             ),
         );
         let host = self.host();
+        crate::flow::create_locks(&host);
         host.check_certificates(&config);
         self.certificates_checked_ms = host.now_ns() / 1_000_000;
         self.set_tick_period(TICK_PERIOD);

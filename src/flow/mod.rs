@@ -59,10 +59,10 @@ pub trait Host {
     fn count(&self, metric: Metric, amount: u64);
 }
 
-/// "The exchange for this slot has ended": sent by the worker that exchanged.
+/// "An exchange under this lock has ended": sent by the worker that exchanged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Notice {
-    pub slot: u64,
+    pub lock_stripe: u64,
     /// When the result was stored (host ns), to measure how fast waiters wake.
     pub stored_at_ns: u64,
 }
@@ -70,16 +70,16 @@ pub struct Notice {
 impl Notice {
     pub fn encode(&self) -> [u8; 16] {
         let mut out = [0u8; 16];
-        out[..8].copy_from_slice(&self.slot.to_be_bytes());
+        out[..8].copy_from_slice(&self.lock_stripe.to_be_bytes());
         out[8..].copy_from_slice(&self.stored_at_ns.to_be_bytes());
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Option<Notice> {
         let bytes: &[u8; 16] = bytes.try_into().ok()?;
-        let (slot, at) = bytes.split_at(8);
+        let (stripe, at) = bytes.split_at(8);
         Some(Notice {
-            slot: u64::from_be_bytes(slot.try_into().ok()?),
+            lock_stripe: u64::from_be_bytes(stripe.try_into().ok()?),
             stored_at_ns: u64::from_be_bytes(at.try_into().ok()?),
         })
     }
@@ -480,19 +480,21 @@ impl Worker {
         }
         release_lock(host, &key);
         host.notify_all(&Notice {
-            slot: key.slot,
+            lock_stripe: key.lock_stripe(),
             stored_at_ns: host.now_ns(),
         });
         self.settle(host, id, outcome.map(|token| token.access_token));
     }
 
-    /// Another worker finished an exchange for `notice.slot`: settle what waited on it.
+    /// A worker finished an exchange under `notice.lock_stripe`: settle what waited on
+    /// that lock (or try again, if the exchange was another user's).
     pub fn on_notice(&mut self, host: &dyn Host, notice: &Notice) {
         let waiting: Vec<[u8; cache::ID_LEN]> = self
             .pending
             .iter()
             .filter(|(_, p)| {
-                p.key.slot == notice.slot && matches!(p.stage, Stage::Elsewhere { .. })
+                p.key.lock_stripe() == notice.lock_stripe
+                    && matches!(p.stage, Stage::Elsewhere { .. })
             })
             .map(|(id, _)| *id)
             .collect();
@@ -592,8 +594,19 @@ enum Lock {
     HeldUntil(u64),
 }
 
-/// Takes the slot's exchange lock with compare-and-swap. A key that does not exist
-/// yet cannot be CAS-guarded, so it is created empty first.
+/// Creates every exchange lock that does not exist yet. Called when the plugin is
+/// configured, before it serves requests (see [`cache::LOCK_STRIPES`]).
+pub fn create_locks(host: &dyn Host) {
+    for stripe in 0..cache::LOCK_STRIPES {
+        let key = cache::lock_key(stripe);
+        if host.shared_get(&key).is_none() {
+            host.shared_set(&key, &cache::FREE_LOCK, None);
+        }
+    }
+}
+
+/// Takes an exchange lock with compare-and-swap. Locks are created up front by
+/// [`create_locks`]; one still missing is created here as a fallback.
 fn take_lock(host: &dyn Host, key: &CacheKey, deadline_ms: u64) -> Lock {
     let lock_key = key.lock_key();
     let now_ms = now_ms(host);

@@ -375,6 +375,17 @@ fn users_and_failures_are_kept_apart() {
 }
 
 #[test]
+fn locks_are_created_up_front_and_never_overwritten() {
+    let h = host();
+    create_locks(&h);
+    assert_eq!(h.shared.borrow().len(), cache::LOCK_STRIPES as usize);
+    let key = cache::lock_key(7);
+    h.shared_set(&key, &[1; 28], None);
+    create_locks(&h);
+    assert_eq!(h.shared.borrow()[&key].0, vec![1; 28]);
+}
+
+#[test]
 fn a_slot_taken_by_another_user_is_a_miss_not_their_token() {
     let mut config = config_json(vec![destination_json("d")]);
     config["tokenCacheSlots"] = json!(1);

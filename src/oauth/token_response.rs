@@ -45,8 +45,11 @@ pub fn parse(status: Option<u16>, body: &[u8]) -> Result<IssuedToken, Failure> {
             |code| Failure::Rejected { code },
         )),
         504 => Err(Failure::Timeout),
+        500..=599 => Err(Failure::Unavailable {
+            reason: "unreachable or failing (HTTP 5xx)",
+        }),
         _ => Err(Failure::Unavailable {
-            reason: "unexpected status",
+            reason: "unexpected HTTP status",
         }),
     }
 }
