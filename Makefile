@@ -12,7 +12,7 @@ WASM_BINDGEN_VERSION := $(shell awk '/^name = "wasm-bindgen"$$/ {getline; gsub(/
 CARGO_BIN   := $(HOME)/.cargo/bin
 export PATH := $(CARGO_BIN):$(PATH)
 
-.PHONY: help setup build keys renew regenerate rotate run test test-unit test-wasm test-e2e lint clean
+.PHONY: help setup build keys renew regenerate rotate run test test-unit test-wasm test-e2e lint bench clean
 
 help:
 	@echo "make run    - build, install what is missing, start the demo on 127.0.0.1 (Ctrl-C stops)"
@@ -22,6 +22,7 @@ help:
 	@echo "make renew SLOT=a|b|second       - new certificate (2 years) for the same key"
 	@echo "make regenerate SLOT=a|b|second  - new key and certificate"
 	@echo "make rotate - swap active and passive key of the running demo, without a restart"
+	@echo "make bench  - measure against peers side by side in one Envoy, write BENCHMARKS.md"
 
 ## Installation (idempotent) ---------------------------------------------------------
 
@@ -101,6 +102,21 @@ test-wasm: .make/rust-targets .make/wasm-bindgen-$(WASM_BINDGEN_VERSION)
 
 test-e2e: setup build keys
 	$(PY) -m pytest -q tests/dev tests/e2e
+
+## Benchmarks (not tests: no timing is asserted anywhere in `make test`) ------------
+
+MINIMAL_WASM := target/wasm32-wasip1/release/examples/minimal_filter.wasm
+
+.make/wrk:
+	@mkdir -p .make
+	@command -v wrk >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wrk >/dev/null; }
+	@touch $@
+
+bench: setup build keys .make/wrk
+	cargo build --release --target wasm32-wasip1 --example minimal_filter
+	$(PY) bench/bench.py
 
 clean:
 	cargo clean

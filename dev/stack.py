@@ -256,6 +256,9 @@ def envoy_config(ports: Ports, profile: str, config_override: dict | None = None
     routes = []
     if profile == "test":
         routes += [route(f"/t/{d['Name']}/", d["Name"]) for d in test_destinations(ports)]
+        # The default destination in front of a direct response: measures the gateway alone.
+        routes.append({"match": {"prefix": "/direct"},
+                       "direct_response": {"status": 200, "body": {"inline_string": "ok"}}})
     routes.append(route("/"))  # the default destination
     plugin = config_override if config_override is not None else plugin_config(ports, profile)
     if plugin_file is None:
@@ -369,12 +372,14 @@ class Stack:
 
     def __init__(self, profile: str = "demo", ports: Ports = Ports(), envoy_log_level: str = "info",
                  config_override: dict | None = None, plugin_log_level: str = "info", name: str | None = None,
-                 extra_trusted: tuple[Path, ...] = (), extra_env: dict[str, str] | None = None):
+                 extra_trusted: tuple[Path, ...] = (), extra_env: dict[str, str] | None = None,
+                 bootstrap: dict | None = None, concurrency: int = 2):
         """`name` (default: the profile) names the run directory; `extra_trusted` are
         further certificates the token server trusts; `extra_env` reaches Envoy."""
         self.profile, self.ports = profile, ports
         self.run_dir = ROOT / ".run" / (name or profile)
         self.extra_trusted, self.extra_env = extra_trusted, extra_env or {}
+        self.bootstrap, self.concurrency = bootstrap, concurrency  # a whole Envoy config instead
         self.envoy_log_level = envoy_log_level
         self.plugin_log_level = plugin_log_level
         self.config_override = config_override
@@ -415,11 +420,11 @@ class Stack:
         if self.config_override is None:
             (self.run_dir / "ecds").mkdir(exist_ok=True)
             self.plugin_file = self.run_dir / "ecds" / "plugin.json"
-        config = envoy_config(p, self.profile, self.config_override, self.plugin_file)
+        config = self.bootstrap or envoy_config(p, self.profile, self.config_override, self.plugin_file)
         config_path.write_text(json.dumps(config, indent=2))
         env = dict(os.environ, **key_environment(), **self.extra_env)
         self.envoy = subprocess.Popen(
-            [str(VENV_BIN / "envoy"), "-c", str(config_path), "--concurrency", "2",
+            [str(VENV_BIN / "envoy"), "-c", str(config_path), "--concurrency", str(self.concurrency),
              "--log-level", self.envoy_log_level, "--component-log-level", f"wasm:{self.plugin_log_level}",
              "--base-id", str(p.listener),
              "--disable-hot-restart", "--log-path", str(self.envoy_log), "--file-flush-interval-msec", "100"],
