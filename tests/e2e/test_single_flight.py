@@ -65,3 +65,21 @@ def test_a_transport_failure_is_retried_after_the_backoff(client):
     assert status == 504
     time.sleep(1.0)
     assert sent() == 2
+
+
+def test_short_lived_tokens_are_refreshed_ahead_without_an_exchange_per_request(client):
+    # expires_in=33 s with the 30 s margin: each token is reused for at most 3 s and
+    # refreshed in the background from half-way.
+    refresh = "wasmcustom.principal_propagation.refresh_ahead"
+    before = int(counters(client).get(refresh, "0"))
+    jwt = client.jwt("refresher")
+    statuses = []
+    deadline = time.monotonic() + 6.0
+    while time.monotonic() < deadline:
+        status, _, body = client.gateway("/t/short/x", jwt)
+        statuses.append((status, body["user"]))
+        time.sleep(0.1)
+    assert set(statuses) == {(200, "refresher")}
+    exchanges = client.exchanges("refresher")
+    assert 2 <= exchanges <= 8, f"{exchanges} exchanges for {len(statuses)} requests"
+    assert int(counters(client)[refresh]) > before
