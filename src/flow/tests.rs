@@ -119,6 +119,19 @@ fn callout_for(h: &FakeHost, user: &str) -> u32 {
     101 + position as u32
 }
 
+/// Alice's first request: queued, dispatched and answered with [`OK`] (callout 101).
+fn first_exchange_for_alice(w: &mut Worker, h: &FakeHost, c: &Rc<PluginConfig>) {
+    assert_eq!(w.on_request(h, c, 1, 0, Some(&alice())), Decision::Wait);
+    w.on_wake(h);
+    w.on_token_response(h, 101, Some(200), OK);
+}
+
+/// Reuse and refresh times of the token [`first_exchange_for_alice`] cached.
+fn alice_token_times(c: &PluginConfig) -> cache::TokenTimes {
+    let key = CacheKey::new(&c.destinations[0].cache_namespace, "alice", c.cache_slots);
+    cache::token_times(T0 / 1_000_000, 3_600_000, None, key.jitter())
+}
+
 /// Delivers the notices sent so far to `worker`.
 fn deliver(h: &FakeHost, worker: &mut Worker) {
     for notice in h.notices.borrow().clone() {
@@ -232,15 +245,12 @@ fn a_lost_notice_is_made_up_by_the_tick() {
 #[test]
 fn cached_token_serves_until_the_margin_then_a_new_exchange_runs() {
     let (mut w, h, c) = (Worker::new(), host(), config());
-    w.on_request(&h, &c, 1, 0, Some(&alice()));
-    w.on_wake(&h);
-    w.on_token_response(&h, 101, Some(200), OK);
+    first_exchange_for_alice(&mut w, &h, &c);
     assert_eq!(
         w.on_request(&h, &c, 2, 0, Some(&alice())),
         Decision::Forward("Bearer tok-1".into())
     );
-    let key = CacheKey::new(&c.destinations[0].cache_namespace, "alice", c.cache_slots);
-    let times = cache::token_times(T0 / 1_000_000, 3_600_000, None, key.jitter());
+    let times = alice_token_times(&c);
     h.now_ns.set(times.reuse_until_ms * 1_000_000 - 1);
     assert_eq!(
         w.on_request(&h, &c, 3, 0, Some(&alice())),
@@ -253,11 +263,8 @@ fn cached_token_serves_until_the_margin_then_a_new_exchange_runs() {
 #[test]
 fn tokens_are_refreshed_ahead_in_the_background_without_making_anyone_wait() {
     let (mut w, h, c) = (Worker::new(), host(), config());
-    w.on_request(&h, &c, 1, 0, Some(&alice()));
-    w.on_wake(&h);
-    w.on_token_response(&h, 101, Some(200), OK);
-    let key = CacheKey::new(&c.destinations[0].cache_namespace, "alice", c.cache_slots);
-    let times = cache::token_times(T0 / 1_000_000, 3_600_000, None, key.jitter());
+    first_exchange_for_alice(&mut w, &h, &c);
+    let times = alice_token_times(&c);
     h.now_ns.set(times.refresh_at_ms * 1_000_000);
     assert_eq!(
         w.on_request(&h, &c, 2, 0, Some(&alice())),
@@ -289,11 +296,8 @@ fn tokens_are_refreshed_ahead_in_the_background_without_making_anyone_wait() {
 #[test]
 fn a_failed_refresh_keeps_the_token_and_backs_off() {
     let (mut w, h, c) = (Worker::new(), host(), config());
-    w.on_request(&h, &c, 1, 0, Some(&alice()));
-    w.on_wake(&h);
-    w.on_token_response(&h, 101, Some(200), OK);
-    let key = CacheKey::new(&c.destinations[0].cache_namespace, "alice", c.cache_slots);
-    let times = cache::token_times(T0 / 1_000_000, 3_600_000, None, key.jitter());
+    first_exchange_for_alice(&mut w, &h, &c);
+    let times = alice_token_times(&c);
     h.now_ns.set(times.refresh_at_ms * 1_000_000);
     w.on_request(&h, &c, 2, 0, Some(&alice()));
     w.on_wake(&h);
@@ -391,9 +395,7 @@ fn a_slot_taken_by_another_user_is_a_miss_not_their_token() {
     config["tokenCacheSlots"] = json!(1);
     let c = Rc::new(parse(&config).unwrap());
     let (mut w, h) = (Worker::new(), host());
-    w.on_request(&h, &c, 1, 0, Some(&alice()));
-    w.on_wake(&h);
-    w.on_token_response(&h, 101, Some(200), OK);
+    first_exchange_for_alice(&mut w, &h, &c);
     assert_eq!(w.on_request(&h, &c, 2, 0, Some(&bob())), Decision::Wait);
     w.on_wake(&h);
     w.on_token_response(
