@@ -346,9 +346,12 @@ def check_subject(assertion, endpoint, now):
     """Bearer confirmation per SAML profiles §4.1.4.2 / RFC 7522 §3; returns the NameID."""
     subjects = assertion.findall(saml("Subject"))
     name_id = subjects[0].find(saml("NameID")) if len(subjects) == 1 else None
-    user = (name_id.text or "").strip() if name_id is not None else ""
+    # Exactly as signed: the user is who the NameID says, whitespace included.
+    user = (name_id.text or "") if name_id is not None else ""
     if not user:
         raise invalid_grant("Subject/NameID is missing or empty")
+    if not user.strip():
+        raise invalid_grant("Subject/NameID is blank")
     confirmations = subjects[0].findall(saml("SubjectConfirmation"))
     if len(confirmations) != 1 or confirmations[0].get("Method") != BEARER_METHOD:
         raise invalid_grant("exactly one bearer SubjectConfirmation is required")

@@ -82,7 +82,8 @@ pub fn user_id(rule: &UserIdRule, claims: &Value) -> Result<String, UserIdError>
             })?;
     }
     match value {
-        Value::String(s) if s.is_empty() => Err(UserIdError::Empty {
+        // A blank id names nobody: refused like an empty one.
+        Value::String(s) if s.trim().is_empty() => Err(UserIdError::Empty {
             claim: name.clone(),
         }),
         Value::String(s) => Ok(s.clone()),
@@ -125,6 +126,13 @@ mod tests {
             user_id(&rule("e"), &claims),
             Err(UserIdError::Empty { claim: "e".into() })
         );
+        let blank = json!({"b": " \t\r\n"});
+        assert_eq!(
+            user_id(&rule("b"), &blank),
+            Err(UserIdError::Empty { claim: "b".into() })
+        );
+        let padded = json!({"p": " a "});
+        assert_eq!(user_id(&rule("p"), &padded).unwrap(), " a ");
         assert!(UserIdRule::claim("$.a..b").is_err());
         assert!(user_id(&rule("$.ext.id.deeper"), &claims).is_err());
     }
