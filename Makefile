@@ -71,6 +71,8 @@ keys: $(PP_KEYS)
 	@for slot in a b second; do \
 	  [ -f $(KEY_DIR)/$$slot-key.pem ] || $(PP_KEYS) generate --issuer "$(ISSUER)" --bits $(BITS) \
 	    --key $(KEY_DIR)/$$slot-key.pem --cert $(KEY_DIR)/$$slot-cert.pem; done
+	@[ -f $(KEY_DIR)/ec-key.pem ] || $(PP_KEYS) generate --issuer "$(ISSUER)" --algorithm ec \
+	    --key $(KEY_DIR)/ec-key.pem --cert $(KEY_DIR)/ec-cert.pem
 
 renew: $(PP_KEYS)
 	$(PP_KEYS) renew --key $(KEY_DIR)/$(SLOT)-key.pem --cert $(KEY_DIR)/$(SLOT)-cert.pem

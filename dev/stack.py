@@ -51,7 +51,9 @@ PP_KEYS = ROOT / "target" / "release" / "pp-keys"
 KEY_DIR = ROOT / ".run" / "keys"
 # Key files of the demo: the active/passive pair `a`/`b` of key `default`, and `second`
 # (the test profile's per-destination key). Each reaches Envoy as PP_KEY_<X>/PP_CERT_<X>.
-KEY_SLOTS = ("a", "b", "second")
+KEY_SLOTS = ("a", "b", "second", "ec")
+# Slots holding a P-256 key (ECDSA-SHA256) instead of RSA.
+EC_SLOTS = ("ec",)
 # Further variables PP_EXTRA_0.. passed to the Wasm VM (tests put extra keys there).
 EXTRA_ENV_SLOTS = 4
 
@@ -68,8 +70,9 @@ def ensure_keys() -> None:
             continue
         if not PP_KEYS.exists():
             raise RuntimeError(f"{PP_KEYS} is missing: run `make keys`")
-        subprocess.run([str(PP_KEYS), "generate", "--issuer", ISSUER, "--key", str(key), "--cert", str(cert)],
-                       check=True, stdout=subprocess.DEVNULL)
+        algorithm = ["--algorithm", "ec"] if slot in EC_SLOTS else []
+        subprocess.run([str(PP_KEYS), "generate", "--issuer", ISSUER, "--key", str(key), "--cert", str(cert),
+                        *algorithm], check=True, stdout=subprocess.DEVNULL)
 
 
 def trusted_cert(label: str) -> Path:
@@ -132,6 +135,7 @@ def test_destinations(ports: Ports) -> list[dict]:
         destination(ports, "wrong-audience", audience="https://someone-else.example"),
         destination(ports, "short", **{"tokenServiceURL.queries.expires_in": "33"}),
         destination(ports, "own-key", KeyStoreLocation="second"),
+        destination(ports, "ec", KeyStoreLocation="ec"),
         destination(
             ports,
             "sf",
@@ -158,6 +162,7 @@ def plugin_config(ports: Ports, profile: str) -> dict:
     keys = {"default": {"active": key_ref("a"), "passive": key_ref("b")}}
     if profile == "test":
         keys["second"] = key_ref("second")
+        keys["ec"] = key_ref("ec")
     return {
         "tokenServiceCluster": "token_service",
         "keys": keys,

@@ -5,3 +5,11 @@ mod common;
 fn signed_sample_matches_the_golden_file() {
     assert_eq!(common::sample::signed_sample(), common::sample::GOLDEN);
 }
+
+#[test]
+fn ecdsa_signed_sample_matches_its_golden_file() {
+    assert_eq!(
+        common::sample::signed_sample_ec(),
+        common::sample::GOLDEN_EC
+    );
+}

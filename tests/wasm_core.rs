@@ -15,6 +15,14 @@ fn signed_assertion_is_the_golden_one() {
 }
 
 #[wasm_bindgen_test]
+fn ecdsa_signed_assertion_is_the_golden_one() {
+    assert_eq!(
+        common::sample::signed_sample_ec(),
+        common::sample::GOLDEN_EC
+    );
+}
+
+#[wasm_bindgen_test]
 fn host_time_formats_like_natively() {
     assert_eq!(xs_date_time(951_827_696_789), "2000-02-29T12:34:56.789Z");
 }

@@ -1,7 +1,7 @@
 //! `pp-keys`: creates and renews the gateway's signing trust (native command).
 //!
 //! ```text
-//! pp-keys generate --issuer <CN> --key <key.pem> --cert <cert.pem> [--bits 2048|3072] [--days 730]
+//! pp-keys generate --issuer <CN> --key <key.pem> --cert <cert.pem> [--bits 2048|3072 | --algorithm ec] [--days 730]
 //! pp-keys renew    --key <key.pem> --cert <cert.pem> [--issuer <CN>] [--days 730]
 //! ```
 //!
@@ -67,23 +67,30 @@ mod native {
         let (key_path, cert_path) = (Path::new(required("key")?), Path::new(required("cert")?));
         match command.as_str() {
             "generate" => {
-                let bits = match get("bits").unwrap_or("2048") {
-                    "2048" => 2048,
-                    "3072" => 3072,
-                    _ => return Err("--bits must be 2048 or 3072".into()),
-                };
                 let issuer = required("issuer")?;
-                let key = RsaPrivateKey::new(&mut OsRng, bits)
-                    .map_err(|e| format!("key generation failed: {e}"))?;
-                let pem = key
-                    .to_pkcs8_pem(LineEnding::LF)
-                    .map_err(|e| e.to_string())?;
-                let cert = self_signed(&key, issuer, days)?;
-                write_private(key_path, pem.as_bytes())?;
+                let (key, described) = match get("algorithm").unwrap_or("rsa") {
+                    "rsa" => {
+                        let bits = match get("bits").unwrap_or("2048") {
+                            "2048" => 2048,
+                            "3072" => 3072,
+                            _ => return Err("--bits must be 2048 or 3072".into()),
+                        };
+                        let key = RsaPrivateKey::new(&mut OsRng, bits)
+                            .map_err(|e| format!("key generation failed: {e}"))?;
+                        (Key::Rsa(Box::new(key)), format!("{bits}-bit RSA"))
+                    }
+                    "ec" => (
+                        Key::P256(p256::SecretKey::random(&mut OsRng)),
+                        "P-256 ECDSA".to_string(),
+                    ),
+                    _ => return Err("--algorithm must be rsa or ec".into()),
+                };
+                let cert = key.self_signed(issuer, days)?;
+                write_private(key_path, key.pkcs8_pem()?.as_bytes())?;
                 fs::write(cert_path, &cert).map_err(|e| format!("{}: {e}", cert_path.display()))?;
                 check(key_path, cert_path)?;
                 Ok(format!(
-                    "generated a {bits}-bit RSA key ({}) and a certificate for CN={issuer}, valid {days} days ({})",
+                    "generated a {described} key ({}) and a certificate for CN={issuer}, valid {days} days ({})",
                     key_path.display(),
                     cert_path.display()
                 ))
@@ -91,14 +98,17 @@ mod native {
             "renew" => {
                 let pem = fs::read_to_string(key_path)
                     .map_err(|e| format!("{}: {e}", key_path.display()))?;
-                let key = RsaPrivateKey::from_pkcs8_pem(&pem)
-                    .or_else(|_| RsaPrivateKey::from_pkcs1_pem(&pem))
-                    .map_err(|_| format!("{} is not a PEM RSA private key", key_path.display()))?;
+                let key = Key::from_pem(&pem).ok_or_else(|| {
+                    format!(
+                        "{} is not a PEM RSA or P-256 private key",
+                        key_path.display()
+                    )
+                })?;
                 let issuer = match get("issuer") {
                     Some(issuer) => issuer.to_string(),
                     None => current_cn(key_path, cert_path)?,
                 };
-                let cert = self_signed(&key, &issuer, days)?;
+                let cert = key.self_signed(&issuer, days)?;
                 fs::write(cert_path, &cert).map_err(|e| format!("{}: {e}", cert_path.display()))?;
                 check(key_path, cert_path)?;
                 Ok(format!(
@@ -110,8 +120,65 @@ mod native {
         }
     }
 
+    /// The private key of a trust: RSA or P-256.
+    enum Key {
+        Rsa(Box<RsaPrivateKey>),
+        P256(p256::SecretKey),
+    }
+
+    impl Key {
+        fn from_pem(pem: &str) -> Option<Key> {
+            if let Ok(key) =
+                RsaPrivateKey::from_pkcs8_pem(pem).or_else(|_| RsaPrivateKey::from_pkcs1_pem(pem))
+            {
+                return Some(Key::Rsa(Box::new(key)));
+            }
+            p256::SecretKey::from_pkcs8_pem(pem)
+                .or_else(|_| p256::SecretKey::from_sec1_pem(pem))
+                .ok()
+                .map(Key::P256)
+        }
+
+        fn pkcs8_pem(&self) -> Result<String, String> {
+            let pem = match self {
+                Key::Rsa(key) => key.to_pkcs8_pem(LineEnding::LF),
+                Key::P256(key) => key.to_pkcs8_pem(LineEnding::LF),
+            };
+            pem.map(|p| p.to_string()).map_err(|e| e.to_string())
+        }
+
+        /// A self-signed end-entity certificate with subject `CN=<issuer>`.
+        fn self_signed(&self, issuer: &str, days: u64) -> Result<String, String> {
+            let certificate = match self {
+                Key::Rsa(key) => {
+                    let spki = key
+                        .to_public_key()
+                        .to_public_key_der()
+                        .map_err(|e| e.to_string())?;
+                    let signer = RsaSigningKey::<Sha256>::new(key.as_ref().clone());
+                    certificate_builder(spki.as_bytes(), &signer, issuer, days)?
+                        .build::<rsa::pkcs1v15::Signature>()
+                        .map_err(|e| e.to_string())?
+                }
+                Key::P256(key) => {
+                    let spki = key
+                        .public_key()
+                        .to_public_key_der()
+                        .map_err(|e| e.to_string())?;
+                    let signer = p256::ecdsa::SigningKey::from(key.clone());
+                    certificate_builder(spki.as_bytes(), &signer, issuer, days)?
+                        .build::<p256::ecdsa::DerSignature>()
+                        .map_err(|e| e.to_string())?
+                }
+            };
+            certificate
+                .to_pem(LineEnding::LF)
+                .map_err(|e| e.to_string())
+        }
+    }
+
     fn usage() -> String {
-        "usage: pp-keys generate --issuer <CN> --key <key.pem> --cert <cert.pem> [--bits 2048|3072] [--days N]\n       \
+        "usage: pp-keys generate --issuer <CN> --key <key.pem> --cert <cert.pem> [--bits 2048|3072 | --algorithm ec] [--days N]\n       \
          pp-keys renew --key <key.pem> --cert <cert.pem> [--issuer <CN>] [--days N]"
             .into()
     }
@@ -129,8 +196,17 @@ mod native {
         Ok(options)
     }
 
-    /// A self-signed end-entity certificate for `key` with subject `CN=<issuer>`.
-    fn self_signed(key: &RsaPrivateKey, issuer: &str, days: u64) -> Result<String, String> {
+    /// Subject, serial, validity and profile of the gateway's certificate.
+    fn certificate_builder<'s, S>(
+        spki_der: &[u8],
+        signer: &'s S,
+        issuer: &str,
+        days: u64,
+    ) -> Result<CertificateBuilder<'s, S>, String>
+    where
+        S: x509_cert::spki::DynSignatureAlgorithmIdentifier + rsa::signature::Keypair,
+        S::VerifyingKey: x509_cert::spki::EncodePublicKey,
+    {
         let subject = Name::from_str(&format!("CN={}", escape_rdn_value(issuer)))
             .map_err(|e| e.to_string())?;
         let mut serial = [0u8; 16];
@@ -141,33 +217,21 @@ mod native {
             not_before: time(now - Duration::from_secs(300))?,
             not_after: time(now + Duration::from_secs(days * 86_400))?,
         };
-        let spki_der = key
-            .to_public_key()
-            .to_public_key_der()
-            .map_err(|e| e.to_string())?;
-        let spki =
-            SubjectPublicKeyInfoOwned::try_from(spki_der.as_bytes()).map_err(|e| e.to_string())?;
-        let signer = RsaSigningKey::<Sha256>::new(key.clone());
+        let spki = SubjectPublicKeyInfoOwned::try_from(spki_der).map_err(|e| e.to_string())?;
         let profile = Profile::Leaf {
             issuer: subject.clone(),
             enable_key_agreement: false,
             enable_key_encipherment: false,
         };
-        let builder = CertificateBuilder::new(
+        CertificateBuilder::new(
             profile,
             SerialNumber::new(&serial).map_err(|e| e.to_string())?,
             validity,
             subject,
             spki,
-            &signer,
+            signer,
         )
-        .map_err(|e| e.to_string())?;
-        let certificate = builder
-            .build::<rsa::pkcs1v15::Signature>()
-            .map_err(|e| e.to_string())?;
-        certificate
-            .to_pem(LineEnding::LF)
-            .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())
     }
 
     fn time(at: SystemTime) -> Result<Time, String> {

@@ -214,7 +214,7 @@ fn refuses_bad_configurations_naming_key_and_problem() {
                 c["keys"]["default"]["privateKey"] = json!(CERT);
                 c
             },
-            "`keys.default.privateKey` is not a PEM RSA private key",
+            "`keys.default.privateKey` is not a PEM RSA or P-256 private key",
         ),
         (
             {

@@ -87,6 +87,7 @@ pub struct Metrics {
     exchange_rejected: Option<u32>,
     exchange_failed: Option<u32>,
     signing_us: Option<u32>,
+    signing_ec_us: Option<u32>,
     wake_us: Option<u32>,
     joined_remote: Option<u32>,
     refresh: Option<u32>,
@@ -105,6 +106,7 @@ impl Metrics {
             joined_remote: counter("principal_propagation.joined_other_worker"),
             refresh: counter("principal_propagation.refresh_ahead"),
             signing_us: histogram("principal_propagation.signing_us"),
+            signing_ec_us: histogram("principal_propagation.signing_ec_us"),
             wake_us: histogram("principal_propagation.wake_us"),
         }
     }
@@ -300,11 +302,11 @@ impl Host for EnvoyHost {
             Metric::ExchangeFailed => m.exchange_failed,
             Metric::JoinedRemote => m.joined_remote,
             Metric::Refresh => m.refresh,
-            Metric::SigningMicros | Metric::WakeMicros => {
-                let histogram = if metric == Metric::SigningMicros {
-                    m.signing_us
-                } else {
-                    m.wake_us
+            Metric::SigningMicros | Metric::SigningEcMicros | Metric::WakeMicros => {
+                let histogram = match metric {
+                    Metric::SigningMicros => m.signing_us,
+                    Metric::SigningEcMicros => m.signing_ec_us,
+                    _ => m.wake_us,
                 };
                 if let Some(id) = histogram {
                     let _ = hostcalls::record_metric(id, amount);

@@ -102,8 +102,10 @@ pub enum Metric {
     ExchangeOk,
     ExchangeRejected,
     ExchangeFailed,
-    /// Microseconds spent building and signing one assertion.
+    /// Microseconds spent building and signing one assertion with an RSA key.
     SigningMicros,
+    /// The same with a P-256 key.
+    SigningEcMicros,
     /// Microseconds from a result being stored to a waiting worker picking it up.
     WakeMicros,
     /// A request that waited for another worker's exchange.
@@ -374,10 +376,15 @@ impl Worker {
                 reason: "cannot build the SAML assertion",
             }
         })?;
-        host.count(
-            Metric::SigningMicros,
-            host.now_ns().saturating_sub(started_ns) / 1000,
-        );
+        let signing = match config
+            .keys
+            .get(&dest.key_name)
+            .map(|k| k.active.signature_method())
+        {
+            Some(crate::keys::ECDSA_SHA256) => Metric::SigningEcMicros,
+            _ => Metric::SigningMicros,
+        };
+        host.count(signing, host.now_ns().saturating_sub(started_ns) / 1000);
         host.dispatch(&request).ok_or_else(|| {
             host.log(
                 Level::Error,

@@ -1,4 +1,5 @@
-//! Enveloped XML-DSig over the assertion: exclusive c14n, SHA-256 digest, RSA-SHA256.
+//! Enveloped XML-DSig over the assertion: exclusive c14n, SHA-256 digest, RSA-SHA256 or
+//! ECDSA-SHA256 (by the key).
 //!
 //! The assertion is already canonical (see [`super::assertion`]), so its digest is the
 //! SHA-256 of its unsigned bytes. `SignedInfo` is written canonical as well, carrying the
@@ -22,8 +23,8 @@ pub fn sign_enveloped(
     include_certificate: bool,
 ) -> String {
     let digest = Sha256::digest(assertion.unsigned().as_bytes());
-    let signed_info = signed_info(id, &STANDARD.encode(digest));
-    let signature_value = STANDARD.encode(key.sign_rsa_sha256(signed_info.as_bytes()));
+    let signed_info = signed_info(id, &STANDARD.encode(digest), key.signature_method());
+    let signature_value = STANDARD.encode(key.sign(signed_info.as_bytes()));
 
     // In the document SignedInfo inherits `ds` from Signature: drop the repeated declaration.
     let inherited = format!(" xmlns:ds=\"{DS_NS}\"");
@@ -52,11 +53,11 @@ pub fn sign_enveloped(
 
 /// `SignedInfo` in exclusive-canonical form, as signed. `id` is an NCName we generated,
 /// so it needs no escaping.
-fn signed_info(id: &str, digest_base64: &str) -> String {
+fn signed_info(id: &str, digest_base64: &str, signature_method: &str) -> String {
     format!(
         "<ds:SignedInfo xmlns:ds=\"{DS_NS}\">\
          <ds:CanonicalizationMethod Algorithm=\"http://www.w3.org/2001/10/xml-exc-c14n#\"></ds:CanonicalizationMethod>\
-         <ds:SignatureMethod Algorithm=\"http://www.w3.org/2001/04/xmldsig-more#rsa-sha256\"></ds:SignatureMethod>\
+         <ds:SignatureMethod Algorithm=\"{signature_method}\"></ds:SignatureMethod>\
          <ds:Reference URI=\"#{id}\"><ds:Transforms>\
          <ds:Transform Algorithm=\"http://www.w3.org/2000/09/xmldsig#enveloped-signature\"></ds:Transform>\
          <ds:Transform Algorithm=\"http://www.w3.org/2001/10/xml-exc-c14n#\"></ds:Transform>\
@@ -91,8 +92,8 @@ mod tests {
         let digest = STANDARD.encode(Sha256::digest(doc.unsigned().as_bytes()));
         assert!(signature.contains(&format!("<ds:DigestValue>{digest}</ds:DigestValue>")));
         // The signature value is over SignedInfo with its own ds declaration.
-        let expected =
-            STANDARD.encode(key.sign_rsa_sha256(signed_info(content.id, &digest).as_bytes()));
+        let expected = STANDARD
+            .encode(key.sign(signed_info(content.id, &digest, crate::keys::RSA_SHA256).as_bytes()));
         assert!(signature.contains(&expected));
 
         let without_cert = sign_enveloped(&doc, content.id, &key, false);

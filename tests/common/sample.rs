@@ -8,13 +8,29 @@ use principal_propagation::saml::signature::sign_enveloped;
 
 #[allow(dead_code)] // used by the tests, not by the example
 pub const GOLDEN: &str = include_str!("../fixtures/golden-assertion.xml");
+#[allow(dead_code)]
+pub const GOLDEN_EC: &str = include_str!("../fixtures/golden-assertion-ec.xml");
 
+/// The sample signed with the RSA test key.
 pub fn signed_sample() -> String {
-    let key = SigningKey::from_pem(
+    signed_sample_with(
         include_str!("../fixtures/signing-key.pem"),
         include_str!("../fixtures/signing-cert.pem"),
     )
-    .expect("test key and certificate belong together");
+}
+
+/// The sample signed with the P-256 test key (RFC 6979: deterministic too).
+#[allow(dead_code)]
+pub fn signed_sample_ec() -> String {
+    signed_sample_with(
+        include_str!("../fixtures/ec-key.pem"),
+        include_str!("../fixtures/ec-cert.pem"),
+    )
+}
+
+fn signed_sample_with(key_pem: &str, cert_pem: &str) -> String {
+    let key =
+        SigningKey::from_pem(key_pem, cert_pem).expect("test key and certificate belong together");
     let attributes = [Attribute {
         name: "Groups".into(),
         values: vec!["a&b".into(), "<c>".into()],

@@ -95,3 +95,26 @@ def test_golden_assertion_of_the_unit_tests_verifies_independently():
     golden = (ROOT / "tests" / "fixtures" / "golden-assertion.xml").read_bytes()
     assert xmlsec1_verifies(golden, cert)
     assert signxml_verified_name_id(golden, cert) == "<ä&b>\r\n\"x\" ]]> 𝄞"
+
+
+def test_ecdsa_p256_assertions_verify_with_both_verifiers(client):
+    status, _, body = client.gateway("/t/ec/x", client.jwt("ec-user"))
+    assert status == 200 and body["user"] == "ec-user"
+    sent = [r for r in client.token_requests() if r["outcome"] == "ok" and ">ec-user<" in (r.get("assertion_xml") or "")]
+    assert [r["verified_by"] for r in sent] == ["ec-cert"]
+    xml = decode_assertion(sent[0]["form"]["assertion"])
+    assert b'Algorithm="http://www.w3.org/2001/04/xmldsig-more#ecdsa-sha256"' in xml
+    cert = stack.key_files("ec")[1]
+    assert xmlsec1_verifies(xml, cert)
+    assert signxml_verified_name_id(xml, cert) == "ec-user"
+    for _, mutated in mutations(xml, 10):
+        assert not xmlsec1_verifies(mutated, cert)
+        assert signxml_verified_name_id(mutated, cert) is None
+
+
+def test_golden_ecdsa_assertion_verifies_independently():
+    cert = ROOT / "tests" / "fixtures" / "ec-cert.pem"
+    golden = (ROOT / "tests" / "fixtures" / "golden-assertion-ec.xml").read_bytes()
+    assert xmlsec1_verifies(golden, cert)
+    assert signxml_verified_name_id(golden, cert) == "<ä&b>\r\n\"x\" ]]> 𝄞"
+    assert not xmlsec1_verifies(golden, ROOT / "tests" / "fixtures" / "signing-cert.pem")
