@@ -230,8 +230,11 @@ impl PluginRequest {
 
     /// Answers a request for the gateway's IdP metadata or certificates; false if the
     /// path is not one of those.
-    fn answer_trust_download(&self, config: &PluginConfig) -> bool {
+    fn answer_trust_download(&self, config: &PluginConfig, prefix: &str) -> bool {
         let path = self.get_http_request_header(":path").unwrap_or_default();
+        if !path.starts_with(prefix) {
+            return false; // the common case: one header read, nothing else
+        }
         let scheme = self
             .get_http_request_header(":scheme")
             .unwrap_or_else(|| "http".into());
@@ -290,8 +293,10 @@ impl Context for PluginRequest {
 impl HttpContext for PluginRequest {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         let config = Rc::clone(&self.config);
-        if config.trust_metadata_path.is_some() && self.answer_trust_download(&config) {
-            return Action::Pause;
+        if let Some(prefix) = &config.trust_metadata_path {
+            if self.answer_trust_download(&config, prefix) {
+                return Action::Pause;
+            }
         }
         let destination = match self.destination(&config) {
             Ok(Some(index)) => index,
@@ -303,8 +308,6 @@ impl HttpContext for PluginRequest {
                 return Action::Pause;
             }
         };
-        // The caller's credentials never reach the backend.
-        self.set_http_request_header("authorization", None);
         let claims = self.claims(&config);
         let Ok(mut worker) = self.worker.try_borrow_mut() else {
             self.host.send_reply(&crate::error::Failure::Internal {
@@ -321,12 +324,15 @@ impl HttpContext for PluginRequest {
         );
         drop(worker);
         match decision {
+            // The caller's credentials never reach the backend: replaced here, removed
+            // while waiting (the worker sets the token on resume), never forwarded on failure.
             Decision::Forward(authorization) => {
                 self.add_destination_extras(&config, destination);
                 self.set_http_request_header("authorization", Some(&authorization));
                 Action::Continue
             }
             Decision::Wait => {
+                self.set_http_request_header("authorization", None);
                 self.add_destination_extras(&config, destination);
                 self.waiting = true;
                 Action::Pause
