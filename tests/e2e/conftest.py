@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import sys
 import urllib.error
 import urllib.parse
@@ -17,7 +18,8 @@ sys.path.insert(0, str(ROOT / "dev"))
 
 import stack  # noqa: E402
 
-PORTS = stack.Ports().shifted(10000)
+# Another shift (PP_E2E_PORT_SHIFT) lets two checkouts run the shared-stack tests at once.
+PORTS = stack.Ports().shifted(int(os.environ.get("PP_E2E_PORT_SHIFT", "10000")))
 
 
 class Client:
