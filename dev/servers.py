@@ -9,7 +9,8 @@ One process runs three HTTP servers, all bound to 127.0.0.1:
   ``saml2-bearer`` grant that is deliberately strict about the SAML assertion, so
   mistakes in the plugin show up here and not in production;
 * echo upstream: reports which user the forwarded bearer token belongs to, so
-  tests can see end to end what arrived upstream.
+  tests can see end to end what arrived upstream; requests that name their user
+  (``X-Expected-User``) are counted as carrying that user's token or not.
 
 Dev/test only: keys and state live in memory. Tokens, assertions, passwords and
 keys are never logged (``GET /requests`` does expose them, on purpose, to tests).
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, unquote_plus, urlsplit
+from urllib.parse import parse_qs, unquote, unquote_plus, urlsplit
 
 import jwt
 from cryptography import x509
@@ -108,6 +109,7 @@ class SharedState:
             self._exchanges = Counter()
             self._failures = Counter()
             self._requests = []
+            self._echo = Counter()
 
     def claim_assertion_id(self, assertion_id):
         """Atomically remember an assertion ID; False if it was seen before (replay)."""
@@ -146,9 +148,17 @@ class SharedState:
             else:
                 self._failures[outcome] += 1
 
+    def count_delivery(self, expected_user, user, valid):
+        """Count one upstream request that named its user (X-Expected-User): whether it
+        carried that user's valid token, someone else's, or none that is valid."""
+        outcome = "invalid" if not valid else ("own" if user == expected_user else "other_user")
+        with self._lock:
+            self._echo[outcome] += 1
+
     def stats(self):
         with self._lock:
-            return {"exchanges": dict(self._exchanges), "failures": dict(self._failures)}
+            return {"exchanges": dict(self._exchanges), "failures": dict(self._failures),
+                    "deliveries": dict(self._echo)}
 
     def requests(self):
         with self._lock:
@@ -603,6 +613,9 @@ class EchoHandler(BaseHandler):
         user, valid = (None, False)
         if scheme.lower() == "bearer" and token.strip():
             user, valid = self.app.state.lookup_token(token.strip())
+        expected = self.headers.get("X-Expected-User")  # percent-encoded: any user id fits a header
+        if expected is not None:
+            self.app.state.count_delivery(unquote(expected), user, valid)
         self.send_json(200, {"user": user, "token_valid": valid, "method": self.command,
                              "path": self.path, "headers": self.lower_headers()})
 

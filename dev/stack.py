@@ -134,6 +134,8 @@ def test_destinations(ports: Ports) -> list[dict]:
         destination(ports, "down", tokenServiceCluster="token_service_down"),
         destination(ports, "wrong-audience", audience="https://someone-else.example"),
         destination(ports, "short", **{"tokenServiceURL.queries.expires_in": "33"}),
+        # Usable for 8 s (38 s minus the 30 s margin): renewed several times in a load test.
+        destination(ports, "renewing", **{"tokenServiceURL.queries.expires_in": "38"}),
         destination(ports, "own-key", KeyStoreLocation="second"),
         destination(ports, "ec", KeyStoreLocation="ec"),
         destination(

@@ -233,6 +233,17 @@ def test_echo_with_unknown_token(env):
     assert echo["user"] is None and echo["token_valid"] is False
 
 
+def test_echo_counts_deliveries_by_expected_user(env):
+    status, body = env.exchange()
+    assert status == 200, body
+    bearer = {"Authorization": f"Bearer {body['access_token']}"}
+    env.get_json(env.echo, "/", headers=dict(bearer, **{"X-Expected-User": "al%69ce"}))
+    env.get_json(env.echo, "/", headers=dict(bearer, **{"X-Expected-User": "bob"}))
+    env.get_json(env.echo, "/", headers={"Authorization": "Bearer nope", "X-Expected-User": "al%69ce"})
+    env.get_json(env.echo, "/", headers=bearer)  # names no user: not counted
+    assert env.get_json(env.token, "/stats")["deliveries"] == {"own": 1, "other_user": 1, "invalid": 1}
+
+
 def test_standard_base64_and_slow_endpoint(env):
     xml = env.assertion(path="/oauth/token/slow")
     status, body = env.exchange(xml, path="/oauth/token/slow?delay=0.1&expires_in=5", urlsafe=False)
@@ -290,7 +301,7 @@ def test_stats_and_recorded_requests(env):
     assert env.exchange(path="/oauth/token/reject")[0] == 400
     stats = env.get_json(env.token, "/stats")
     assert stats == {"exchanges": {"alice": 1, "bob": 2},
-                     "failures": {"invalid_client": 1, "invalid_grant": 1}}
+                     "failures": {"invalid_client": 1, "invalid_grant": 1}, "deliveries": {}}
     requests = env.get_json(env.token, "/requests")
     assert [r["outcome"] for r in requests] == ["ok", "ok", "ok", "invalid_client", "invalid_grant"]
     first = requests[0]
