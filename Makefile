@@ -102,8 +102,9 @@ test-wasm: .make/rust-targets .make/wasm-bindgen-$(WASM_BINDGEN_VERSION)
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
 	  cargo test --target wasm32-unknown-unknown --test wasm_core
 
+# Envoy at trace level, and every stack's log searched for the run's secrets (dev/log_audit.py).
 test-e2e: setup build keys
-	$(PY) -m pytest -q tests/dev tests/e2e
+	PP_ENVOY_LOG_LEVEL=trace PP_AUDIT_LOGS=1 $(PY) -m pytest -q tests/dev tests/e2e
 
 ## Benchmarks (not tests: no timing is asserted anywhere in `make test`) ------------
 

@@ -13,7 +13,8 @@ One process runs three HTTP servers, all bound to 127.0.0.1:
   (``X-Expected-User``) are counted as carrying that user's token or not.
 
 Dev/test only: keys and state live in memory. Tokens, assertions, passwords and
-keys are never logged (``GET /requests`` does expose them, on purpose, to tests).
+keys are never logged (``GET /requests`` on the token server and ``GET /minted`` on the
+identity provider do expose them, on purpose, to tests).
 """
 
 import argparse
@@ -175,6 +176,12 @@ class IdentityProvider:
         self.issuer = issuer
         self.audience = audience
         self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self._minted = []  # every JWT issued, for the tests' log audit (GET /minted)
+        self._lock = threading.Lock()
+
+    def minted(self):
+        with self._lock:
+            return list(self._minted)
 
     def jwks(self):
         numbers = self._key.public_key().public_numbers()
@@ -203,7 +210,10 @@ class IdentityProvider:
                 raise ValueError("claims must be a JSON object")
             payload.update(extra)
             payload = {k: v for k, v in payload.items() if v is not None}
-        return jwt.encode(payload, self._key, algorithm="RS256", headers={"kid": IDP_KID})
+        token = jwt.encode(payload, self._key, algorithm="RS256", headers={"kid": IDP_KID})
+        with self._lock:
+            self._minted.append(token)
+        return token
 
 
 # -------------------------------------------------------------------- token server
@@ -516,6 +526,8 @@ class IdpHandler(BaseHandler):
         url = urlsplit(self.path)
         if url.path == "/.well-known/jwks.json":
             self.send_json(200, self.app.idp.jwks())
+        elif url.path == "/minted":
+            self.send_json(200, self.app.idp.minted())
         elif url.path == "/token":
             try:
                 token = self.app.idp.mint(parse_qs(url.query, keep_blank_values=True))
@@ -595,6 +607,7 @@ class TokenHandler(BaseHandler):
             lifetime = DEFAULT_TOKEN_LIFETIME
         scope = (form.get("scope") or ["openid"])[0] or "openid"
         token = self.app.state.issue_token(user, lifetime, scope, url.path)
+        entry["access_token"] = token
         self.app.state.record(entry, "ok", user)
         self.send_json(200, {"access_token": token, "token_type": "bearer",
                              "expires_in": lifetime, "scope": scope}, self.NO_STORE)

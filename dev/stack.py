@@ -9,6 +9,7 @@ place, and written to `.run/<profile>/envoy.json` so it can be read.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -19,6 +20,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import log_audit
+
 ROOT = Path(__file__).resolve().parent.parent
 WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "principal_propagation.wasm"
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -27,6 +30,7 @@ ISSUER = "principal-propagation-gateway"
 ENTITY_ID = "dev-token-server"
 CLIENT_ID = "gateway-client"
 CLIENT_SECRET = "gateway-secret"
+CLIENT_SECRET_ENV = "PP_CLIENT_SECRET"  # the plugin reads the password from the VM's environment
 JWT_AUDIENCE = "principal-propagation-demo"
 
 
@@ -81,7 +85,8 @@ def trusted_cert(label: str) -> Path:
 
 
 def key_environment() -> dict[str, str]:
-    env = {}
+    """The secrets Envoy passes to the Wasm VM (so none is in the configuration)."""
+    env = {CLIENT_SECRET_ENV: CLIENT_SECRET}
     for slot in KEY_SLOTS:
         key, cert = key_files(slot)
         env[f"PP_KEY_{slot.upper()}"] = key.read_text()
@@ -103,7 +108,7 @@ def destination(ports: Ports, name: str, path: str = "/oauth/token", **extra) ->
         "ProxyType": "Internet",
         "tokenServiceURL": f"http://127.0.0.1:{ports.token}{path}",
         "tokenServiceUser": CLIENT_ID,
-        "tokenServicePassword": CLIENT_SECRET,
+        "tokenServicePasswordEnv": CLIENT_SECRET_ENV,
         "audience": ENTITY_ID,
         "assertionIssuer": ISSUER,
         "nameIdFormat": "urn:oasis:names:tc:SAML:1.1:nameid-format:unspecified",
@@ -215,7 +220,7 @@ def wasm_filter(plugin: dict) -> dict:
                 "code": {"local": {"filename": str(WASM)}},
                 "environment_variables": {
                     "host_env_keys": [f"PP_{kind}_{slot.upper()}" for slot in KEY_SLOTS for kind in ("KEY", "CERT")]
-                    + [f"PP_EXTRA_{i}" for i in range(EXTRA_ENV_SLOTS)]
+                    + [f"PP_EXTRA_{i}" for i in range(EXTRA_ENV_SLOTS)] + [CLIENT_SECRET_ENV]
                 },
             },
         },
@@ -377,17 +382,21 @@ def _get(url: str, timeout: float = 1.0) -> tuple[int, bytes]:
 class Stack:
     """Starts dev servers and Envoy; stops both. Every wait is bounded."""
 
-    def __init__(self, profile: str = "demo", ports: Ports = Ports(), envoy_log_level: str = "info",
+    def __init__(self, profile: str = "demo", ports: Ports = Ports(), envoy_log_level: str | None = None,
                  config_override: dict | None = None, plugin_log_level: str = "info", name: str | None = None,
                  extra_trusted: tuple[Path, ...] = (), extra_env: dict[str, str] | None = None,
                  bootstrap: dict | None = None, concurrency: int = 2):
         """`name` (default: the profile) names the run directory; `extra_trusted` are
-        further certificates the token server trusts; `extra_env` reaches Envoy."""
+        further certificates the token server trusts; `extra_env` reaches Envoy.
+        Envoy's log level defaults to $PP_ENVOY_LOG_LEVEL (else info); with
+        PP_AUDIT_LOGS=1, leaving the `with` block searches Envoy's log for every secret
+        of the run (dev/log_audit.py) and fails on any."""
         self.profile, self.ports = profile, ports
         self.run_dir = ROOT / ".run" / (name or profile)
         self.extra_trusted, self.extra_env = extra_trusted, extra_env or {}
         self.bootstrap, self.concurrency = bootstrap, concurrency  # a whole Envoy config instead
-        self.envoy_log_level = envoy_log_level
+        self.envoy_log_level = envoy_log_level or os.environ.get("PP_ENVOY_LOG_LEVEL", "info")
+        self.audit = os.environ.get("PP_AUDIT_LOGS") == "1"
         self.plugin_log_level = plugin_log_level
         self.config_override = config_override
         self.servers: subprocess.Popen | None = None
@@ -459,8 +468,17 @@ class Stack:
     def __enter__(self) -> "Stack":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def __exit__(self, exc_type, *exc) -> None:
+        if not (self.audit and exc_type is None and self.servers and self.servers.poll() is None):
+            self.stop()
+            return
+        p = self.ports
+        secrets = log_audit.collect(f"http://127.0.0.1:{p.idp}", f"http://127.0.0.1:{p.token}",
+                                    [*key_environment().values(), *self.extra_env.values()], CLIENT_SECRET)
+        self.stop()  # Envoy flushes its log on exit
+        report = log_audit.scan(self.envoy_log, secrets)
+        (self.run_dir / "log-audit.json").write_text(json.dumps(dataclasses.asdict(report), indent=2))
+        assert not report.leaks, f"secrets in Envoy's log ({self.envoy_log_level} level): {report.leaks}"
 
 
 def main() -> int:

@@ -32,7 +32,8 @@ pub struct TokenService {
     pub url: HttpUrl,
     /// Envoy cluster that reaches `url`.
     pub cluster: String,
-    /// HTTP Basic client credentials (`tokenServiceUser` / `tokenServicePassword`).
+    /// HTTP Basic client credentials (`tokenServiceUser` / `tokenServicePassword`, or
+    /// `tokenServicePasswordEnv` naming an environment variable of the Wasm VM).
     pub basic_auth: Option<(String, String)>,
     /// `tokenServiceURL.headers.<k>`.
     pub headers: Vec<(String, String)>,
@@ -78,7 +79,7 @@ pub struct Destination {
 const INFORMATIONAL: [&str; 3] = ["Description", "ProxyType", "tokenServiceURLType"];
 
 /// Every plain key a destination may have (families are matched by prefix).
-const KNOWN: [&str; 28] = [
+const KNOWN: [&str; 29] = [
     "Name",
     "Type",
     "URL",
@@ -86,6 +87,7 @@ const KNOWN: [&str; 28] = [
     "tokenServiceURL",
     "tokenServiceUser",
     "tokenServicePassword",
+    "tokenServicePasswordEnv",
     "clientKey",
     "audience",
     "assertionIssuer",
@@ -143,6 +145,7 @@ pub fn parse(
     path: &str,
     value: &Value,
     default_cluster: Option<&str>,
+    env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Destination, ConfigError> {
     let d = Section::new(path, value)?;
     reject_unknown_keys(&d)?;
@@ -186,7 +189,7 @@ pub fn parse(
     };
     let basic_auth = match (
         d.string("tokenServiceUser")?,
-        d.string("tokenServicePassword")?,
+        d.inline_or_env("tokenServicePassword", env)?,
     ) {
         (Some(user), Some(password)) => Some((user, password)),
         (None, None) => None,

@@ -91,7 +91,7 @@ impl PluginConfig {
         let mut destinations: Vec<Destination> = Vec::with_capacity(list.len());
         for (i, value) in list.iter().enumerate() {
             let path = format!("destinations[{i}]");
-            let mut d = destination::parse(&path, value, default_cluster.as_deref())?;
+            let mut d = destination::parse(&path, value, default_cluster.as_deref(), env)?;
             if destinations.iter().any(|other| other.name == d.name) {
                 return Err(ConfigError::new(
                     format!("{path}.Name"),
@@ -250,28 +250,9 @@ fn inline_or_env(
     field: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<String, ConfigError> {
-    let env_field = format!("{field}Env");
-    match (entry.string(field)?, entry.string(&env_field)?) {
-        (Some(pem), None) => Ok(pem),
-        (None, Some(variable)) => {
-            env(&variable)
-                .filter(|v| !v.trim().is_empty())
-                .ok_or_else(|| {
-                    ConfigError::new(
-                entry.key(&env_field),
-                format!("names environment variable {variable:?}, which is not set in the Wasm VM"),
-            )
-                })
-        }
-        (Some(_), Some(_)) => Err(ConfigError::new(
-            entry.key(field),
-            format!("and {env_field} are both set; use one"),
-        )),
-        (None, None) => Err(ConfigError::new(
-            entry.key(field),
-            format!("is required (or {env_field})"),
-        )),
-    }
+    entry
+        .inline_or_env(field, env)?
+        .ok_or_else(|| ConfigError::new(entry.key(field), format!("is required (or {field}Env)")))
 }
 
 /// `KeyStoreLocation` if set, else the key named `default`, else the only key.

@@ -83,6 +83,31 @@ fn keys_come_inline_or_from_the_environment() {
 }
 
 #[test]
+fn the_client_password_can_come_from_the_environment() {
+    let mut d = destination_json("d");
+    let fields = d.as_object_mut().unwrap();
+    fields.remove("tokenServicePassword");
+    fields.insert("tokenServicePasswordEnv".into(), json!("CLIENT_SECRET"));
+    let config = config_json(vec![d]);
+    let env = |name: &str| (name == "CLIENT_SECRET").then(|| "from-env".to_string());
+    let parsed = PluginConfig::parse(config.to_string().as_bytes(), &env).unwrap();
+    let (_, password) = parsed.destinations[0]
+        .token_service
+        .basic_auth
+        .clone()
+        .unwrap();
+    assert_eq!(password, "from-env");
+
+    let unset = PluginConfig::parse(config.to_string().as_bytes(), &|_| None)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        unset,
+        "configuration key `destinations[0].tokenServicePasswordEnv` names environment variable \"CLIENT_SECRET\", which is not set in the Wasm VM"
+    );
+}
+
+#[test]
 fn refuses_bad_configurations_naming_key_and_problem() {
     let cases: Vec<(Value, &str)> = vec![
         (json!("[]"), "configuration key `(configuration)` must be a JSON object"),
@@ -123,6 +148,12 @@ fn refuses_bad_configurations_naming_key_and_problem() {
                 d.remove("tokenServicePassword");
             }),
             "`destinations[0].tokenServicePassword` is required when tokenServiceUser is set",
+        ),
+        (
+            with_destination(|d| {
+                d.insert("tokenServicePasswordEnv".into(), json!("CLIENT_SECRET"));
+            }),
+            "`destinations[0].tokenServicePassword` and tokenServicePasswordEnv are both set; use one",
         ),
         (
             with_destination(|d| {

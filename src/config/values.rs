@@ -70,6 +70,34 @@ impl<'a> Section<'a> {
             .ok_or_else(|| ConfigError::new(self.key(name), "is required"))
     }
 
+    /// A value given inline under `field` or in the environment variable named by
+    /// `<field>Env` (so secrets can stay out of the configuration, which Envoy prints in
+    /// its config dump and debug logs); `None` if neither is set.
+    pub fn inline_or_env(
+        &self,
+        field: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Option<String>, ConfigError> {
+        let env_field = format!("{field}Env");
+        match (self.string(field)?, self.string(&env_field)?) {
+            (Some(value), None) => Ok(Some(value)),
+            (None, Some(variable)) => env(&variable)
+                .filter(|v| !v.trim().is_empty())
+                .map(Some)
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        self.key(&env_field),
+                        format!("names environment variable {variable:?}, which is not set in the Wasm VM"),
+                    )
+                }),
+            (Some(_), Some(_)) => Err(ConfigError::new(
+                self.key(field),
+                format!("and {env_field} are both set; use one"),
+            )),
+            (None, None) => Ok(None),
+        }
+    }
+
     /// A boolean given as JSON `true`/`false` or the strings "true"/"false".
     pub fn boolean(&self, name: &str, default: bool) -> Result<bool, ConfigError> {
         match self.fields.get(name) {

@@ -122,6 +122,7 @@ mod tests {
                 "tokenServiceURL.SocketReadTimeoutInSeconds": "7"
             }),
             Some("ts"),
+            &|_| None,
         )
         .unwrap();
         let r = build(&d, "<a>é</a>");

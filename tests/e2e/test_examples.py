@@ -19,7 +19,7 @@ def validate(config: dict, tmp_path) -> subprocess.CompletedProcess:
     path = tmp_path / "envoy.yaml"
     path.write_text(yaml.safe_dump(config))
     env = dict(os.environ, PP_SIGNING_KEY=(FIXTURES / "signing-key.pem").read_text(),
-               PP_SIGNING_CERT=(FIXTURES / "signing-cert.pem").read_text())
+               PP_SIGNING_CERT=(FIXTURES / "signing-cert.pem").read_text(), PP_CLIENT_SECRET="example-secret")
     return subprocess.run([str(stack.VENV_BIN / "envoy"), "--mode", "validate", "-c", str(path)],
                           env=env, capture_output=True, text=True, timeout=120)
 
