@@ -12,7 +12,7 @@ WASM_BINDGEN_VERSION := $(shell awk '/^name = "wasm-bindgen"$$/ {getline; gsub(/
 CARGO_BIN   := $(HOME)/.cargo/bin
 export PATH := $(CARGO_BIN):$(PATH)
 
-.PHONY: help setup build keys renew regenerate rotate run test test-unit test-wasm test-e2e lint bench clean
+.PHONY: help setup build keys renew regenerate rotate run test test-unit test-wasm test-e2e lint bench soak clean
 
 help:
 	@echo "make run    - build, install what is missing, start the demo on 127.0.0.1 (Ctrl-C stops)"
@@ -23,6 +23,7 @@ help:
 	@echo "make regenerate SLOT=a|b|second  - new key and certificate"
 	@echo "make rotate - swap active and passive key of the running demo, without a restart"
 	@echo "make bench  - measure against peers side by side in one Envoy, write BENCHMARKS.md"
+	@echo "make soak   - ten minutes of load with user churn and token expiry (SOAK_SECONDS), write SOAK.md"
 
 ## Installation (idempotent) ---------------------------------------------------------
 
@@ -120,6 +121,11 @@ MINIMAL_WASM := target/wasm32-wasip1/release/examples/minimal_filter.wasm
 bench: setup build keys .make/wrk
 	cargo build --release --target wasm32-wasip1 --example minimal_filter
 	$(PY) bench/bench.py
+
+SOAK_SECONDS ?= 600
+
+soak: setup build keys
+	SOAK_SECONDS=$(SOAK_SECONDS) $(PY) bench/soak.py
 
 clean:
 	cargo clean

@@ -5,14 +5,11 @@ whether the token it received belongs to that user."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import random
 from collections import Counter
-from urllib.parse import quote
 
+import load
 import pytest
-
 import stack
 from conftest import Client
 
@@ -38,30 +35,6 @@ def user_ids() -> list[str]:
     return tricky + [f"leak-{i:03d}" for i in range(USERS - len(tricky))]
 
 
-async def keep_alive_connection(port: int, requests: list[tuple[str, str, str]], outcomes: Counter) -> None:
-    """Sends `requests` (user, path, jwt) one after another on one HTTP/1.1 connection
-    (a plain client: httpx's pool is far slower than Envoy here) and counts whose token
-    the echo upstream saw."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        for user, path, jwt in requests:
-            writer.write((f"GET {path} HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {jwt}\r\n"
-                          f"X-Expected-User: {quote(user)}\r\n\r\n").encode())
-            status = int((await asyncio.wait_for(reader.readline(), 30)).split()[1])
-            length = 0
-            while (line := await asyncio.wait_for(reader.readline(), 30)) not in (b"\r\n", b""):
-                name, _, value = line.decode().partition(":")
-                if name.lower() == "content-length":
-                    length = int(value)
-            body = await asyncio.wait_for(reader.readexactly(length), 30)
-            if status != 200:
-                outcomes[f"status {status}"] += 1
-            else:
-                outcomes["own" if json.loads(body)["user"] == user else "other_user"] += 1
-    finally:
-        writer.close()
-
-
 def test_every_upstream_request_carries_its_own_users_token(load_client):
     client = load_client
     users = user_ids()
@@ -74,13 +47,7 @@ def test_every_upstream_request_carries_its_own_users_token(load_client):
             ((rng.choice(users), rng.choice(paths)) for _ in range(REQUESTS))]
     before = Counter(client.stats().get("deliveries", {}))
 
-    async def run() -> Counter:
-        outcomes: Counter = Counter()
-        await asyncio.gather(*[keep_alive_connection(client.ports.listener, plan[i::CONNECTIONS], outcomes)
-                               for i in range(CONNECTIONS)])
-        return outcomes
-
-    outcomes = asyncio.run(run())
+    outcomes = load.run(client.ports.listener, plan, CONNECTIONS)
     assert outcomes == Counter(own=REQUESTS), outcomes
 
     counted = Counter(client.stats().get("deliveries", {})) - before
