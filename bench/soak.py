@@ -144,7 +144,9 @@ def main() -> int:
         f"Written by `make soak` ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}), "
         f"{args.seconds:.0f} s. Method: see `bench/soak.py`. Envoy --concurrency 2, one Envoy, dev servers on 127.0.0.1.",
         "",
-        f"- Load: {RATE} requests/s over {CONNECTIONS} keep-alive connections; {ACTIVE} active users, "
+        f"- Load: {RATE} requests/s paced over {CONNECTIONS} keep-alive connections (achieved "
+        f"{samples[-1]['requests'] / samples[-1]['t']:.0f}/s: an interval runs long when the machine is busy); "
+        f"{ACTIVE} active users, "
         f"{CHURN} new every {INTERVAL:.0f} s ({distinct_users} distinct users in all); half the requests on a destination "
         "whose tokens are usable for 8 s, half on one whose tokens live an hour.",
         f"- Token cache: {CACHE_SLOTS} slots (fewer than the users), so it is full and recycled after the warm-up.",

@@ -12,19 +12,26 @@ from urllib.parse import quote
 TIMEOUT = 30.0
 
 
-async def request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, user: str,
-                  jwt: str) -> str:
-    """One request; the outcome: `own` (200 with the user's own token), `other_user`
-    (200 with someone else's) or `status <n>`."""
-    writer.write((f"GET {path} HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {jwt}\r\n"
-                  f"X-Expected-User: {quote(user)}\r\n\r\n").encode())
+async def get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str,
+              headers: dict[str, str]) -> tuple[int, bytes]:
+    """One GET on a kept-alive connection: status and body (answers carry Content-Length)."""
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: gateway\r\n{lines}\r\n".encode())
     status = int((await asyncio.wait_for(reader.readline(), TIMEOUT)).split()[1])
     length = 0
     while (line := await asyncio.wait_for(reader.readline(), TIMEOUT)) not in (b"\r\n", b""):
         name, _, value = line.decode().partition(":")
         if name.lower() == "content-length":
             length = int(value)
-    body = await asyncio.wait_for(reader.readexactly(length), TIMEOUT)
+    return status, await asyncio.wait_for(reader.readexactly(length), TIMEOUT)
+
+
+async def request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, user: str,
+                  jwt: str) -> str:
+    """One request; the outcome: `own` (200 with the user's own token), `other_user`
+    (200 with someone else's) or `status <n>`."""
+    status, body = await get(reader, writer, path,
+                             {"Authorization": f"Bearer {jwt}", "X-Expected-User": quote(user)})
     if status != 200:
         return f"status {status}"
     return "own" if json.loads(body)["user"] == user else "other_user"
