@@ -114,7 +114,7 @@ class SharedState:
         self.reset()
 
     def reset(self):
-        """Forget tokens, replay cache, statistics and recorded requests (POST /reset)."""
+        """Forget tokens, replay cache, statistics, recorded requests and faults (POST /reset)."""
         with self._lock:
             self._tokens = {}
             self._seen_ids = set()
