@@ -12,6 +12,12 @@ One process runs three HTTP servers, all bound to 127.0.0.1:
   tests can see end to end what arrived upstream; requests that name their user
   (``X-Expected-User``) are counted as carrying that user's token or not.
 
+The token server can also fail on purpose (see ``FAULTS``): per request with the path
+``/oauth/token/fault/<kind>``, or for any token path at run time with
+``POST /faults {"path": ..., "mode": ...}`` (mode ``none`` heals it). ``GET /faults``
+shows the modes set and how many token requests each path served in each mode;
+``GET /upstream`` lists what reached the echo upstream.
+
 Dev/test only: keys and state live in memory. Tokens, assertions, passwords and
 keys are never logged (``GET /requests`` on the token server and ``GET /minted`` on the
 identity provider do expose them, on purpose, to tests).
@@ -25,12 +31,16 @@ import json
 import math
 import re
 import secrets
+import select
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from html import unescape
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -58,6 +68,9 @@ DEFAULT_TOKEN_LIFETIME = 3600
 DEFAULT_SLOW_DELAY = 5.0
 MAX_SLOW_DELAY = 60.0  # keeps /oauth/token/slow bounded whatever a test asks for
 MAX_BODY = 1 << 20
+HUGE_BODY = 10 * 1024 * 1024  # the `huge` fault's answer: larger than any token response
+HANG_MAX = 30.0  # the `hang` fault holds a connection at most this long
+DRIP_BYTES, DRIP_INTERVAL = 3, 0.3  # the `drip` fault: 10 bytes/s, far slower than a read timeout
 IDP_KID = "dev-idp-1"
 
 
@@ -103,7 +116,7 @@ class SharedState:
         self.reset()
 
     def reset(self):
-        """Forget tokens, replay cache, statistics and recorded requests (POST /reset)."""
+        """Forget tokens, replay cache, statistics, recorded requests and faults (POST /reset)."""
         with self._lock:
             self._tokens = {}
             self._seen_ids = set()
@@ -111,6 +124,9 @@ class SharedState:
             self._failures = Counter()
             self._requests = []
             self._echo = Counter()
+            self._fault_modes = {}
+            self._served = {}
+            self._upstream = []
 
     def claim_assertion_id(self, assertion_id):
         """Atomically remember an assertion ID; False if it was seen before (replay)."""
@@ -155,6 +171,40 @@ class SharedState:
         outcome = "invalid" if not valid else ("own" if user == expected_user else "other_user")
         with self._lock:
             self._echo[outcome] += 1
+
+    def set_fault(self, path, mode):
+        """Make token path `path` answer with fault `mode` from now on (`none` heals it)."""
+        with self._lock:
+            if mode == "none":
+                self._fault_modes.pop(path, None)
+            else:
+                self._fault_modes[path] = mode
+
+    def serve(self, path):
+        """The mode a token request on `path` is served in, counted per path and mode."""
+        with self._lock:
+            if path.startswith(FAULT_PREFIX):
+                mode = path[len(FAULT_PREFIX):]
+            else:
+                mode = self._fault_modes.get(path, "none")
+            served = self._served.setdefault(path, Counter())
+            served[mode] += 1
+            return mode
+
+    def faults(self):
+        with self._lock:
+            return {"modes": dict(self._fault_modes),
+                    "served": {path: dict(modes) for path, modes in self._served.items()}}
+
+    def record_upstream(self, path, token, user, valid):
+        """What reached the echo upstream (tests check that failed requests did not)."""
+        with self._lock:
+            self._upstream.append({"path": path, "token": token, "user": user, "token_valid": valid,
+                                   "time": time.time()})
+
+    def upstream(self):
+        with self._lock:
+            return list(self._upstream)
 
     def stats(self):
         with self._lock:
@@ -453,6 +503,64 @@ def validate_exchange(headers, form, endpoint, cfg, state):
     return user, verified_by
 
 
+# ------------------------------------------------------------------------- faults
+
+FAULT_PREFIX = "/oauth/token/fault/"
+HTML_PAGE = b"<html><head><title>Service Unavailable</title></head><body>down for maintenance</body></html>"
+
+
+def unverified_name_id(assertion_xml):
+    """The NameID of an assertion that was not validated (faults skip validation).
+
+    Only used to issue a *working* token inside a faulty answer, so that a gateway
+    that wrongly took such an answer would be caught using a valid token."""
+    match = re.search(r"<(?:[\w-]+:)?NameID\b[^>]*>([^<]*)<", assertion_xml or "")
+    return unescape(match.group(1)) if match else "unknown"
+
+
+def token_json(token, **fields):
+    """A token answer: `fields` override or (with None) drop the usual members."""
+    body = {"access_token": token, "token_type": "bearer", "expires_in": DEFAULT_TOKEN_LIFETIME}
+    body.update(fields)
+    return json.dumps({k: v for k, v in body.items() if v is not None}).encode()
+
+
+# Faults by name: each takes (handler, working token) and answers (or does not).
+# Answers that carry a token carry a real one the echo upstream would accept.
+FAULTS = {
+    # Transport: the raw connection misbehaves.
+    "reset": lambda h, token: h.reset_mid_response(token_json(token)),
+    "hang": lambda h, token: h.hang(),
+    "drip": lambda h, token: h.drip(token_json(token)),
+    # HTTP errors with a body no OAuth client can read.
+    "html-500": lambda h, token: h.send_body(500, HTML_PAGE, "text/html"),
+    "html-503": lambda h, token: h.send_body(503, HTML_PAGE, "text/html", {"Retry-After": "120"}),
+    # 200 with a body that is not a usable token answer.
+    "empty": lambda h, token: h.send_body(200, b"", "application/json"),
+    "not-json": lambda h, token: h.send_body(200, f"access_token={token}&token_type=bearer".encode(),
+                                             "application/x-www-form-urlencoded"),
+    "huge": lambda h, token: h.send_body(200, huge_token_json(token), "application/json"),
+    "no-access-token": lambda h, token: h.send_body(200, token_json(None), "application/json"),
+    "expires-negative": lambda h, token: h.send_body(200, token_json(token, expires_in=-3600), "application/json"),
+    "expires-huge": lambda h, token: h.send_body(200, token_json(token, expires_in=10 ** 12), "application/json"),
+    "expires-string": lambda h, token: h.send_body(200, token_json(token, expires_in="one hour"),
+                                                   "application/json"),
+    "token-type-mac": lambda h, token: h.send_body(200, token_json(token, token_type="mac"), "application/json"),
+    # Odd but usable answers (the plugin accepts these; see its README).
+    "expires-digits": lambda h, token: h.send_body(200, token_json(token, expires_in="3600"), "application/json"),
+    "expires-missing": lambda h, token: h.send_body(200, token_json(token, expires_in=None), "application/json"),
+    "bearer-uppercase": lambda h, token: h.send_body(200, token_json(token, token_type="BEARER"),
+                                                     "application/json"),
+}
+
+
+def huge_token_json(token):
+    """A well-formed token answer of HUGE_BODY bytes: only a reader that refuses its size
+    (rather than failing to parse it) is safe from it."""
+    head = token_json(token)[:-1] + b', "padding": "'
+    return head + b"x" * (HUGE_BODY - len(head) - 2) + b'"}'
+
+
 # ----------------------------------------------------------------- HTTP plumbing
 
 
@@ -547,6 +655,10 @@ class TokenHandler(BaseHandler):
         path = urlsplit(self.path).path
         if path == "/stats":
             self.send_json(200, self.app.state.stats())
+        elif path == "/faults":
+            self.send_json(200, self.app.state.faults())
+        elif path == "/upstream":
+            self.send_json(200, self.app.state.upstream())
         elif path == "/requests":
             self.send_json(200, self.app.state.requests())
         elif path == "/healthz":
@@ -565,10 +677,67 @@ class TokenHandler(BaseHandler):
         if url.path == "/reset":
             self.app.state.reset()
             self.send_json(200, {})
+        elif url.path == "/faults":
+            self.set_fault(body)
         elif url.path.startswith("/oauth/token"):
             self.token_endpoint(url, body)
         else:
             self.not_found()
+
+    def set_fault(self, body):
+        """POST /faults {"path": "/oauth/token/...", "mode": <a FAULTS name or "none">}."""
+        try:
+            request = json.loads(body)
+            path, mode = request["path"], request["mode"]
+        except (ValueError, KeyError, TypeError):
+            self.send_json(400, {"error": "invalid_request", "error_description": "need JSON path and mode"})
+            return
+        if not (isinstance(path, str) and path.startswith("/oauth/token")) or (mode != "none" and mode not in FAULTS):
+            self.send_json(400, {"error": "invalid_request", "error_description": "unknown token path or mode"})
+            return
+        self.app.state.set_fault(path, mode)
+        self.send_json(200, self.app.state.faults())
+
+    def fault(self, mode, entry):
+        """Answer with fault `mode`, validating nothing; the token inside is a real one."""
+        user = unverified_name_id(entry["assertion_xml"])
+        token = self.app.state.issue_token(user, DEFAULT_TOKEN_LIFETIME, "openid", entry["path"])
+        self.app.state.record(dict(entry, fault_token=token), f"fault:{mode}")
+        self.close_connection = True
+        try:
+            FAULTS[mode](self, token)
+        except OSError:
+            pass  # the client hung up on a fault: that is its business
+
+    def reset_mid_response(self, body):
+        """Headers and half the body, then an RST (SO_LINGER 0) instead of the rest."""
+        head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        try:
+            self.connection.sendall(head + body[: len(body) // 2])
+            time.sleep(0.05)  # let the peer read what was sent before the reset
+        except OSError:
+            return
+        # Detach so that socketserver's own shutdown(SHUT_WR) cannot send a polite FIN first.
+        raw = socket.socket(fileno=self.connection.detach())
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        raw.close()
+
+    def hang(self):
+        """Never answer: wait until the client gives up and closes (or HANG_MAX)."""
+        select.select([self.connection], [], [], HANG_MAX)
+
+    def drip(self, body):
+        """Headers at once, then the body a few bytes at a time, slower than any read timeout."""
+        head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        try:
+            self.connection.sendall(head)
+            for i in range(0, len(body), DRIP_BYTES):
+                time.sleep(DRIP_INTERVAL)
+                self.connection.sendall(body[i:i + DRIP_BYTES])
+        except OSError:
+            pass  # the client gave up, as it should
 
     def token_endpoint(self, url, body):
         """Handle one grant request: record it, apply the path behaviour, validate, issue."""
@@ -583,6 +752,13 @@ class TokenHandler(BaseHandler):
             entry["assertion_xml"] = decode_assertion(form).decode("utf-8", errors="replace")
         except OAuthError:
             pass
+        mode = self.app.state.serve(url.path)
+        if mode != "none":
+            if mode not in FAULTS:
+                self.send_json(404, {"error": "not_found", "error_description": "unknown fault"})
+            else:
+                self.fault(mode, entry)
+            return
         try:
             if url.path == "/oauth/token/slow" or "delay" in query:
                 time.sleep(slow_delay(query))
@@ -629,6 +805,7 @@ class EchoHandler(BaseHandler):
         expected = self.headers.get("X-Expected-User")  # percent-encoded: any user id fits a header
         if expected is not None:
             self.app.state.count_delivery(unquote(expected), user, valid)
+        self.app.state.record_upstream(self.path, token.strip() or None, user, valid)
         self.send_json(200, {"user": user, "token_valid": valid, "method": self.command,
                              "path": self.path, "headers": self.lower_headers()})
 

@@ -86,18 +86,30 @@ impl Context for PluginRoot {
     fn on_http_call_response(
         &mut self,
         token_id: u32,
-        _headers: usize,
+        headers: usize,
         body_size: usize,
         _trailers: usize,
     ) {
-        let status = self
-            .get_http_call_response_header(":status")
-            .and_then(|s| s.parse::<u16>().ok());
-        // One byte over the limit is enough for the parser to refuse an oversized answer.
-        let limit = crate::oauth::token_response::MAX_RESPONSE_BYTES + 1;
-        let body = self
-            .get_http_call_response_body(0, body_size.min(limit))
-            .unwrap_or_default();
+        // A failed callout (reset, timeout after the headers) comes with no headers at
+        // all, and then Envoy has no response map: reading `:status` would make the SDK
+        // panic on the BadArgument status and kill the VM. Read nothing in that case.
+        let (status, body) = if headers == 0 {
+            (None, Vec::new())
+        } else {
+            let status = self
+                .get_http_call_response_header(":status")
+                .and_then(|s| s.parse::<u16>().ok());
+            // Only a bounded prefix is copied into the VM, however large the answer: one
+            // byte over the limit is enough for the parser to refuse an oversized one.
+            let limit = crate::oauth::token_response::MAX_RESPONSE_BYTES + 1;
+            let body = match body_size {
+                0 => Vec::new(),
+                size => self
+                    .get_http_call_response_body(0, size.min(limit))
+                    .unwrap_or_default(),
+            };
+            (status, body)
+        };
         self.with_worker(|worker, host| worker.on_token_response(host, token_id, status, &body));
     }
 }

@@ -499,3 +499,83 @@ fn a_host_that_cannot_schedule_the_exchange_fails_the_request_closed() {
     assert_eq!(w.on_request(&h, &c, 2, 0, Some(&alice())), Decision::Wait);
     assert_eq!(w.in_flight(), 1);
 }
+
+#[test]
+fn a_callout_without_response_is_a_timeout_only_once_its_timeout_has_passed() {
+    let timeout_ns = config().destinations[0].token_service.timeout_ms * 1_000_000;
+    for (elapsed_ns, expected) in [
+        (SECOND, "reset"),
+        (timeout_ns / 10 * 9 - 1_000_000, "reset"),
+        (timeout_ns / 10 * 9, "timeout"),
+        (timeout_ns, "timeout"),
+        (timeout_ns + SECOND, "timeout"),
+    ] {
+        let (mut w, h, c) = (Worker::new(), host(), config());
+        w.on_request(&h, &c, 1, 0, Some(&alice()));
+        w.on_wake(&h);
+        h.now_ns.set(T0 + elapsed_ns);
+        w.on_token_response(&h, 101, None, b"");
+        let failed = h.failed.borrow();
+        match expected {
+            "timeout" => assert_eq!(failed[0], (1, Failure::Timeout)),
+            _ => assert!(
+                matches!(failed[0], (1, Failure::Unavailable { .. })),
+                "{elapsed_ns}"
+            ),
+        }
+        assert_eq!(
+            failed[0].1.reply().status,
+            if expected == "timeout" { 504 } else { 503 }
+        );
+    }
+}
+
+#[test]
+fn unusable_answers_are_never_cached_and_a_healed_service_is_used_after_the_backoff() {
+    let answers: [(Option<u16>, &[u8]); 9] = [
+        (None, b""),
+        (Some(503), b"<html>down</html>"),
+        (Some(500), b"<html>oops</html>"),
+        (Some(200), b""),
+        (Some(200), b"access_token=bad&token_type=bearer"),
+        (Some(200), br#"{"token_type":"bearer","expires_in":60}"#),
+        (
+            Some(200),
+            br#"{"access_token":"bad","token_type":"bearer","expires_in":-60}"#,
+        ),
+        (
+            Some(200),
+            br#"{"access_token":"bad","token_type":"bearer","expires_in":"soon"}"#,
+        ),
+        (
+            Some(200),
+            br#"{"access_token":"bad","token_type":"mac","expires_in":60}"#,
+        ),
+    ];
+    for (status, body) in answers {
+        let (mut w, h, c) = (Worker::new(), host(), config());
+        w.on_request(&h, &c, 1, 0, Some(&alice()));
+        w.on_wake(&h);
+        w.on_token_response(&h, 101, status, body);
+        assert!(h.resumed.borrow().is_empty());
+        let reply = h.failed.borrow()[0].1.reply();
+        assert_eq!(reply.status, 503, "{body:?}");
+        assert!(!reply.body.contains("bad"));
+        // Held for the backoff (no exchange), then tried again.
+        h.now_ns.set(T0 + (FAILURE_BACKOFF_MS - 1) * 1_000_000);
+        assert!(matches!(
+            w.on_request(&h, &c, 2, 0, Some(&alice())),
+            Decision::Fail(Failure::Unavailable { .. })
+        ));
+        h.now_ns.set(T0 + FAILURE_BACKOFF_MS * 1_000_000);
+        assert_eq!(w.on_request(&h, &c, 3, 0, Some(&alice())), Decision::Wait);
+        w.on_wake(&h);
+        assert_eq!(h.dispatched.borrow().len(), 2);
+        w.on_token_response(&h, 102, Some(200), OK);
+        assert_eq!(*h.resumed.borrow(), vec![(3, "Bearer tok-1".to_string())]);
+        assert_eq!(
+            w.on_request(&h, &c, 4, 0, Some(&alice())),
+            Decision::Forward("Bearer tok-1".into())
+        );
+    }
+}

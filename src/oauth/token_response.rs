@@ -2,6 +2,18 @@
 //!
 //! The answer comes from the network: it is bounded, parsed strictly and never trusted
 //! to be well-formed. A token is only accepted if it can go into an HTTP header as is.
+//!
+//! Where RFC 6749 leaves room, the rules are:
+//! - `token_type` must be `bearer` in any letter case (§5.1: case-insensitive); anything
+//!   else, or none, is refused: the plugin only knows how to send bearer tokens.
+//! - `expires_in` is a non-negative number of seconds; fractions are dropped and more
+//!   than [`MAX_LIFETIME_S`] is capped (a token is re-exchanged at least daily, whatever
+//!   the server claims). A string of decimal digits is read as that number: some token
+//!   services send one, and it has exactly one meaning. Negative values, other strings
+//!   and other types are refused: the server's clock or code is broken.
+//! - `expires_in` missing, `null` or `0` means "lifetime unknown": the token serves the
+//!   requests that waited for it and is not cached (like Spring Security, which assumes
+//!   one second), rather than guessing a lifetime the token may not have.
 
 use crate::error::Failure;
 use serde_json::Value;
@@ -15,7 +27,8 @@ pub const MAX_LIFETIME_S: u64 = 24 * 3600;
 #[derive(Clone, PartialEq, Eq)]
 pub struct IssuedToken {
     pub access_token: String,
-    /// Lifetime in seconds, capped at [`MAX_LIFETIME_S`]; 0 when the server gave none.
+    /// Lifetime in seconds, capped at [`MAX_LIFETIME_S`]; 0 when the server gave none
+    /// (the token is then not cached).
     pub expires_in_s: u64,
 }
 
@@ -66,18 +79,36 @@ fn parse_success(body: &[u8]) -> Result<IssuedToken, Failure> {
         Some(t) if t.eq_ignore_ascii_case("bearer") => {}
         _ => return Err(garbage("token_type is not bearer")),
     }
-    let expires_in_s = match json.get("expires_in") {
-        None | Some(Value::Null) => 0,
-        Some(Value::Number(n)) => match n.as_f64() {
-            Some(f) if f >= 0.0 && f.is_finite() => (f as u64).min(MAX_LIFETIME_S),
-            _ => return Err(garbage("expires_in is negative or not a number")),
-        },
-        Some(_) => return Err(garbage("expires_in is not a number")),
-    };
     Ok(IssuedToken {
         access_token: access_token.to_string(),
-        expires_in_s,
+        expires_in_s: expires_in(json.get("expires_in"))?,
     })
+}
+
+/// The cache lifetime in seconds `expires_in` allows (see the module rules).
+fn expires_in(value: Option<&Value>) -> Result<u64, Failure> {
+    let seconds = match value {
+        None | Some(Value::Null) => 0.0,
+        Some(Value::Number(n)) => n.as_f64().unwrap_or(-1.0),
+        // At most 10 digits: any longer is far above the cap, and parses as a u64 anyway.
+        Some(Value::String(s))
+            if (1..=10).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            s.parse::<u64>().map_or(-1.0, |v| v as f64)
+        }
+        Some(_) => {
+            return Err(Failure::Unavailable {
+                reason: "expires_in is not a number",
+            })
+        }
+    };
+    if seconds.is_finite() && seconds >= 0.0 {
+        Ok((seconds as u64).min(MAX_LIFETIME_S))
+    } else {
+        Err(Failure::Unavailable {
+            reason: "expires_in is negative",
+        })
+    }
 }
 
 /// The RFC 6749 §5.2 `error` code, if the body is such an answer with a valid code.
@@ -112,11 +143,134 @@ mod tests {
                 .expires_in_s,
             0
         );
+    }
+
+    fn lifetime(expires_in: &str) -> Result<u64, Failure> {
+        let body = format!(r#"{{"access_token":"a","token_type":"bearer"{expires_in}}}"#);
+        ok(&body).map(|t| t.expires_in_s)
+    }
+
+    #[test]
+    fn expires_in_huge_is_capped_at_a_day() {
+        assert_eq!(lifetime(r#","expires_in":86400"#), Ok(86_400));
+        assert_eq!(lifetime(r#","expires_in":86401"#), Ok(MAX_LIFETIME_S));
+        assert_eq!(lifetime(r#","expires_in":1e12"#), Ok(MAX_LIFETIME_S));
         assert_eq!(
-            ok(r#"{"access_token":"a","token_type":"bearer","expires_in":1e12}"#)
-                .unwrap()
-                .expires_in_s,
-            MAX_LIFETIME_S
+            lifetime(r#","expires_in":18446744073709551615"#),
+            Ok(MAX_LIFETIME_S)
+        );
+        assert_eq!(lifetime(r#","expires_in":1e300"#), Ok(MAX_LIFETIME_S));
+        // Beyond what a double holds, the JSON parser refuses the whole answer.
+        assert!(matches!(
+            lifetime(r#","expires_in":1e400"#),
+            Err(Failure::Unavailable { .. })
+        ));
+    }
+
+    #[test]
+    fn expires_in_fractions_are_dropped() {
+        assert_eq!(lifetime(r#","expires_in":3599.9"#), Ok(3599));
+    }
+
+    #[test]
+    fn expires_in_missing_null_or_zero_means_not_cached() {
+        assert_eq!(lifetime(""), Ok(0));
+        assert_eq!(lifetime(r#","expires_in":null"#), Ok(0));
+        assert_eq!(lifetime(r#","expires_in":0"#), Ok(0));
+        assert_eq!(lifetime(r#","expires_in":-0.0"#), Ok(0));
+    }
+
+    #[test]
+    fn expires_in_negative_is_refused() {
+        for e in ["-1", "-3600", "-0.5", "-1e300"] {
+            assert_eq!(
+                lifetime(&format!(r#","expires_in":{e}"#)),
+                Err(Failure::Unavailable {
+                    reason: "expires_in is negative"
+                }),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn expires_in_as_a_digit_string_is_read_as_a_number() {
+        assert_eq!(lifetime(r#","expires_in":"3600""#), Ok(3600));
+        assert_eq!(lifetime(r#","expires_in":"0""#), Ok(0));
+        assert_eq!(
+            lifetime(r#","expires_in":"9999999999""#),
+            Ok(MAX_LIFETIME_S)
+        );
+    }
+
+    #[test]
+    fn expires_in_other_strings_and_types_are_refused() {
+        for e in [
+            r#""one hour""#,
+            r#""""#,
+            r#"" 3600""#,
+            r#""3600 ""#,
+            r#""+3600""#,
+            r#""-1""#,
+            r#""3.5""#,
+            r#""1e3""#,
+            r#""0x10""#,
+            r#""99999999999""#,
+            "true",
+            "[3600]",
+            r#"{"s":3600}"#,
+        ] {
+            assert_eq!(
+                lifetime(&format!(r#","expires_in":{e}"#)),
+                Err(Failure::Unavailable {
+                    reason: "expires_in is not a number"
+                }),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn token_type_is_bearer_in_any_case_and_nothing_else() {
+        for t in ["bearer", "Bearer", "BEARER", "bEaReR"] {
+            let body = format!(r#"{{"access_token":"a","token_type":"{t}","expires_in":60}}"#);
+            assert_eq!(ok(&body).map(|t| t.expires_in_s), Ok(60), "{t}");
+        }
+        for t in [
+            r#""mac""#,
+            r#""DPoP""#,
+            r#""bearer ""#,
+            r#""""#,
+            "null",
+            "1",
+        ] {
+            let body = format!(r#"{{"access_token":"a","token_type":{t}}}"#);
+            assert_eq!(
+                ok(&body),
+                Err(Failure::Unavailable {
+                    reason: "token_type is not bearer"
+                }),
+                "{t}"
+            );
+        }
+        assert!(
+            ok(r#"{"access_token":"a"}"#).is_err(),
+            "token_type is required"
+        );
+    }
+
+    #[test]
+    fn bodies_over_the_limit_are_refused_whatever_they_hold() {
+        let mut body = br#"{"access_token":"a","token_type":"bearer","pad":""#.to_vec();
+        body.resize(MAX_RESPONSE_BYTES - 2, b'x');
+        body.extend_from_slice(br#""}"#);
+        assert!(parse(Some(200), &body).is_ok(), "exactly at the limit");
+        body.insert(body.len() - 2, b'x');
+        assert_eq!(
+            parse(Some(200), &body),
+            Err(Failure::Unavailable {
+                reason: "response too large"
+            })
         );
     }
 
@@ -128,9 +282,11 @@ mod tests {
             r#"{"token_type":"bearer"}"#,
             r#"{"access_token":"a b","token_type":"bearer"}"#,
             r#"{"access_token":"a\r\nx: y","token_type":"bearer"}"#,
-            r#"{"access_token":"a","token_type":"mac"}"#,
-            r#"{"access_token":"a","token_type":"bearer","expires_in":-1}"#,
-            r#"{"access_token":"a","token_type":"bearer","expires_in":"3600"}"#,
+            "access_token=a&token_type=bearer",
+            "{}",
+            "[]",
+            r#"{"access_token":"","token_type":"bearer"}"#,
+            r#"{"access_token":42,"token_type":"bearer"}"#,
         ] {
             assert!(
                 matches!(ok(body), Err(Failure::Unavailable { .. })),

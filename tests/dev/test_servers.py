@@ -3,6 +3,7 @@
 import base64
 import datetime as dt
 import json
+import re
 import selectors
 import socket
 import subprocess
@@ -309,3 +310,78 @@ def test_stats_and_recorded_requests(env):
     assert first["headers"]["authorization"].startswith("Basic ")
     assert "<saml:NameID" in first["assertion_xml"]
     assert http("GET", env.token + "/healthz")[0] == 200
+
+
+# -------------------------------------------------------------- fault injection
+
+
+def raw_exchange(env, path, read_timeout=5.0):
+    """POST a grant request on a raw socket; returns (bytes received, how the read ended)."""
+    port = int(env.token.rsplit(":", 1)[1])
+    body = urllib.parse.urlencode({"grant_type": GRANT, "assertion": b64(env.assertion(path=path))}).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    received, deadline = b"", time.monotonic() + read_timeout
+    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as s:
+        s.sendall(head + body)
+        try:
+            while True:
+                s.settimeout(max(0.001, deadline - time.monotonic()))
+                chunk = s.recv(65536)
+                if not chunk:
+                    return received, "eof"
+                received += chunk
+        except ConnectionResetError:
+            return received, "reset"
+        except socket.timeout:
+            return received, "timeout"
+
+
+def test_faults_by_path_answer_without_validating_and_carry_a_working_token(env):
+    # No client authentication at all: faults validate nothing they do not need.
+    status, body = http("POST", env.token + "/oauth/token/fault/html-503", b"x=1")
+    assert status == 503 and body.startswith(b"<html>")
+    status, body = env.exchange(env.assertion(name_id="carol"), path="/oauth/token/fault/token-type-mac")
+    assert status == 200 and body["token_type"] == "mac"
+    echo = env.get_json(env.echo, "/x", headers={"Authorization": f"Bearer {body['access_token']}"})
+    assert echo["user"] == "carol" and echo["token_valid"] is True
+    status, body = env.exchange(path="/oauth/token/fault/no-access-token")
+    assert status == 200 and "access_token" not in body and body["token_type"] == "bearer"
+    status, raw = http("POST", env.token + "/oauth/token/fault/huge", b"")
+    assert status == 200 and len(raw) == 10 * 1024 * 1024 and json.loads(raw)["access_token"]
+    assert http("POST", env.token + "/oauth/token/fault/no-such-fault", b"")[0] == 404
+    assert env.get_json(env.token, "/stats")["failures"] == {
+        "fault:html-503": 1, "fault:token-type-mac": 1, "fault:no-access-token": 1, "fault:huge": 1}
+    assert env.get_json(env.token, "/upstream")[-1]["user"] == "carol"
+
+
+def test_socket_faults_reset_mid_response_and_drip(env):
+    received, ended = raw_exchange(env, "/oauth/token/fault/reset")
+    assert ended == "reset" and received.startswith(b"HTTP/1.1 200 OK\r\n")
+    head, _, partial = received.partition(b"\r\n\r\n")
+    length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+    assert 0 < len(partial) < length
+    received, ended = raw_exchange(env, "/oauth/token/fault/drip", read_timeout=1.0)
+    assert ended == "timeout" and received.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert len(received.partition(b"\r\n\r\n")[2]) <= 12  # about 10 bytes a second
+    received, ended = raw_exchange(env, "/oauth/token/fault/hang", read_timeout=0.5)
+    assert (received, ended) == (b"", "timeout")
+
+
+def test_a_fault_switched_on_and_healed_at_run_time_is_counted_per_mode(env):
+    path = "/oauth/token/heal-me"
+    assert http("POST", env.token + "/faults", b'{"path": "/elsewhere", "mode": "hang"}')[0] == 400
+    assert http("POST", env.token + "/faults", b'{"path": "/oauth/token/x", "mode": "nope"}')[0] == 400
+    status, _ = http("POST", env.token + "/faults", json.dumps({"path": path, "mode": "no-access-token"}).encode())
+    assert status == 200
+    for _ in range(2):
+        status, body = env.exchange(env.assertion(path=path), path=path)
+        assert status == 200 and "access_token" not in body
+    assert env.exchange()[0] == 200  # other paths are not affected
+    http("POST", env.token + "/faults", json.dumps({"path": path, "mode": "none"}).encode())
+    status, body = env.exchange(env.assertion(path=path, name_id="dave"), path=path)
+    assert status == 200 and body["expires_in"] == 3600
+    faults = env.get_json(env.token, "/faults")
+    assert faults["modes"] == {}
+    assert faults["served"][path] == {"no-access-token": 2, "none": 1}
+    assert env.get_json(env.token, "/stats")["exchanges"] == {"alice": 1, "dave": 1}

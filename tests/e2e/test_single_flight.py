@@ -54,7 +54,7 @@ def test_a_transport_failure_is_retried_after_the_backoff(client):
     jwt = client.jwt("crowd-timeout")
     responses = concurrent_first_requests(client, "/t/lagging-timeout/x", jwt, 40)
     assert {r.status_code for r in responses} == {504}
-    # Within the backoff (1 s) the answer comes without a new exchange.
+    # Within the backoff (0.5 s) the answer comes without a new exchange.
     status, _, _ = client.gateway("/t/lagging-timeout/x", jwt)
     assert status == 504
     time.sleep(2.0)  # backoff over, and the token server has logged the slow request
