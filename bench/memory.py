@@ -8,8 +8,8 @@ payload, and a direct-response listener answers every token request with an 800-
 bearer token (about the size of an XSUAA JWT). The upstream is a direct response too.
 
 Phases of distinct new users follow each other; after each, Envoy's memory is read:
-process RSS, and tcmalloc's allocated bytes (Envoy's heap, where shared data lives; the
-Wasm VMs' linear memory is mapped by V8 outside it, so RSS − allocated bounds it).
+process RSS; tcmalloc's allocated bytes (Envoy's heap, where shared data lives); and
+the plugin's `wasm_memory_bytes` gauge, the linear memory of a worker's Wasm VM.
 """
 
 from __future__ import annotations
@@ -74,18 +74,20 @@ def bootstrap() -> dict:
     }
 
 
+def gauge(name: str) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{PORTS.admin}/stats?filter={name}$", timeout=10) as r:
+        line = r.read().decode().strip()
+    return int(line.rsplit(": ", 1)[1]) if line else 0
+
+
 def memory_mib(gateway: stack.Stack) -> dict:
     with urllib.request.urlopen(f"http://127.0.0.1:{PORTS.admin}/memory", timeout=10) as r:
         memory = json.loads(r.read())
     rss = next(int(l.split()[1]) for l in Path(f"/proc/{gateway.envoy.pid}/status").read_text().splitlines()
                if l.startswith("VmRSS:")) / 1024
-    return {"rss_mib": round(rss, 1), "allocated_mib": round(int(memory["allocated"]) / 2**20, 1)}
-
-
-def counter(name: str) -> int:
-    with urllib.request.urlopen(f"http://127.0.0.1:{PORTS.admin}/stats?filter={name}$", timeout=10) as r:
-        line = r.read().decode().strip()
-    return int(line.rsplit(": ", 1)[1]) if line else 0
+    time.sleep(1.5)  # the plugin reports its VM's memory every second
+    return {"rss_mib": round(rss, 1), "allocated_mib": round(int(memory["allocated"]) / 2**20, 1),
+            "wasm_mib": round(gauge("wasmcustom.principal_propagation.wasm_memory_bytes") / 2**20, 1)}
 
 
 async def _send(users: range, connections: int):
@@ -105,22 +107,24 @@ async def _send(users: range, connections: int):
     return sum(await asyncio.gather(*[one(users[i::connections]) for i in range(connections)]))
 
 
-def measure(users_per_phase: int = 100_000, phases: int = 3, connections: int = 32) -> dict:
-    """Memory before and after each phase of `users_per_phase` new users."""
+def measure(phases: list[int], connections: int = 32) -> dict:
+    """Memory before and after each phase; `phases` holds each phase's number of new users."""
     import asyncio
 
     with stack.Stack("demo", PORTS, name="bench-memory", bootstrap=bootstrap(), concurrency=2) as gateway:
         asyncio.run(_send(range(-1000, 0), connections))  # warm-up: VMs, connections, first growth
         rows = [{"users": 0, **memory_mib(gateway), "seconds": 0.0, "errors": 0}]
-        for phase in range(phases):
+        sent = 0
+        for new_users in phases:
             start = time.monotonic()
-            errors = asyncio.run(_send(range(phase * users_per_phase, (phase + 1) * users_per_phase), connections))
-            rows.append({"users": (phase + 1) * users_per_phase, **memory_mib(gateway),
-                         "seconds": round(time.monotonic() - start, 1), "errors": errors})
+            errors = asyncio.run(_send(range(sent, sent + new_users), connections))
+            sent += new_users
+            rows.append({"users": sent, **memory_mib(gateway), "seconds": round(time.monotonic() - start, 1),
+                         "errors": errors})
             print(f"memory: {rows[-1]}", flush=True)
-        exchanges = counter("wasmcustom.principal_propagation.token_exchange.ok")
+        exchanges = gauge("wasmcustom.principal_propagation.token_exchange.ok")  # a counter, read alike
     return {"rows": rows, "exchanges": exchanges, "token_bytes": len(TOKEN), "slots": 100_000}
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(*(int(a) for a in sys.argv[1:])), indent=1))
+    print(json.dumps(measure([int(a) for a in sys.argv[1:]] or [100_000, 50_000]), indent=1))

@@ -144,6 +144,19 @@ impl EnvoyHost {
         Some(queue)
     }
 
+    /// Sets the gauge `wasm_memory_bytes` to this VM's linear memory (Wasm memory only
+    /// grows; the plugin's caches live in shared data, so this stays flat once warm).
+    /// Every worker's VM reports it in turn: they run the same code on the same traffic.
+    pub fn report_wasm_memory(&self) {
+        const PAGE_BYTES: u64 = 64 * 1024;
+        let bytes = core::arch::wasm32::memory_size::<0>() as u64 * PAGE_BYTES;
+        if let Ok(id) =
+            hostcalls::define_metric(MetricType::Gauge, "principal_propagation.wasm_memory_bytes")
+        {
+            let _ = hostcalls::record_metric(id, bytes);
+        }
+    }
+
     /// Logs due expiry notices once a day across all workers, and sets the
     /// `certificate_days_left` gauges.
     pub fn check_certificates(&self, config: &PluginConfig) {

@@ -154,6 +154,7 @@ impl RootContext for PluginRoot {
 
     fn on_tick(&mut self) {
         let host = self.host();
+        host.report_wasm_memory();
         let now_ms = host.now_ns() / 1_000_000;
         if now_ms.saturating_sub(self.certificates_checked_ms) >= CERTIFICATE_CHECK_MS {
             if let Some(config) = &self.config {
