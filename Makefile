@@ -12,7 +12,7 @@ WASM_BINDGEN_VERSION := $(shell awk '/^name = "wasm-bindgen"$$/ {getline; gsub(/
 CARGO_BIN   := $(HOME)/.cargo/bin
 export PATH := $(CARGO_BIN):$(PATH)
 
-.PHONY: help setup build keys renew regenerate rotate run test test-unit test-wasm test-e2e lint bench soak clean
+.PHONY: help setup build keys renew regenerate rotate run test test-unit test-wasm test-e2e lint bench soak fuzz clean
 
 help:
 	@echo "make run    - build, install what is missing, start the demo on 127.0.0.1 (Ctrl-C stops)"
@@ -24,6 +24,7 @@ help:
 	@echo "make rotate - swap active and passive key of the running demo, without a restart"
 	@echo "make bench  - measure against peers side by side in one Envoy, write BENCHMARKS.md"
 	@echo "make soak   - ten minutes of load with user churn and token expiry (SOAK_SECONDS), write SOAK.md"
+	@echo "make fuzz   - run every cargo-fuzz target for FUZZ_SECONDS (default 60), growing fuzz/corpus"
 
 ## Installation (idempotent) ---------------------------------------------------------
 
@@ -123,6 +124,30 @@ bench: setup build keys .make/wrk
 	$(PY) bench/bench.py
 
 SOAK_SECONDS ?= 600
+
+## Fuzzing (not part of `make test`, which replays fuzz/corpus and fuzz/regressions) -----
+
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := $(basename $(notdir $(wildcard fuzz/fuzz_targets/*.rs)))
+# cargo-fuzz needs nightly flags: the nightly toolchain if there is one, else stable
+# with RUSTC_BOOTSTRAP (the sanitizer runtime ships with stable too).
+FUZZ_CARGO := $(shell rustup run nightly rustc --version >/dev/null 2>&1 && echo "cargo +nightly" || echo "RUSTC_BOOTSTRAP=1 cargo")
+
+.make/cargo-fuzz:
+	@mkdir -p .make
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz
+	@touch $@
+
+fuzz: .make/cargo-fuzz
+	$(FUZZ_CARGO) fuzz build -O
+	@for target in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/regressions/$$target; \
+	  $(FUZZ_CARGO) fuzz run -O $$target fuzz/corpus/$$target -- -max_total_time=$(FUZZ_SECONDS) \
+	    -artifact_prefix=fuzz/regressions/$$target/ -print_final_stats=1 2>&1 \
+	    | grep -E "^(#[0-9]+ *DONE|stat::number_of_executed_units|stat::peak_rss|==|SUMMARY|Done)" ; \
+	  status=$${PIPESTATUS[0]}; [ $$status = 0 ] || { echo "$$target: crash saved in fuzz/regressions/$$target"; exit $$status; }; \
+	  $(FUZZ_CARGO) fuzz cmin -O $$target fuzz/corpus/$$target 2>&1 | grep -E "MERGE-OUTER: [0-9]+ new files" ; \
+	done
 
 soak: setup build keys
 	SOAK_SECONDS=$(SOAK_SECONDS) $(PY) bench/soak.py

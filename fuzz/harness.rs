@@ -1,0 +1,223 @@
+#![allow(dead_code)] // each fuzz target uses one function of this file
+//! One function per fuzz target: each takes untrusted bytes the way the plugin gets
+//! them and checks what must hold for any input. Shared by the `cargo fuzz` targets
+//! (`fuzz/fuzz_targets/*.rs`) and by `tests/fuzz_corpus.rs`, which replays the saved
+//! corpus and every crash found on the stable toolchain inside `make test`.
+
+use principal_propagation::cache::{CacheKey, Entry};
+use principal_propagation::config::PluginConfig;
+use principal_propagation::http_url::HttpUrl;
+use principal_propagation::identity::{self, attributes, payload, UserIdRule};
+use principal_propagation::keys::SigningKey;
+use principal_propagation::oauth::token_response;
+use principal_propagation::saml::assertion::{write, AssertionContent};
+use principal_propagation::saml::signature::sign_enveloped;
+use principal_propagation::trust::download;
+use quick_xml::escape::resolve_predefined_entity;
+use quick_xml::events::Event;
+use quick_xml::Reader;
+use serde_json::Value;
+use std::sync::OnceLock;
+
+/// The targets, by name (the directory names under `fuzz/corpus/`).
+/// What a target checks: it panics when the input breaks a rule.
+pub type Check = fn(&[u8]);
+
+pub const TARGETS: [(&str, Check); 7] = [
+    ("config", config),
+    ("metadata_claims", metadata_claims),
+    ("json_claims", json_claims),
+    ("token_response", token_response),
+    ("cache_entry", cache_entry),
+    ("http_url", http_url),
+    ("trust_path", trust_path),
+];
+
+const KEY: &str = include_str!("../tests/fixtures/signing-key.pem");
+const CERT: &str = include_str!("../tests/fixtures/signing-cert.pem");
+
+/// The value `*Env` references other than keys and certificates resolve to.
+const PASSWORD: &str = "pa55-w0rd-from-env";
+
+/// `*Env` references resolve to the test key, its certificate, or a password.
+fn env(name: &str) -> Option<String> {
+    Some(if name.contains("KEY") {
+        KEY.to_string()
+    } else if name.contains("CERT") {
+        CERT.to_string()
+    } else {
+        PASSWORD.to_string()
+    })
+}
+
+/// Plugin configuration (the JSON Envoy hands to `on_configure`): accepted or refused
+/// with a message naming a key, never a panic, never a secret value in the message.
+pub fn config(data: &[u8]) {
+    if let Err(e) = PluginConfig::parse(data, &env) {
+        let message = e.to_string();
+        assert!(message.starts_with("configuration key `"), "{message}");
+        let key_material = KEY.lines().filter(|l| !l.starts_with("-----"));
+        assert!(
+            !message.contains(PASSWORD) && key_material.clone().all(|l| !message.contains(l)),
+            "a secret in a refusal"
+        );
+    }
+}
+
+/// Envoy's request metadata (protobuf) as the plugin reads it, then claims → assertion.
+pub fn metadata_claims(data: &[u8]) {
+    if let Some(claims) =
+        payload::claims_from_metadata(data, "envoy.filters.http.jwt_authn", "payload")
+    {
+        assertion_from_claims(&claims);
+    }
+}
+
+/// Any JSON as the verified payload, then claims → assertion.
+pub fn json_claims(data: &[u8]) {
+    if let Ok(claims) = serde_json::from_slice::<Value>(data) {
+        assertion_from_claims(&claims);
+    }
+}
+
+fn signing_key() -> &'static SigningKey {
+    static KEY_PAIR: OnceLock<SigningKey> = OnceLock::new();
+    KEY_PAIR.get_or_init(|| SigningKey::from_pem(KEY, CERT).expect("the test key pair"))
+}
+
+/// For every user id rule: either no user id (a 401), or an assertion that is
+/// well-formed XML whose NameID reads back as exactly the user id.
+fn assertion_from_claims(claims: &Value) {
+    let rules = [
+        UserIdRule::claim("user_name").expect("a claim name"),
+        UserIdRule::claim("$.ext.user").expect("a JSON path"),
+    ];
+    for rule in &rules {
+        let Ok(user_id) = identity::user_id(rule, claims) else {
+            continue;
+        };
+        let attributes = attributes::from_claims(claims, false, false);
+        let content = AssertionContent {
+            id: "_0123456789abcdef0123456789abcdef",
+            issue_instant_ms: 1_795_323_921_000,
+            issuer: "fuzz-issuer",
+            name_id: &user_id,
+            name_id_format: "urn:oasis:names:tc:SAML:1.1:nameid-format:unspecified",
+            name_qualifier: None,
+            recipient: "https://ts.example/oauth/token",
+            audience: "https://ts.example",
+            authn_context_class_ref: "urn:oasis:names:tc:SAML:2.0:ac:classes:PreviousSession",
+            not_before_ms: 1_795_323_861_000,
+            not_on_or_after_ms: 1_795_324_221_000,
+            attributes: &attributes,
+        };
+        // A user id XML cannot carry is refused (401) before anything is written.
+        let Ok(unsigned) = write(&content) else {
+            continue;
+        };
+        let signed = sign_enveloped(&unsigned, content.id, signing_key(), false);
+        assert_eq!(name_id_of(&signed).as_deref(), Some(user_id.as_str()));
+    }
+}
+
+/// The NameID text of a well-formed document (panics on malformed XML).
+fn name_id_of(xml: &str) -> Option<String> {
+    let mut reader = Reader::from_str(xml);
+    let (mut inside, mut text, mut found) = (false, String::new(), None);
+    loop {
+        match reader.read_event().expect("well-formed XML") {
+            Event::Start(e) if e.local_name().as_ref() == b"NameID" => inside = true,
+            Event::Text(t) if inside => text.push_str(&t.xml10_content().expect("UTF-8")),
+            Event::GeneralRef(r) if inside => {
+                match r.resolve_char_ref().expect("a valid reference") {
+                    Some(c) => text.push(c),
+                    None => {
+                        let name = r.decode().expect("UTF-8");
+                        text.push_str(
+                            resolve_predefined_entity(&name).expect("a predefined entity"),
+                        );
+                    }
+                }
+            }
+            Event::CData(c) if inside => text.push_str(std::str::from_utf8(&c).expect("UTF-8")),
+            Event::End(e) if e.local_name().as_ref() == b"NameID" => {
+                inside = false;
+                found = Some(std::mem::take(&mut text));
+            }
+            Event::Eof => return found,
+            _ => {}
+        }
+    }
+}
+
+/// A token endpoint's answer: 2 bytes of status, the rest the body. A token comes only
+/// from a 2xx answer and is never empty.
+pub fn token_response(data: &[u8]) {
+    let (status, body) = match data {
+        [hi, lo, body @ ..] => (u16::from_be_bytes([*hi, *lo]), body),
+        _ => return,
+    };
+    if let Ok(token) = token_response::parse(Some(status), body) {
+        assert!((200..300).contains(&status), "a token from status {status}");
+        assert!(!token.access_token.is_empty());
+        assert!(token.expires_in_s <= token_response::MAX_LIFETIME_S);
+    }
+    assert!(
+        token_response::parse(None, body).is_err(),
+        "a token without a status"
+    );
+}
+
+/// A shared-data slot as another VM (or anything) left it: decodes to nothing or to an
+/// entry of this key that encodes back to the same bytes.
+pub fn cache_entry(data: &[u8]) {
+    let key = CacheKey::new("namespace", "user", 100_000);
+    let mut owned = data.to_vec();
+    if owned.len() > key.id.len() {
+        owned[1..=key.id.len()].copy_from_slice(&key.id); // past the id check, into the rest
+    }
+    for bytes in [data, owned.as_slice()] {
+        if let Some(entry) = Entry::decode(bytes, &key) {
+            assert!(Entry::decode(&entry.encode(&key), &key) == Some(entry));
+        }
+    }
+}
+
+/// URLs from the configuration: parsed or refused, never a panic.
+pub fn http_url(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = HttpUrl::parse(text);
+    }
+}
+
+fn trust_config() -> &'static PluginConfig {
+    static CONFIG: OnceLock<PluginConfig> = OnceLock::new();
+    CONFIG.get_or_init(|| {
+        let json = serde_json::json!({
+            "keys": {"default": {"active": {"privateKeyEnv": "KEY_A", "certificateEnv": "CERT_A"},
+                                 "passive": {"privateKeyEnv": "KEY_B", "certificateEnv": "CERT_B"}}},
+            "trustMetadataPath": "/.well-known/saml-idp-metadata",
+            "tokenServiceCluster": "ts",
+            "destinations": [{"Name": "d", "Authentication": "OAuth2SAMLBearerAssertion",
+                              "tokenServiceURL": "https://ts.example/oauth/token", "audience": "a",
+                              "assertionIssuer": "gateway"}]
+        });
+        PluginConfig::parse(json.to_string().as_bytes(), &env).expect("the trust test configuration")
+    })
+}
+
+/// A request path under the trust download prefix: an answer or nothing, and never an
+/// answer that carries private key material.
+pub fn trust_path(data: &[u8]) {
+    let Ok(path) = std::str::from_utf8(data) else {
+        return;
+    };
+    for path in [
+        path.to_string(),
+        format!("/.well-known/saml-idp-metadata{path}"),
+    ] {
+        if let Some(answer) = download::answer(trust_config(), &path, "https://gw.example") {
+            assert!(!answer.body.contains("PRIVATE KEY"));
+        }
+    }
+}
