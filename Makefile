@@ -139,14 +139,14 @@ FUZZ_CARGO := $(shell rustup run nightly rustc --version >/dev/null 2>&1 && echo
 	@touch $@
 
 fuzz: .make/cargo-fuzz
-	$(FUZZ_CARGO) fuzz build -O
+	$(FUZZ_CARGO) fuzz build -O -a
 	@for target in $(FUZZ_TARGETS); do \
 	  mkdir -p fuzz/regressions/$$target; \
-	  $(FUZZ_CARGO) fuzz run -O $$target fuzz/corpus/$$target -- -max_total_time=$(FUZZ_SECONDS) \
+	  $(FUZZ_CARGO) fuzz run -O -a $$target fuzz/corpus/$$target -- -max_total_time=$(FUZZ_SECONDS) \
 	    -artifact_prefix=fuzz/regressions/$$target/ -print_final_stats=1 2>&1 \
 	    | grep -E "^(#[0-9]+ *DONE|stat::number_of_executed_units|stat::peak_rss|==|SUMMARY|Done)" ; \
 	  status=$${PIPESTATUS[0]}; [ $$status = 0 ] || { echo "$$target: crash saved in fuzz/regressions/$$target"; exit $$status; }; \
-	  $(FUZZ_CARGO) fuzz cmin -O $$target fuzz/corpus/$$target 2>&1 | grep -E "MERGE-OUTER: [0-9]+ new files" ; \
+	  $(FUZZ_CARGO) fuzz cmin -O -a $$target fuzz/corpus/$$target 2>&1 | grep -E "MERGE-OUTER: [0-9]+ new files" ; \
 	done
 
 soak: setup build keys

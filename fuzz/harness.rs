@@ -120,6 +120,18 @@ fn assertion_from_claims(claims: &Value) {
     }
 }
 
+/// True if `xml` is well-formed and has a root element (panics on malformed XML).
+fn has_root_element(xml: &str) -> bool {
+    let mut reader = Reader::from_str(xml);
+    loop {
+        match reader.read_event().expect("well-formed XML") {
+            Event::Start(_) | Event::Empty(_) => return true,
+            Event::Eof => return false,
+            _ => {}
+        }
+    }
+}
+
 /// The NameID text of a well-formed document (panics on malformed XML).
 fn name_id_of(xml: &str) -> Option<String> {
     let mut reader = Reader::from_str(xml);
@@ -194,20 +206,23 @@ fn trust_config() -> &'static PluginConfig {
     static CONFIG: OnceLock<PluginConfig> = OnceLock::new();
     CONFIG.get_or_init(|| {
         let json = serde_json::json!({
+            // `spare` is a key no destination signs with.
             "keys": {"default": {"active": {"privateKeyEnv": "KEY_A", "certificateEnv": "CERT_A"},
-                                 "passive": {"privateKeyEnv": "KEY_B", "certificateEnv": "CERT_B"}}},
+                                 "passive": {"privateKeyEnv": "KEY_B", "certificateEnv": "CERT_B"}},
+                     "spare": {"privateKeyEnv": "KEY_C", "certificateEnv": "CERT_C"}},
             "trustMetadataPath": "/.well-known/saml-idp-metadata",
             "tokenServiceCluster": "ts",
             "destinations": [{"Name": "d", "Authentication": "OAuth2SAMLBearerAssertion",
                               "tokenServiceURL": "https://ts.example/oauth/token", "audience": "a",
                               "assertionIssuer": "gateway"}]
         });
-        PluginConfig::parse(json.to_string().as_bytes(), &env).expect("the trust test configuration")
+        PluginConfig::parse(json.to_string().as_bytes(), &env)
+            .expect("the trust test configuration")
     })
 }
 
-/// A request path under the trust download prefix: an answer or nothing, and never an
-/// answer that carries private key material.
+/// A request path under the trust download prefix: an answer or nothing; never private
+/// key material; metadata only as a well-formed document with a root element.
 pub fn trust_path(data: &[u8]) {
     let Ok(path) = std::str::from_utf8(data) else {
         return;
@@ -218,6 +233,12 @@ pub fn trust_path(data: &[u8]) {
     ] {
         if let Some(answer) = download::answer(trust_config(), &path, "https://gw.example") {
             assert!(!answer.body.contains("PRIVATE KEY"));
+            if answer.content_type == "application/samlmetadata+xml" {
+                assert!(
+                    has_root_element(&answer.body),
+                    "metadata without a root element"
+                );
+            }
         }
     }
 }

@@ -41,6 +41,9 @@ pub fn answer(config: &PluginConfig, path: &str, base_url: &str) -> Option<Downl
         return Some(not_found());
     };
     Some(match file {
+        // A key no destination signs with has no issuer to describe: an EntityDescriptor
+        // needs an entityID, so there is no well-formed metadata document for it.
+        None if key.entity_ids.is_empty() => not_found(),
         None => Download {
             status: 200,
             content_type: "application/samlmetadata+xml",
@@ -66,14 +69,15 @@ fn pem(body: String) -> Download {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{config_json, destination_json, parse};
+    use crate::testing::{config_json, destination_json, parse, CERT, KEY};
     use serde_json::json;
 
     #[test]
     fn serves_metadata_and_certificates_under_the_path_only() {
         let mut config = config_json(vec![destination_json("d")]);
         config["trustMetadataPath"] = json!("/.well-known/saml-idp-metadata");
-        let config = parse(&config).unwrap();
+        let mut config_value = config;
+        let config = parse(&config_value).unwrap();
         let get = |p: &str| answer(&config, p, "http://gw");
         assert_eq!(get("/hello"), None);
         assert_eq!(get("/.well-known/saml-idp-metadataX"), None);
@@ -111,6 +115,22 @@ mod tests {
                 .unwrap()
                 .status,
             404
+        );
+
+        // Found by fuzzing: a key that no destination uses produced a 200 "metadata"
+        // document without a root element. Its certificates stay downloadable.
+        config_value["keys"]["spare"] = json!({"privateKey": KEY, "certificate": CERT});
+        let spare = parse(&config_value).unwrap();
+        let get = |p: &str| answer(&spare, p, "http://gw");
+        assert_eq!(
+            get("/.well-known/saml-idp-metadata/spare").unwrap().status,
+            404
+        );
+        assert_eq!(
+            get("/.well-known/saml-idp-metadata/spare/active.pem")
+                .unwrap()
+                .status,
+            200
         );
 
         let disabled = parse(&config_json(vec![destination_json("d")])).unwrap();
