@@ -4,8 +4,9 @@
 //! (`fuzz/fuzz_targets/*.rs`) and by `tests/fuzz_corpus.rs`, which replays the saved
 //! corpus and every crash found on the stable toolchain inside `make test`.
 
-use principal_propagation::cache::{CacheKey, Entry};
+use principal_propagation::cache::{self, CacheKey, Entry};
 use principal_propagation::config::PluginConfig;
+use principal_propagation::flow::Notice;
 use principal_propagation::http_url::HttpUrl;
 use principal_propagation::identity::{self, attributes, payload, UserIdRule};
 use principal_propagation::keys::SigningKey;
@@ -80,9 +81,17 @@ pub fn json_claims(data: &[u8]) {
     }
 }
 
+/// The P-256 test key: signing is not what these targets explore, and it is many times
+/// faster than RSA (the golden tests pin both algorithms' signatures).
 fn signing_key() -> &'static SigningKey {
     static KEY_PAIR: OnceLock<SigningKey> = OnceLock::new();
-    KEY_PAIR.get_or_init(|| SigningKey::from_pem(KEY, CERT).expect("the test key pair"))
+    KEY_PAIR.get_or_init(|| {
+        SigningKey::from_pem(
+            include_str!("../tests/fixtures/ec-key.pem"),
+            include_str!("../tests/fixtures/ec-cert.pem"),
+        )
+        .expect("the P-256 test key pair")
+    })
 }
 
 /// For every user id rule: either no user id (a 401), or an assertion that is
@@ -180,9 +189,14 @@ pub fn token_response(data: &[u8]) {
     );
 }
 
-/// A shared-data slot as another VM (or anything) left it: decodes to nothing or to an
-/// entry of this key that encodes back to the same bytes.
+/// Shared data and queue messages as another VM (or anything) left them: a slot decodes
+/// to nothing or to an entry of this key that encodes back to itself; a lock or a
+/// worker notice decodes or not, and a notice encodes back to the same bytes.
 pub fn cache_entry(data: &[u8]) {
+    let _ = cache::lock_deadline(data);
+    if let Some(notice) = Notice::decode(data) {
+        assert_eq!(notice.encode().as_slice(), data);
+    }
     let key = CacheKey::new("namespace", "user", 100_000);
     let mut owned = data.to_vec();
     if owned.len() > key.id.len() {
