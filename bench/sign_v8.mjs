@@ -1,7 +1,7 @@
 // Runs examples/sign_bench.rs built for wasm32-wasip1 inside Node's V8 (the engine Envoy
 // embeds), so signing cost can be measured without Envoy:
 //   cargo build --release --target wasm32-wasip1 --example sign_bench
-//   node bench/sign_v8.mjs [rounds] [signatures-per-round] [ec]
+//   node bench/sign_v8.mjs [rounds] [signatures-per-round]
 import { readFile } from "node:fs/promises";
 import { WASI } from "node:wasi";
 import { argv } from "node:process";

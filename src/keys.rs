@@ -6,7 +6,7 @@
 //! Wasm). A key that does not belong to the certificate it is configured with is
 //! refused, so a wrong pairing fails at load time and not at every token server.
 
-mod rsa_crt;
+pub mod rsa_crt;
 
 use base64::Engine;
 use rsa::pkcs1::DecodeRsaPrivateKey;
