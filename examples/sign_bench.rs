@@ -15,6 +15,9 @@ const CERT: &str = include_str!("../tests/fixtures/signing-cert.pem");
 const EC_KEY: &str = include_str!("../tests/fixtures/ec-key.pem");
 const EC_CERT: &str = include_str!("../tests/fixtures/ec-cert.pem");
 
+/// One signer under measurement: message in, signature out.
+type Sign<'a> = &'a dyn Fn(&[u8]) -> Vec<u8>;
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let rounds: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
@@ -29,7 +32,7 @@ fn main() {
         rsa.sign(b"same bytes").expect("signature"),
         rsa_crate.sign(b"same bytes").to_vec()
     );
-    let signers: [(&str, &dyn Fn(&[u8]) -> Vec<u8>); 3] = [
+    let signers: [(&str, Sign); 3] = [
         ("rsa2048 (plugin CRT)", &|m| rsa.sign(m).expect("signature")),
         ("rsa2048 (rsa crate) ", &|m| rsa_crate.sign(m).to_vec()),
         ("p256                ", &|m| ec.sign(m).expect("signature")),

@@ -51,8 +51,8 @@ pub struct RsaCrtKey(BySize);
 /// 127.
 #[derive(Clone)]
 enum BySize {
-    Bits2048(CrtKey<37, 74>),
-    Bits3072(CrtKey<55, 110>),
+    Bits2048(Box<CrtKey<37, 74>>),
+    Bits3072(Box<CrtKey<55, 110>>),
 }
 
 impl RsaCrtKey {
@@ -60,8 +60,8 @@ impl RsaCrtKey {
     /// than two primes, or a modulus over 3072 bits (those are signed by the `rsa` crate).
     pub fn new(key: &RsaPrivateKey) -> Option<Self> {
         let sized = CrtKey::new(key)
-            .map(BySize::Bits2048)
-            .or_else(|| CrtKey::new(key).map(BySize::Bits3072))?;
+            .map(|key| BySize::Bits2048(Box::new(key)))
+            .or_else(|| CrtKey::new(key).map(|key| BySize::Bits3072(Box::new(key))))?;
         Some(RsaCrtKey(sized))
     }
 
@@ -130,23 +130,23 @@ impl<const P: usize, const N: usize> CrtKey<P, N> {
         let high: Limbs<P> = std::array::from_fn(|i| em[P + i]);
         let m1 = self
             .p
-            .from_montgomery(&self.p.pow(&self.p.reduce(&low, &high), &self.dp));
+            .leave_montgomery(&self.p.pow(&self.p.reduce(&low, &high), &self.dp));
         let m2 = self
             .q
-            .from_montgomery(&self.q.pow(&self.q.reduce(&low, &high), &self.dq));
+            .leave_montgomery(&self.q.pow(&self.q.reduce(&low, &high), &self.dq));
         // (m1 - m2) qInv in p's Montgomery form: m1 R + 2p - m2 R is positive and below 4p.
         let difference = self
             .p
-            .sub(&self.p.to_montgomery(&m1), &self.p.to_montgomery(&m2));
-        let q_inv = self.p.to_montgomery(&self.q_inv);
-        let h = self.p.from_montgomery(&self.p.mul(&difference, &q_inv));
+            .sub(&self.p.enter_montgomery(&m1), &self.p.enter_montgomery(&m2));
+        let q_inv = self.p.enter_montgomery(&self.q_inv);
+        let h = self.p.leave_montgomery(&self.p.mul(&difference, &q_inv));
         multiply_add(&h, &self.q.modulus, &m2)
     }
 }
 
 /// Montgomery arithmetic modulo an odd `modulus` with `R = 2^(28 L) >= 16 modulus`:
 /// products of numbers below `4 modulus` come out below `2 modulus`, so no subtraction is
-/// needed between steps (only `from_montgomery` reduces fully).
+/// needed between steps (only `leave_montgomery` reduces fully).
 #[derive(Clone)]
 struct Montgomery<const L: usize> {
     modulus: Limbs<L>,
@@ -217,12 +217,12 @@ impl<const L: usize> Montgomery<L> {
     }
 
     /// `x R mod modulus` (below `2 modulus`) for any `x < R`.
-    fn to_montgomery(&self, x: &Limbs<L>) -> Limbs<L> {
+    fn enter_montgomery(&self, x: &Limbs<L>) -> Limbs<L> {
         self.mul(x, &self.r2)
     }
 
     /// `x / R mod modulus`, fully reduced, for `x < 4 modulus`.
-    fn from_montgomery(&self, x: &Limbs<L>) -> Limbs<L> {
+    fn leave_montgomery(&self, x: &Limbs<L>) -> Limbs<L> {
         let mut one = [0; L];
         one[0] = 1;
         // (x + t modulus) / R < (4 modulus + R modulus) / R <= modulus + 1.
@@ -270,7 +270,7 @@ impl<const L: usize> Montgomery<L> {
     fn pow(&self, base: &Limbs<L>, exponent: &Limbs<L>) -> Limbs<L> {
         let mut one = [0; L];
         one[0] = 1;
-        let one = self.to_montgomery(&one);
+        let one = self.enter_montgomery(&one);
         let mut table = [one; 1 << WINDOW_BITS];
         for i in 1..table.len() {
             table[i] = self.mul(&table[i - 1], base);
@@ -290,7 +290,7 @@ impl<const L: usize> Montgomery<L> {
 
     /// `x^e mod modulus`, fully reduced, for a public `e` (variable time): square and multiply.
     fn pow_public(&self, x: &Limbs<L>, e: &Limbs<L>) -> Limbs<L> {
-        let x = self.to_montgomery(x);
+        let x = self.enter_montgomery(x);
         let mut result = x;
         let bits = (0..L * LIMB_BITS)
             .rev()
@@ -302,7 +302,7 @@ impl<const L: usize> Montgomery<L> {
                 result = self.mul(&result, &x);
             }
         }
-        self.from_montgomery(&result)
+        self.leave_montgomery(&result)
     }
 }
 
@@ -522,7 +522,8 @@ mod tests {
         let bytes: Vec<u8> = (1..=129).collect();
         let l: Limbs<37> = limbs(&bytes).unwrap();
         assert_eq!(to_bytes(&l, 129), bytes);
-        assert!(limbs::<37>(&[1; 130]).is_none(), "1033 bits > 37 × 28");
+        assert!(limbs::<37>(&[0x10; 130]).is_none(), "1037 bits > 37 × 28");
+        assert!(limbs::<37>(&[0x08; 130]).is_some(), "1036 bits fit");
         assert!(
             limbs::<37>(&[0; 300]).is_some(),
             "leading zeros do not count"
