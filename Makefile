@@ -12,7 +12,7 @@ WASM_BINDGEN_VERSION := $(shell awk '/^name = "wasm-bindgen"$$/ {getline; gsub(/
 CARGO_BIN   := $(HOME)/.cargo/bin
 export PATH := $(CARGO_BIN):$(PATH)
 
-.PHONY: help setup build keys renew regenerate rotate run test test-unit test-wasm test-e2e lint bench soak fuzz clean
+.PHONY: help setup build keys renew regenerate rotate run test test-unit test-wasm test-e2e lint bench soak fuzz difftest clean
 
 help:
 	@echo "make run    - build, install what is missing, start the demo on 127.0.0.1 (Ctrl-C stops)"
@@ -22,6 +22,7 @@ help:
 	@echo "make renew SLOT=a|b|second       - new certificate (2 years) for the same key"
 	@echo "make regenerate SLOT=a|b|second  - new key and certificate"
 	@echo "make rotate - swap active and passive key of the running demo, without a restart"
+	@echo "make difftest - RSA CRT signer against the rsa crate on DIFFTEST_KEYS=10000 fresh keys"
 	@echo "make bench  - measure against peers side by side in one Envoy, write BENCHMARKS.md"
 	@echo "make soak   - ten minutes of load with user churn and token expiry (SOAK_SECONDS), write SOAK.md"
 	@echo "make fuzz   - run every cargo-fuzz target for FUZZ_SECONDS (default 60), growing fuzz/corpus"
@@ -107,6 +108,21 @@ test-wasm: .make/rust-targets .make/wasm-bindgen-$(WASM_BINDGEN_VERSION)
 # Envoy at trace level, and every stack's log searched for the run's secrets (dev/log_audit.py).
 test-e2e: setup build keys
 	PP_ENVOY_LOG_LEVEL=trace PP_AUDIT_LOGS=1 $(PY) -m pytest -q tests/dev tests/e2e
+
+## RSA differential test at scale (`cargo test` runs it on ~300 committed keys) ----------
+
+DIFFTEST_KEYS   ?= 10000
+DIFFTEST_PRIMES := target/difftest/primes-1024-$(DIFFTEST_KEYS).txt
+
+# Two fresh OpenSSL primes per key (about 70 ms each, both cores), kept for reruns.
+$(DIFFTEST_PRIMES):
+	@mkdir -p $(@D)
+	seq $$((2 * $(DIFFTEST_KEYS))) | xargs -P 2 -n 50 sh -c 'for i; do openssl prime -generate -bits 1024 -hex; done' _ > $@.tmp
+	mv $@.tmp $@
+
+difftest: $(DIFFTEST_PRIMES)
+	PP_DIFFTEST_PRIMES=$(DIFFTEST_PRIMES) PP_DIFFTEST_KEYS=$(DIFFTEST_KEYS) \
+	  cargo test --release --test rsa_difftest -- --nocapture
 
 ## Benchmarks (not tests: no timing is asserted anywhere in `make test`) ------------
 

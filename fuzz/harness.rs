@@ -124,7 +124,8 @@ fn assertion_from_claims(claims: &Value) {
         let Ok(unsigned) = write(&content) else {
             continue;
         };
-        let signed = sign_enveloped(&unsigned, content.id, signing_key(), false);
+        let signed =
+            sign_enveloped(&unsigned, content.id, signing_key(), false).expect("a signature");
         assert_eq!(name_id_of(&signed).as_deref(), Some(user_id.as_str()));
     }
 }

@@ -1,6 +1,7 @@
 //! One token exchange for one user: a fresh signed assertion and the request carrying it.
 
 use crate::config::{Destination, PluginConfig};
+use crate::keys::SignError;
 use crate::oauth::token_request::{self, TokenRequest};
 use crate::saml::assertion::{self, AssertionContent, Attribute, UnwritableField};
 use crate::saml::signature::sign_enveloped;
@@ -22,6 +23,8 @@ pub enum BuildError {
     NoKey,
     /// A value cannot be written into XML.
     Unwritable(UnwritableField),
+    /// The signature could not be made (see [`SignError`]).
+    Signing(SignError),
 }
 
 /// Signs a fresh assertion for `user_id` and wraps it in the destination's token request.
@@ -54,7 +57,8 @@ pub fn token_request(
         attributes,
     };
     let unsigned = assertion::write(&content).map_err(BuildError::Unwritable)?;
-    let signed = sign_enveloped(&unsigned, id, key, destination.include_certificate);
+    let signed = sign_enveloped(&unsigned, id, key, destination.include_certificate)
+        .map_err(BuildError::Signing)?;
     Ok(token_request::build(destination, &signed))
 }
 

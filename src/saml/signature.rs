@@ -7,7 +7,7 @@
 //! its own, which is exactly what a verifier does before checking the signature value.
 
 use super::assertion::CanonicalAssertion;
-use crate::keys::SigningKey;
+use crate::keys::{SignError, SigningKey};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use sha2::{Digest, Sha256};
@@ -21,10 +21,10 @@ pub fn sign_enveloped(
     id: &str,
     key: &SigningKey,
     include_certificate: bool,
-) -> String {
+) -> Result<String, SignError> {
     let digest = Sha256::digest(assertion.unsigned().as_bytes());
     let signed_info = signed_info(id, &STANDARD.encode(digest), key.signature_method());
-    let signature_value = STANDARD.encode(key.sign(signed_info.as_bytes()));
+    let signature_value = STANDARD.encode(key.sign(signed_info.as_bytes())?);
 
     // In the document SignedInfo inherits `ds` from Signature: drop the repeated declaration.
     let inherited = format!(" xmlns:ds=\"{DS_NS}\"");
@@ -48,7 +48,7 @@ pub fn sign_enveloped(
     }
     out.push_str("</ds:Signature>");
     out.push_str(&assertion.tail);
-    out
+    Ok(out)
 }
 
 /// `SignedInfo` in exclusive-canonical form, as signed. `id` is an NCName we generated,
@@ -78,7 +78,7 @@ mod tests {
         let content = sample(&[]);
         let doc = write(&content).unwrap();
         let key = test_key();
-        let signed = sign_enveloped(&doc, content.id, &key, true);
+        let signed = sign_enveloped(&doc, content.id, &key, true).unwrap();
         assert!(signed.starts_with(&doc.head));
         assert!(signed.ends_with(&doc.tail));
         let signature = &signed[doc.head.len()..signed.len() - doc.tail.len()];
@@ -92,11 +92,13 @@ mod tests {
         let digest = STANDARD.encode(Sha256::digest(doc.unsigned().as_bytes()));
         assert!(signature.contains(&format!("<ds:DigestValue>{digest}</ds:DigestValue>")));
         // The signature value is over SignedInfo with its own ds declaration.
-        let expected = STANDARD
-            .encode(key.sign(signed_info(content.id, &digest, crate::keys::RSA_SHA256).as_bytes()));
+        let expected = STANDARD.encode(
+            key.sign(signed_info(content.id, &digest, crate::keys::RSA_SHA256).as_bytes())
+                .unwrap(),
+        );
         assert!(signature.contains(&expected));
 
-        let without_cert = sign_enveloped(&doc, content.id, &key, false);
+        let without_cert = sign_enveloped(&doc, content.id, &key, false).unwrap();
         assert!(!without_cert.contains("KeyInfo"));
     }
 }

@@ -50,5 +50,5 @@ fn signed_sample_with(key_pem: &str, cert_pem: &str) -> String {
         attributes: &attributes,
     };
     let unsigned = write(&content).expect("all values are XML text");
-    sign_enveloped(&unsigned, content.id, &key, true)
+    sign_enveloped(&unsigned, content.id, &key, true).expect("signature")
 }

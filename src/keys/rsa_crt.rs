@@ -1,0 +1,532 @@
+//! RSASSA-PKCS1-v1_5 with SHA-256: the private-key operation with the Chinese remainder
+//! theorem on a small constant-time Montgomery arithmetic, written for WebAssembly.
+//!
+//! Why not the `rsa` crate's signer: its `num-bigint-dig` arithmetic is variable-time and
+//! about twice as slow in V8 (`examples/sign_bench.rs` measures both). Wasm has no
+//! 64×64→128-bit multiply, so numbers here are 28-bit limbs held in `u64`s: a limb product
+//! takes 56 bits, and a whole column of a Montgomery product (at most 2 × 110 limb products
+//! for a 3072-bit `n`, below 2^64) is summed without carrying after every step. The `rsa` crate still parses keys, signs keys of other shapes (see
+//! [`RsaCrtKey::new`]), and is the reference of the differential tests.
+//!
+//! Constant time: the loops run over all limbs of the modulus and all bits of the
+//! fixed-width exponent; their counts depend only on the key's public bit lengths. The
+//! exponentiation uses a fixed 4-bit window whose table entry is picked by reading every
+//! entry and keeping one with `subtle`'s masked `conditional_assign`, and the only
+//! conditional subtraction (`reduce_once`) is a masked select as well. Key set-up
+//! (`R^2 mod p`, ...) uses the `rsa` crate's variable-time arithmetic once, at load.
+//!
+//! Every signature is checked with the public key (`s^e mod n`, here too, with `n` and `e`
+//! as loaded) before it is released: a computation fault in one CRT half would otherwise
+//! reveal a prime factor.
+
+use rsa::traits::{PrivateKeyParts, PublicKeyParts};
+use rsa::{BigUint, RsaPrivateKey};
+use sha2::{Digest, Sha256};
+use subtle::{ConditionallySelectable, ConstantTimeEq};
+
+use super::SignError;
+
+/// Bits per limb: 2 × 28 + 8 bits of headroom for summing limb products.
+const LIMB_BITS: usize = 28;
+const LIMB_MASK: u64 = (1 << LIMB_BITS) - 1;
+/// Exponent bits per window of the exponentiation.
+const WINDOW_BITS: usize = 4;
+
+/// DER of `DigestInfo { sha256, NULL }` without the digest (RFC 8017, section 9.2, note 1).
+const SHA256_DIGEST_INFO: [u8; 19] = [
+    0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05,
+    0x00, 0x04, 0x20,
+];
+
+/// A number below `2^(28 L)`: `L` little-endian 28-bit limbs.
+type Limbs<const L: usize> = [u64; L];
+
+/// A two-prime RSA key (up to 3072 bits) prepared for CRT signing.
+#[derive(Clone)]
+pub struct RsaCrtKey(BySize);
+
+/// By size: primes of up to 1024 bits in 37 limbs and `n` in 74, or up to 1536 and 3072
+/// bits in 55 and 110 limbs (each with the four bits to spare that [`Montgomery`] needs).
+/// A column of a product sums up to `2 L` limb products of 56 bits, so `L` may not exceed
+/// 127.
+#[derive(Clone)]
+enum BySize {
+    Bits2048(Box<CrtKey<37, 74>>),
+    Bits3072(Box<CrtKey<55, 110>>),
+}
+
+impl RsaCrtKey {
+    /// Prepares `key` for CRT signing, or `None` for keys this module does not take: more
+    /// than two primes, or a modulus over 3072 bits (those are signed by the `rsa` crate).
+    pub fn new(key: &RsaPrivateKey) -> Option<Self> {
+        let sized = CrtKey::new(key)
+            .map(|key| BySize::Bits2048(Box::new(key)))
+            .or_else(|| CrtKey::new(key).map(|key| BySize::Bits3072(Box::new(key))))?;
+        Some(RsaCrtKey(sized))
+    }
+
+    /// The RSASSA-PKCS1-v1_5 SHA-256 signature of `message`, `k` bytes, checked with the
+    /// public key before it is returned.
+    pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SignError> {
+        let digest = Sha256::digest(message);
+        match &self.0 {
+            BySize::Bits2048(key) => key.sign(&digest),
+            BySize::Bits3072(key) => key.sign(&digest),
+        }
+    }
+}
+
+/// The key with primes in `P` limbs and the modulus in `N = 2 P`.
+#[derive(Clone)]
+struct CrtKey<const P: usize, const N: usize> {
+    /// Modulus size in bytes (`k` in RFC 8017).
+    size: usize,
+    n: Montgomery<N>,
+    e: Limbs<N>,
+    p: Montgomery<P>,
+    q: Montgomery<P>,
+    /// `d mod (p - 1)`, `d mod (q - 1)`, `q^-1 mod p` (PKCS#1 `exponent1`, ... `coefficient`).
+    dp: Limbs<P>,
+    dq: Limbs<P>,
+    q_inv: Limbs<P>,
+}
+
+impl<const P: usize, const N: usize> CrtKey<P, N> {
+    /// `None` unless `key` has two primes that fit `P` limbs (and so `n` fits `N`).
+    fn new(key: &RsaPrivateKey) -> Option<Self> {
+        let [p, q] = key.primes() else {
+            return None;
+        };
+        if N != 2 * P {
+            return None;
+        }
+        Some(CrtKey {
+            size: key.size(),
+            n: Montgomery::new(key.n())?,
+            e: limbs(&key.e().to_bytes_be())?,
+            p: Montgomery::new(p)?,
+            q: Montgomery::new(q)?,
+            dp: limbs(&key.dp()?.to_bytes_be())?,
+            dq: limbs(&key.dq()?.to_bytes_be())?,
+            q_inv: limbs(&key.crt_coefficient()?.to_bytes_be())?,
+        })
+    }
+
+    fn sign(&self, digest: &[u8]) -> Result<Vec<u8>, SignError> {
+        let em = encode(digest, self.size);
+        let em_limbs: Limbs<N> = limbs(&em).ok_or(SignError)?;
+        let signature = self.private_operation(&em_limbs);
+        let em_again = self.n.pow_public(&signature, &self.e);
+        if !bool::from(em_again.ct_eq(&em_limbs)) {
+            return Err(SignError);
+        }
+        Ok(to_bytes(&signature, self.size))
+    }
+
+    /// `em^d mod n`: `m1 = em^dP mod p`, `m2 = em^dQ mod q`, `h = qInv (m1 - m2) mod p`,
+    /// `s = m2 + h q` (RFC 8017, 5.1.2).
+    fn private_operation(&self, em: &Limbs<N>) -> Limbs<N> {
+        let low: Limbs<P> = std::array::from_fn(|i| em[i]);
+        let high: Limbs<P> = std::array::from_fn(|i| em[P + i]);
+        let m1 = self
+            .p
+            .leave_montgomery(&self.p.pow(&self.p.reduce(&low, &high), &self.dp));
+        let m2 = self
+            .q
+            .leave_montgomery(&self.q.pow(&self.q.reduce(&low, &high), &self.dq));
+        // (m1 - m2) qInv in p's Montgomery form: m1 R + 2p - m2 R is positive and below 4p.
+        let difference = self
+            .p
+            .sub(&self.p.enter_montgomery(&m1), &self.p.enter_montgomery(&m2));
+        let q_inv = self.p.enter_montgomery(&self.q_inv);
+        let h = self.p.leave_montgomery(&self.p.mul(&difference, &q_inv));
+        multiply_add(&h, &self.q.modulus, &m2)
+    }
+}
+
+/// Montgomery arithmetic modulo an odd `modulus` with `R = 2^(28 L) >= 16 modulus`:
+/// products of numbers below `4 modulus` come out below `2 modulus`, so no subtraction is
+/// needed between steps (only `leave_montgomery` reduces fully).
+#[derive(Clone)]
+struct Montgomery<const L: usize> {
+    modulus: Limbs<L>,
+    /// `-modulus^-1 mod 2^28`.
+    neg_inv: u64,
+    /// `R^2 mod modulus` and `R^3 mod modulus`, to enter Montgomery form.
+    r2: Limbs<L>,
+    r3: Limbs<L>,
+    /// `2 modulus`, for subtraction without going negative.
+    twice: Limbs<L>,
+}
+
+impl<const L: usize> Montgomery<L> {
+    /// `None` if `modulus` is even or does not fit `L` limbs with four bits to spare.
+    fn new(modulus: &BigUint) -> Option<Self> {
+        if L > 127 || modulus.bits() + 4 > L * LIMB_BITS {
+            return None;
+        }
+        let modulus_limbs: Limbs<L> = limbs(&modulus.to_bytes_be())?;
+        let low = modulus_limbs[0];
+        if low & 1 == 0 {
+            return None;
+        }
+        let r = BigUint::from(1u8) << (L * LIMB_BITS);
+        let reduced = |power: BigUint| limbs(&(power % modulus).to_bytes_be());
+        // Newton's iteration doubles the correct low bits: 3 (any odd m is its own inverse
+        // modulo 8), 6, 12, 24, 48.
+        let mut inverse = low;
+        for _ in 0..4 {
+            inverse = inverse.wrapping_mul(2u64.wrapping_sub(low.wrapping_mul(inverse)));
+        }
+        Some(Montgomery {
+            modulus: modulus_limbs,
+            neg_inv: inverse.wrapping_neg() & LIMB_MASK,
+            r2: reduced(&r * &r)?,
+            r3: reduced(&r * &r * &r)?,
+            twice: limbs(&(modulus << 1).to_bytes_be())?,
+        })
+    }
+
+    /// `a b / R mod modulus`, below `2 modulus` if `a b < R modulus` (e.g. both factors
+    /// below `4 modulus`, as `R >= 16 modulus`). Product scanning: column `i` of
+    /// `a b + t modulus` is summed in one `u64`, the Montgomery digit `t[i]` chosen so that
+    /// the column's low 28 bits are zero.
+    fn mul(&self, a: &Limbs<L>, b: &Limbs<L>) -> Limbs<L> {
+        let m = &self.modulus;
+        let mut t = [0u64; L];
+        let mut out = [0u64; L];
+        let mut column = 0u64;
+        for i in 0..L {
+            for j in 0..i {
+                column += a[j] * b[i - j] + t[j] * m[i - j];
+            }
+            column += a[i] * b[0];
+            t[i] = column.wrapping_mul(self.neg_inv) & LIMB_MASK;
+            column += t[i] * m[0];
+            column >>= LIMB_BITS;
+        }
+        for i in L..2 * L - 1 {
+            for j in i + 1 - L..L {
+                column += a[j] * b[i - j] + t[j] * m[i - j];
+            }
+            out[i - L] = column & LIMB_MASK;
+            column >>= LIMB_BITS;
+        }
+        out[L - 1] = column;
+        out
+    }
+
+    /// `x R mod modulus` (below `2 modulus`) for any `x < R`.
+    fn enter_montgomery(&self, x: &Limbs<L>) -> Limbs<L> {
+        self.mul(x, &self.r2)
+    }
+
+    /// `x / R mod modulus`, fully reduced, for `x < 4 modulus`.
+    fn leave_montgomery(&self, x: &Limbs<L>) -> Limbs<L> {
+        let mut one = [0; L];
+        one[0] = 1;
+        // (x + t modulus) / R < (4 modulus + R modulus) / R <= modulus + 1.
+        self.reduce_once(&self.mul(x, &one))
+    }
+
+    /// The number `high R + low` (both below `R`) in Montgomery form, below `4 modulus`.
+    fn reduce(&self, low: &Limbs<L>, high: &Limbs<L>) -> Limbs<L> {
+        // low R^2 / R + high R^3 / R = (high R + low) R.
+        add(&self.mul(low, &self.r2), &self.mul(high, &self.r3))
+    }
+
+    /// `a - b + 2 modulus` for `a, b < 2 modulus`: positive, below `4 modulus`.
+    fn sub(&self, a: &Limbs<L>, b: &Limbs<L>) -> Limbs<L> {
+        let mut out = [0; L];
+        let mut carry = 0i64;
+        for i in 0..L {
+            let limb = a[i] as i64 + self.twice[i] as i64 - b[i] as i64 + carry;
+            out[i] = limb as u64 & LIMB_MASK;
+            carry = limb >> LIMB_BITS;
+        }
+        out
+    }
+
+    /// `x mod modulus` for `x < 2 modulus`: subtracts, then keeps `x` instead where that
+    /// borrowed, with a masked select.
+    fn reduce_once(&self, x: &Limbs<L>) -> Limbs<L> {
+        let mut difference = [0; L];
+        let mut borrow = 0u64;
+        for i in 0..L {
+            let limb = x[i].wrapping_sub(self.modulus[i]).wrapping_sub(borrow);
+            difference[i] = limb & LIMB_MASK;
+            borrow = limb >> 63;
+        }
+        let x_is_smaller = borrow.ct_eq(&1);
+        for (d, x) in difference.iter_mut().zip(x) {
+            d.conditional_assign(x, x_is_smaller);
+        }
+        difference
+    }
+
+    /// `base^exponent` in Montgomery form (`base` in Montgomery form, below `4 modulus`),
+    /// looking at every bit of the exponent: 4 squarings and one multiplication per 4-bit
+    /// window, whatever the exponent.
+    fn pow(&self, base: &Limbs<L>, exponent: &Limbs<L>) -> Limbs<L> {
+        let mut one = [0; L];
+        one[0] = 1;
+        let one = self.enter_montgomery(&one);
+        let mut table = [one; 1 << WINDOW_BITS];
+        for i in 1..table.len() {
+            table[i] = self.mul(&table[i - 1], base);
+        }
+        let mut result = one;
+        for limb in exponent.iter().rev() {
+            for shift in (0..LIMB_BITS).step_by(WINDOW_BITS).rev() {
+                for _ in 0..WINDOW_BITS {
+                    result = self.mul(&result, &result);
+                }
+                let window = (limb >> shift) & ((1 << WINDOW_BITS) - 1);
+                result = self.mul(&result, &select(&table, window));
+            }
+        }
+        result
+    }
+
+    /// `x^e mod modulus`, fully reduced, for a public `e` (variable time): square and multiply.
+    fn pow_public(&self, x: &Limbs<L>, e: &Limbs<L>) -> Limbs<L> {
+        let x = self.enter_montgomery(x);
+        let mut result = x;
+        let bits = (0..L * LIMB_BITS)
+            .rev()
+            .skip_while(|&bit| e[bit / LIMB_BITS] >> (bit % LIMB_BITS) & 1 == 0)
+            .skip(1);
+        for bit in bits {
+            result = self.mul(&result, &result);
+            if e[bit / LIMB_BITS] >> (bit % LIMB_BITS) & 1 == 1 {
+                result = self.mul(&result, &x);
+            }
+        }
+        self.leave_montgomery(&result)
+    }
+}
+
+/// `table[index]`, reading every entry (the index is secret).
+fn select<const L: usize>(table: &[Limbs<L>], index: u64) -> Limbs<L> {
+    let mut out = [0; L];
+    for (i, entry) in table.iter().enumerate() {
+        let chosen = (i as u64).ct_eq(&index);
+        for (o, e) in out.iter_mut().zip(entry) {
+            o.conditional_assign(e, chosen);
+        }
+    }
+    out
+}
+
+/// `a + b` (the caller knows the sum fits).
+fn add<const L: usize>(a: &Limbs<L>, b: &Limbs<L>) -> Limbs<L> {
+    let mut out = [0; L];
+    let mut carry = 0;
+    for i in 0..L {
+        let limb = a[i] + b[i] + carry;
+        out[i] = limb & LIMB_MASK;
+        carry = limb >> LIMB_BITS;
+    }
+    out
+}
+
+/// `a b + c` in twice the limbs (`N = 2 P`, so it fits).
+fn multiply_add<const P: usize, const N: usize>(
+    a: &Limbs<P>,
+    b: &Limbs<P>,
+    c: &Limbs<P>,
+) -> Limbs<N> {
+    let mut out = [0; N];
+    let mut column = 0u64;
+    for (i, limb) in out.iter_mut().enumerate() {
+        for j in i.saturating_sub(P - 1)..=i.min(P - 1) {
+            column += a[j] * b[i - j];
+        }
+        if i < P {
+            column += c[i];
+        }
+        *limb = column & LIMB_MASK;
+        column >>= LIMB_BITS;
+    }
+    out
+}
+
+/// Big-endian `bytes` as `L` limbs, `None` if the number does not fit.
+fn limbs<const L: usize>(bytes: &[u8]) -> Option<Limbs<L>> {
+    let mut out = [0; L];
+    let significant = bytes.iter().skip_while(|&&b| b == 0);
+    let bits = match significant.clone().next() {
+        Some(first) => significant.count() * 8 - first.leading_zeros() as usize,
+        None => 0,
+    };
+    (bits <= L * LIMB_BITS).then(|| {
+        to_limbs(bytes, &mut out);
+        out
+    })
+}
+
+/// Big-endian `bytes` into little-endian limbs; bits beyond `out` are dropped.
+fn to_limbs(bytes: &[u8], out: &mut [u64]) {
+    let (mut buffer, mut buffered, mut next) = (0u64, 0, 0);
+    for &byte in bytes.iter().rev() {
+        buffer |= u64::from(byte) << buffered;
+        buffered += 8;
+        if buffered >= LIMB_BITS {
+            if let Some(limb) = out.get_mut(next) {
+                *limb = buffer & LIMB_MASK;
+            }
+            (buffer, buffered, next) = (buffer >> LIMB_BITS, buffered - LIMB_BITS, next + 1);
+        }
+    }
+    if let Some(limb) = out.get_mut(next) {
+        *limb = buffer;
+    }
+}
+
+/// Limbs as `size` big-endian bytes (higher bits dropped: callers know they are zero).
+fn to_bytes(limbs: &[u64], size: usize) -> Vec<u8> {
+    let mut out = vec![0u8; size];
+    let (mut buffer, mut buffered) = (0u64, 0);
+    let mut bytes = out.iter_mut().rev();
+    for &limb in limbs {
+        buffer |= limb << buffered;
+        buffered += LIMB_BITS;
+        while buffered >= 8 {
+            if let Some(byte) = bytes.next() {
+                *byte = buffer as u8;
+            }
+            (buffer, buffered) = (buffer >> 8, buffered - 8);
+        }
+    }
+    if let Some(byte) = bytes.next() {
+        *byte = buffer as u8;
+    }
+    out
+}
+
+/// `EM = 0x00 || 0x01 || 0xFF.. || 0x00 || DigestInfo || H`, `k` bytes (RFC 8017, 9.2).
+fn encode(digest: &[u8], k: usize) -> Vec<u8> {
+    let t_len = SHA256_DIGEST_INFO.len() + digest.len();
+    let mut em = vec![0xffu8; k];
+    em[0] = 0x00;
+    em[1] = 0x01;
+    em[k - t_len - 1] = 0x00;
+    em[k - t_len..k - digest.len()].copy_from_slice(&SHA256_DIGEST_INFO);
+    em[k - digest.len()..].copy_from_slice(digest);
+    em
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rsa::pkcs8::DecodePrivateKey;
+
+    fn fixture() -> RsaPrivateKey {
+        RsaPrivateKey::from_pkcs8_pem(crate::keys::tests::KEY_PKCS8).unwrap()
+    }
+
+    fn crt_2048(key: &RsaPrivateKey) -> CrtKey<37, 74> {
+        CrtKey::new(key).expect("2048-bit two-prime key")
+    }
+
+    /// The private operation on chosen representatives, against `em^d mod n`.
+    fn check_representatives(key: &RsaPrivateKey) {
+        let crt = crt_2048(key);
+        let [p, q] = key.primes() else {
+            panic!("two primes")
+        };
+        let n = key.n();
+        let one = BigUint::from(1u8);
+        let chosen = [
+            BigUint::from(0u8),
+            one.clone(),
+            BigUint::from(2u8),
+            p - &one,
+            p.clone(),
+            p + &one,
+            q - &one,
+            q.clone(),
+            q + &one,
+            p * BigUint::from(3u8),
+            q * BigUint::from(5u8) + &one,
+            n - &one,
+            n - p,
+            (&one << 2040) - &one,
+        ];
+        for em in &chosen {
+            let em_limbs: Limbs<74> = limbs(&em.to_bytes_be()).unwrap();
+            let s = crt.private_operation(&em_limbs);
+            let expected = em.modpow(key.d(), n);
+            assert_eq!(
+                BigUint::from_bytes_be(&to_bytes(&s, 256)),
+                expected,
+                "em = {em:x}"
+            );
+        }
+    }
+
+    #[test]
+    fn private_operation_is_em_to_the_d_near_p_q_and_n_in_both_prime_orders() {
+        let key = fixture();
+        check_representatives(&key);
+        let [p, q] = key.primes() else {
+            panic!("two primes")
+        };
+        let swapped = RsaPrivateKey::from_components(
+            key.n().clone(),
+            key.e().clone(),
+            key.d().clone(),
+            vec![q.clone(), p.clone()],
+        )
+        .unwrap();
+        assert_ne!(p < q, swapped.primes()[0] < swapped.primes()[1]);
+        check_representatives(&swapped);
+    }
+
+    #[test]
+    fn a_faulty_private_operation_is_withheld_not_released() {
+        let key = fixture();
+        let mut crt = crt_2048(&key);
+        let good = crt.sign(&Sha256::digest(b"m")).unwrap();
+        crt.dp[0] ^= 1;
+        assert_eq!(crt.sign(&Sha256::digest(b"m")), Err(SignError));
+        crt.dp[0] ^= 1;
+        crt.q.modulus[3] ^= 1 << 5;
+        assert_eq!(crt.sign(&Sha256::digest(b"m")), Err(SignError));
+        assert_eq!(good.len(), 256);
+    }
+
+    #[test]
+    fn sizes_beyond_3072_bits_and_multi_prime_keys_are_left_to_the_rsa_crate() {
+        let pool: Vec<BigUint> = include_str!("../../tests/fixtures/primes-1536.txt")
+            .lines()
+            .map(|l| BigUint::parse_bytes(l.as_bytes(), 16).unwrap())
+            .collect();
+        let e = BigUint::from(65_537u32);
+        let three = RsaPrivateKey::from_primes(pool[..3].to_vec(), e.clone()).unwrap();
+        assert!(RsaCrtKey::new(&three).is_none(), "three primes");
+        // A 4608-bit modulus (one "prime" is a product; the rsa crate does not check).
+        let wide =
+            RsaPrivateKey::from_p_q(&pool[0] * &pool[1], pool[2].clone(), e.clone()).unwrap();
+        assert_eq!(wide.n().bits(), 4608);
+        assert!(RsaCrtKey::new(&wide).is_none(), "over 3072 bits");
+        let k3072 = RsaPrivateKey::from_p_q(pool[0].clone(), pool[1].clone(), e).unwrap();
+        assert!(matches!(
+            RsaCrtKey::new(&k3072),
+            Some(RsaCrtKey(BySize::Bits3072(_)))
+        ));
+    }
+
+    #[test]
+    fn limbs_round_trip_and_refuse_numbers_too_wide() {
+        let bytes: Vec<u8> = (1..=129).collect();
+        let l: Limbs<37> = limbs(&bytes).unwrap();
+        assert_eq!(to_bytes(&l, 129), bytes);
+        assert!(limbs::<37>(&[0x10; 130]).is_none(), "1037 bits > 37 × 28");
+        assert!(limbs::<37>(&[0x08; 130]).is_some(), "1036 bits fit");
+        assert!(
+            limbs::<37>(&[0; 300]).is_some(),
+            "leading zeros do not count"
+        );
+    }
+}
