@@ -11,7 +11,7 @@ use principal_propagation::http_url::HttpUrl;
 use principal_propagation::identity::{self, attributes, payload, UserIdRule};
 use principal_propagation::keys::SigningKey;
 use principal_propagation::oauth::token_response;
-use principal_propagation::saml::assertion::{write, AssertionContent};
+use principal_propagation::saml::assertion::write;
 use principal_propagation::saml::signature::sign_enveloped;
 use principal_propagation::trust::download;
 use quick_xml::escape::resolve_predefined_entity;
@@ -19,6 +19,10 @@ use quick_xml::events::Event;
 use quick_xml::Reader;
 use serde_json::Value;
 use std::sync::OnceLock;
+
+#[path = "../tests/common/sample.rs"]
+#[allow(dead_code)] // the golden samples are not used here
+mod sample;
 
 /// The targets, by name (the directory names under `fuzz/corpus/`).
 /// What a target checks: it panics when the input breaks a rule.
@@ -106,20 +110,7 @@ fn assertion_from_claims(claims: &Value) {
             continue;
         };
         let attributes = attributes::from_claims(claims, false, false);
-        let content = AssertionContent {
-            id: "_0123456789abcdef0123456789abcdef",
-            issue_instant_ms: 1_795_323_921_000,
-            issuer: "fuzz-issuer",
-            name_id: &user_id,
-            name_id_format: "urn:oasis:names:tc:SAML:1.1:nameid-format:unspecified",
-            name_qualifier: None,
-            recipient: "https://ts.example/oauth/token",
-            audience: "https://ts.example",
-            authn_context_class_ref: "urn:oasis:names:tc:SAML:2.0:ac:classes:PreviousSession",
-            not_before_ms: 1_795_323_861_000,
-            not_on_or_after_ms: 1_795_324_221_000,
-            attributes: &attributes,
-        };
+        let content = sample::content(&user_id, None, &attributes);
         // A user id XML cannot carry is refused (401) before anything is written.
         let Ok(unsigned) = write(&content) else {
             continue;

@@ -28,6 +28,28 @@ pub fn signed_sample_ec() -> String {
     )
 }
 
+/// The fixed assertion fields of the samples, around a given user and attributes.
+pub fn content<'a>(
+    name_id: &'a str,
+    name_qualifier: Option<&'a str>,
+    attributes: &'a [Attribute],
+) -> AssertionContent<'a> {
+    AssertionContent {
+        id: "_0123456789abcdef0123456789abcdef",
+        issue_instant_ms: 1_795_323_921_000,
+        issuer: "principal-propagation-test",
+        name_id,
+        name_id_format: "urn:oasis:names:tc:SAML:1.1:nameid-format:unspecified",
+        name_qualifier,
+        recipient: "https://ts.example/oauth/token",
+        audience: "https://ts.example",
+        authn_context_class_ref: "urn:oasis:names:tc:SAML:2.0:ac:classes:PreviousSession",
+        not_before_ms: 1_795_323_861_000,
+        not_on_or_after_ms: 1_795_324_221_000,
+        attributes,
+    }
+}
+
 fn signed_sample_with(key_pem: &str, cert_pem: &str) -> String {
     let key =
         SigningKey::from_pem(key_pem, cert_pem).expect("test key and certificate belong together");
@@ -35,20 +57,7 @@ fn signed_sample_with(key_pem: &str, cert_pem: &str) -> String {
         name: "Groups".into(),
         values: vec!["a&b".into(), "<c>".into()],
     }];
-    let content = AssertionContent {
-        id: "_0123456789abcdef0123456789abcdef",
-        issue_instant_ms: 1_795_323_921_000,
-        issuer: "principal-propagation-test",
-        name_id: "<ä&b>\r\n\"x\" ]]> 𝄞",
-        name_id_format: "urn:oasis:names:tc:SAML:1.1:nameid-format:unspecified",
-        name_qualifier: Some("q\"\t\n"),
-        recipient: "https://ts.example/oauth/token",
-        audience: "https://ts.example",
-        authn_context_class_ref: "urn:oasis:names:tc:SAML:2.0:ac:classes:PreviousSession",
-        not_before_ms: 1_795_323_861_000,
-        not_on_or_after_ms: 1_795_324_221_000,
-        attributes: &attributes,
-    };
+    let content = content("<ä&b>\r\n\"x\" ]]> 𝄞", Some("q\"\t\n"), &attributes);
     let unsigned = write(&content).expect("all values are XML text");
     sign_enveloped(&unsigned, content.id, &key, true).expect("signature")
 }
