@@ -23,7 +23,8 @@ from pathlib import Path
 import log_audit
 
 ROOT = Path(__file__).resolve().parent.parent
-WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "principal_propagation.wasm"
+# PP_WASM: another build of the plugin (to compare two versions in the same benchmark).
+WASM = Path(os.environ.get("PP_WASM") or ROOT / "target" / "wasm32-wasip1" / "release" / "principal_propagation.wasm")
 VENV_BIN = ROOT / ".venv" / "bin"
 
 ISSUER = "principal-propagation-gateway"

@@ -4,7 +4,7 @@ use crate::config::{Destination, PluginConfig};
 use crate::keys::SignError;
 use crate::oauth::token_request::{self, TokenRequest};
 use crate::saml::assertion::{self, AssertionContent, Attribute, UnwritableField};
-use crate::saml::signature::sign_enveloped;
+use crate::saml::signature::EnvelopedSigning;
 
 /// The ID of an assertion: `_` and 32 hex digits from 16 random bytes (an NCName).
 pub fn assertion_id(random: &[u8; 16]) -> String {
@@ -37,6 +37,25 @@ pub fn token_request(
     now_ms: u64,
     id: &str,
 ) -> Result<TokenRequest, BuildError> {
+    let mut signing = start(config, destination, user_id, attributes, now_ms, id)?;
+    let signed = signing
+        .advance(usize::MAX)
+        .unwrap_or(Err(SignError))
+        .map_err(BuildError::Signing)?;
+    Ok(token_request::build(destination, &signed))
+}
+
+/// Writes the assertion and starts its signature; the caller advances the signature (a
+/// slice at a time, see [`EnvelopedSigning::advance`]) and then builds the request with
+/// [`token_request::build`].
+pub fn start(
+    config: &PluginConfig,
+    destination: &Destination,
+    user_id: &str,
+    attributes: &[Attribute],
+    now_ms: u64,
+    id: &str,
+) -> Result<EnvelopedSigning, BuildError> {
     let key = &config
         .keys
         .get(&destination.key_name)
@@ -57,9 +76,12 @@ pub fn token_request(
         attributes,
     };
     let unsigned = assertion::write(&content).map_err(BuildError::Unwritable)?;
-    let signed = sign_enveloped(&unsigned, id, key, destination.include_certificate)
-        .map_err(BuildError::Signing)?;
-    Ok(token_request::build(destination, &signed))
+    Ok(EnvelopedSigning::start(
+        &unsigned,
+        id,
+        key,
+        destination.include_certificate,
+    ))
 }
 
 #[cfg(test)]

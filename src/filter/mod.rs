@@ -32,6 +32,9 @@ pub const ROUTE_METADATA_PATH: [&str; 5] = [
 
 /// How often a worker looks for results it may have missed (see [`Worker::on_tick`]).
 const TICK_PERIOD: Duration = Duration::from_secs(1);
+/// The tick while the worker signs assertions: a slice of signing a millisecond (see
+/// [`Worker::on_slice`]); the worker's other requests are served in between.
+const SIGNING_TICK_PERIOD: Duration = Duration::from_millis(1);
 /// How often certificate expiry is looked at (notices are logged once a day).
 const CERTIFICATE_CHECK_MS: u64 = 3_600_000;
 
@@ -50,6 +53,8 @@ proxy_wasm::main! {{
             queue: None,
             metrics: None,
             certificates_checked_ms: 0,
+            second_ticked_ms: 0,
+            signing_ticks: false,
         })
     });
 }}
@@ -62,6 +67,10 @@ struct PluginRoot {
     queue: Option<u32>,
     metrics: Option<Rc<Metrics>>,
     certificates_checked_ms: u64,
+    /// When the once-a-second duties of [`RootContext::on_tick`] last ran (host ms).
+    second_ticked_ms: u64,
+    /// Whether the tick runs at [`SIGNING_TICK_PERIOD`].
+    signing_ticks: bool,
 }
 
 impl PluginRoot {
@@ -70,15 +79,26 @@ impl PluginRoot {
     }
 
     /// Runs `f` on the VM's worker, then makes this root the effective context again
-    /// (the worker may have switched to requests' contexts to resume them).
-    fn with_worker(&self, f: impl FnOnce(&mut Worker, &EnvoyHost)) {
+    /// (the worker may have switched to requests' contexts to resume them) and paces
+    /// the tick: every millisecond while the worker signs, every second otherwise.
+    fn with_worker(&mut self, f: impl FnOnce(&mut Worker, &EnvoyHost)) {
         let host = self.host();
-        WORKER.with(|worker| {
-            if let Ok(mut worker) = worker.try_borrow_mut() {
+        let signing = WORKER.with(|worker| match worker.try_borrow_mut() {
+            Ok(mut worker) => {
                 f(&mut worker, &host);
+                worker.signing()
             }
+            Err(_) => self.signing_ticks,
         });
         let _ = hostcalls::set_effective_context(self.context_id);
+        if signing != self.signing_ticks {
+            self.signing_ticks = signing;
+            self.set_tick_period(if signing {
+                SIGNING_TICK_PERIOD
+            } else {
+                TICK_PERIOD
+            });
+        }
     }
 }
 
@@ -154,16 +174,21 @@ impl RootContext for PluginRoot {
 
     fn on_tick(&mut self) {
         let host = self.host();
-        host.report_wasm_memory();
         let now_ms = host.now_ns() / 1_000_000;
-        if now_ms.saturating_sub(self.certificates_checked_ms) >= CERTIFICATE_CHECK_MS {
-            if let Some(config) = &self.config {
-                host.check_certificates(config);
+        let second = now_ms.saturating_sub(self.second_ticked_ms) >= TICK_PERIOD.as_millis() as u64;
+        if second {
+            self.second_ticked_ms = now_ms;
+            host.report_wasm_memory();
+            if now_ms.saturating_sub(self.certificates_checked_ms) >= CERTIFICATE_CHECK_MS {
+                if let Some(config) = &self.config {
+                    host.check_certificates(config);
+                }
+                self.certificates_checked_ms = now_ms;
             }
-            self.certificates_checked_ms = now_ms;
         }
         self.with_worker(|worker, host| {
-            if worker.waits_elsewhere() {
+            worker.on_slice(host);
+            if second && worker.waits_elsewhere() {
                 worker.on_tick(host);
             }
         });

@@ -12,18 +12,23 @@
 //!
 //! Exchanges start from a worker-level callback ([`Worker::on_wake`]), never from a
 //! request's own context, so a client that goes away cannot cancel an exchange other
-//! requests wait for. Tokens are refreshed in the background shortly before they
+//! requests wait for. The assertion is signed in slices of a quarter millisecond
+//! ([`Worker::on_slice`], from the host's millisecond tick), so that the milliseconds
+//! an RSA signature takes in Wasm do not hold up the worker's cache hits meanwhile. Tokens are refreshed in the background shortly before they
 //! stop being reused, so steady users never wait.
 
 use crate::cache::{self, CacheKey, Entry};
 use crate::config::PluginConfig;
 use crate::error::Failure;
-use crate::exchange::{self, assertion_id};
+use crate::exchange::{self, assertion_id, BuildError};
 use crate::identity::{self, attributes};
+use crate::keys::SignError;
+use crate::oauth::token_request;
 use crate::oauth::token_request::TokenRequest;
 use crate::oauth::token_response;
 use crate::saml::assertion::Attribute;
 use crate::saml::canonical::is_xml_text;
+use crate::saml::signature::EnvelopedSigning;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -42,6 +47,21 @@ pub const FAILURE_BACKOFF_MS: u64 = 500;
 const TIMEOUT_SHARE_PERCENT: u64 = 90;
 /// Extra time on top of the callout timeout before a lock is presumed abandoned.
 const LOCK_GRACE_MS: u64 = 2_000;
+/// Signing work per slice, in microseconds. A cache hit that arrives while a slice runs
+/// waits for it, so a slice is short; between slices the worker serves its other
+/// requests (the host calls [`Worker::on_slice`] again about a millisecond later), so
+/// signing takes at most a fifth of a worker: about 30 RSA-2048 signatures a second.
+pub const SIGNING_SLICE_US: u64 = 250;
+/// How long a signature may wait before the slice grows: by one more slice per this
+/// much waiting of the oldest signature under way, up to [`MAX_SIGNING_SLICES`]. So a
+/// steady trickle of new users costs cache hits at most a quarter millisecond each,
+/// while a wave of them is still signed at most of a worker's speed, at the price of
+/// longer holds for the hits meanwhile.
+const SIGNING_WAIT_STEP_MS: u64 = 250;
+const MAX_SIGNING_SLICES: u64 = 8;
+/// Signing units (see [`crate::keys::Signing::advance`], about 10 µs each for RSA-2048
+/// in V8) between two looks at the clock.
+const WINDOWS_PER_CLOCK_READ: usize = 4;
 
 /// Everything the flow needs from the host. The proxy-wasm layer implements it over
 /// Envoy; tests implement it in memory.
@@ -140,6 +160,8 @@ pub enum Decision {
 enum Stage {
     /// Waits for [`Worker::on_wake`] to take the lock and dispatch.
     Queued,
+    /// This worker holds the lock and signs the assertion, a slice at a time.
+    Signing,
     /// This worker holds the lock; the callout runs.
     Dispatched,
     /// Another worker holds the lock until `deadline_ms`.
@@ -157,6 +179,12 @@ struct Pending {
     stage: Stage,
     /// When the callout was dispatched (host ms), to tell a timeout from a reset.
     dispatched_at_ms: u64,
+    /// The assertion being signed (in [`Stage::Signing`]).
+    signing: Option<Box<EnvelopedSigning>>,
+    /// Time spent writing and signing the assertion so far (ns), for [`Metric::SigningMicros`].
+    signing_ns: u64,
+    /// When signing began (host ms).
+    signing_since_ms: u64,
 }
 
 /// Per-worker state: the exchanges this worker waits for, by cache key id.
@@ -175,6 +203,12 @@ impl Worker {
     /// Number of exchanges queued, running or awaited and not yet settled.
     pub fn in_flight(&self) -> usize {
         self.pending.len()
+    }
+
+    /// True while this worker signs assertions: the host should call
+    /// [`Worker::on_slice`] about every millisecond until it is false again.
+    pub fn signing(&self) -> bool {
+        self.pending.values().any(|p| p.stage == Stage::Signing)
     }
 
     /// True when some exchange waits on another worker (the host should call
@@ -278,6 +312,9 @@ impl Worker {
                 waiters: waiter.into_iter().collect(),
                 stage: Stage::Queued,
                 dispatched_at_ms: 0,
+                signing: None,
+                signing_ns: 0,
+                signing_since_ms: 0,
             },
         );
         true
@@ -290,7 +327,8 @@ impl Worker {
         }
     }
 
-    /// Starts every queued exchange this worker can lock; waits for the others.
+    /// Starts every queued exchange this worker can lock (and signs a first slice);
+    /// waits for the others.
     pub fn on_wake(&mut self, host: &dyn Host) {
         let queued: Vec<[u8; cache::ID_LEN]> = self
             .pending
@@ -300,6 +338,48 @@ impl Worker {
             .collect();
         for id in queued {
             self.advance(host, id);
+        }
+        self.on_slice(host);
+    }
+
+    /// Signs for one slice of time (see [`SIGNING_SLICE_US`]) and dispatches the
+    /// exchanges whose assertions are done.
+    pub fn on_slice(&mut self, host: &dyn Host) {
+        let mut signing: Vec<(u64, [u8; cache::ID_LEN])> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.stage == Stage::Signing)
+            .map(|(id, p)| (p.signing_since_ms, *id))
+            .collect();
+        signing.sort_unstable(); // oldest first
+        let Some(&(oldest_ms, _)) = signing.first() else {
+            return;
+        };
+        let start_ns = host.now_ns();
+        let waited_ms = (start_ns / 1_000_000).saturating_sub(oldest_ms);
+        let slices = (1 + waited_ms / SIGNING_WAIT_STEP_MS).min(MAX_SIGNING_SLICES);
+        let end_ns = start_ns + slices * SIGNING_SLICE_US * 1000;
+        for (_, id) in signing {
+            let Some(pending) = self.pending.get_mut(&id) else {
+                continue;
+            };
+            let Some(signing) = pending.signing.as_mut() else {
+                continue;
+            };
+            let mut now_ns = host.now_ns();
+            let result = loop {
+                let result = signing.advance(WINDOWS_PER_CLOCK_READ);
+                let then_ns = now_ns;
+                now_ns = host.now_ns();
+                pending.signing_ns += now_ns.saturating_sub(then_ns);
+                if result.is_some() || now_ns >= end_ns {
+                    break result;
+                }
+            };
+            match result {
+                Some(signed) => self.dispatch(host, id, signed),
+                None => return, // out of time: the next slice goes on
+            }
         }
     }
 
@@ -333,19 +413,23 @@ impl Worker {
             .get(pending.destination)
             .map_or(0, |d| d.token_service.timeout_ms);
         match take_lock(host, &key, now_ms + timeout_ms + LOCK_GRACE_MS) {
-            Lock::Taken => match self.start_exchange(host, id) {
-                Ok(callout) => {
-                    self.callouts.insert(callout, id);
-                    if let Some(p) = self.pending.get_mut(&id) {
-                        p.stage = Stage::Dispatched;
-                        p.dispatched_at_ms = host.now_ns() / 1_000_000;
+            Lock::Taken => {
+                let started_ns = host.now_ns();
+                match self.start_signing(host, id) {
+                    Ok(signing) => {
+                        if let Some(p) = self.pending.get_mut(&id) {
+                            p.stage = Stage::Signing;
+                            p.signing = Some(Box::new(signing));
+                            p.signing_ns = host.now_ns().saturating_sub(started_ns);
+                            p.signing_since_ms = started_ns / 1_000_000;
+                        }
+                    }
+                    Err(failure) => {
+                        release_lock(host, &key);
+                        self.settle(host, id, Err(failure));
                     }
                 }
-                Err(failure) => {
-                    release_lock(host, &key);
-                    self.settle(host, id, Err(failure));
-                }
-            },
+            }
             Lock::HeldUntil(deadline_ms) => {
                 if let Some(p) = self.pending.get_mut(&id) {
                     p.stage = Stage::Elsewhere { deadline_ms };
@@ -355,7 +439,12 @@ impl Worker {
         }
     }
 
-    fn start_exchange(&self, host: &dyn Host, id: [u8; cache::ID_LEN]) -> Result<u32, Failure> {
+    /// Writes the assertion for exchange `id` and starts its signature.
+    fn start_signing(
+        &self,
+        host: &dyn Host,
+        id: [u8; cache::ID_LEN],
+    ) -> Result<EnvelopedSigning, Failure> {
         let pending = self.pending.get(&id).ok_or(Failure::Internal {
             reason: "lost exchange",
         })?;
@@ -372,43 +461,75 @@ impl Worker {
                 reason: "no randomness for the assertion ID",
             });
         }
-        let started_ns = host.now_ns();
-        let request = exchange::token_request(
+        exchange::start(
             config,
             dest,
             &pending.user_id,
             &pending.attributes,
-            started_ns / 1_000_000,
+            now_ms(host),
             &assertion_id(&random),
         )
-        .map_err(|e| {
-            host.log(
-                Level::Error,
-                &format!("destination {}: cannot build assertion: {e:?}", dest.name),
-            );
-            Failure::Internal {
-                reason: "cannot build the SAML assertion",
-            }
-        })?;
-        let signing = match config
-            .keys
-            .get(&dest.key_name)
-            .map(|k| k.active.signature_method())
-        {
-            Some(crate::keys::ECDSA_SHA256) => Metric::SigningEcMicros,
-            _ => Metric::SigningMicros,
+        .map_err(|e| cannot_build(host, &dest.name, &e))
+    }
+
+    /// The assertion of exchange `id` is signed (or failed to be): dispatch the callout,
+    /// or release the lock and answer the waiters.
+    fn dispatch(
+        &mut self,
+        host: &dyn Host,
+        id: [u8; cache::ID_LEN],
+        signed: Result<String, SignError>,
+    ) {
+        let Some(pending) = self.pending.get_mut(&id) else {
+            return;
         };
-        host.count(signing, host.now_ns().saturating_sub(started_ns) / 1000);
-        host.dispatch(&request).ok_or_else(|| {
-            host.log(
-                Level::Error,
-                &format!(
-                    "destination {}: callout to cluster {:?} refused by the host (is the cluster defined?)",
-                    dest.name, request.cluster
-                ),
-            );
-            Failure::Unavailable { reason: "token service cluster not available" }
-        })
+        pending.signing = None;
+        let key = pending.key;
+        let config = Rc::clone(&pending.config);
+        let result = match config.destinations.get(pending.destination) {
+            None => Err(Failure::Internal {
+                reason: "unknown destination",
+            }),
+            Some(dest) => {
+                let signing = match config
+                    .keys
+                    .get(&dest.key_name)
+                    .map(|k| k.active.signature_method())
+                {
+                    Some(crate::keys::ECDSA_SHA256) => Metric::SigningEcMicros,
+                    _ => Metric::SigningMicros,
+                };
+                host.count(signing, pending.signing_ns / 1000);
+                signed
+                    .map_err(|e| cannot_build(host, &dest.name, &BuildError::Signing(e)))
+                    .and_then(|signed| {
+                        let request = token_request::build(dest, &signed);
+                        host.dispatch(&request).ok_or_else(|| {
+                            host.log(
+                                Level::Error,
+                                &format!(
+                                    "destination {}: callout to cluster {:?} refused by the host (is the cluster defined?)",
+                                    dest.name, request.cluster
+                                ),
+                            );
+                            Failure::Unavailable { reason: "token service cluster not available" }
+                        })
+                    })
+            }
+        };
+        match result {
+            Ok(callout) => {
+                self.callouts.insert(callout, id);
+                if let Some(p) = self.pending.get_mut(&id) {
+                    p.stage = Stage::Dispatched;
+                    p.dispatched_at_ms = now_ms(host);
+                }
+            }
+            Err(failure) => {
+                release_lock(host, &key);
+                self.settle(host, id, Err(failure));
+            }
+        }
     }
 
     /// The token service answered callout `callout` (`status` `None`: no response).
@@ -539,6 +660,7 @@ impl Worker {
         for id in waiting {
             self.pick_up(host, id);
         }
+        self.on_slice(host);
     }
 
     /// Periodic check for exchanges awaited elsewhere: a result whose notice was lost,
@@ -563,6 +685,7 @@ impl Worker {
                 self.pick_up(host, id);
             }
         }
+        self.on_slice(host);
     }
 
     /// Settles an exchange awaited elsewhere from the stored result, or, when there is
@@ -707,6 +830,17 @@ fn attributes_of(claims: &Value, dest: &crate::config::Destination) -> Vec<Attri
     .into_iter()
     .filter(|a| is_xml_text(&a.name) && a.values.iter().all(|v| is_xml_text(v)))
     .collect()
+}
+
+/// Logs why no assertion could be made (no user data in the message) and the answer.
+fn cannot_build(host: &dyn Host, destination: &str, error: &BuildError) -> Failure {
+    host.log(
+        Level::Error,
+        &format!("destination {destination}: cannot build assertion: {error:?}"),
+    );
+    Failure::Internal {
+        reason: "cannot build the SAML assertion",
+    }
 }
 
 fn now_ms(host: &dyn Host) -> u64 {

@@ -8,6 +8,8 @@ use std::cell::{Cell, RefCell};
 #[derive(Default)]
 struct FakeHost {
     now_ns: Cell<u64>,
+    /// How far the clock moves on every reading (0: it stands still).
+    clock_step_ns: Cell<u64>,
     shared: RefCell<HashMap<String, (Vec<u8>, u32)>>,
     dispatched: RefCell<Vec<TokenRequest>>,
     wakes: Cell<u32>,
@@ -23,6 +25,8 @@ struct FakeHost {
 
 impl Host for FakeHost {
     fn now_ns(&self) -> u64 {
+        self.now_ns
+            .set(self.now_ns.get() + self.clock_step_ns.get());
         self.now_ns.get()
     }
     fn fill_random(&self, buf: &mut [u8]) -> bool {
@@ -578,4 +582,87 @@ fn unusable_answers_are_never_cached_and_a_healed_service_is_used_after_the_back
             Decision::Forward("Bearer tok-1".into())
         );
     }
+}
+
+#[test]
+fn rsa_signing_runs_in_short_slices_while_the_lock_is_held() {
+    let (h, c) = (host(), config());
+    let (mut w1, mut w2) = (Worker::new(), Worker::new());
+    // 100 µs per clock reading, that is per 4 windows: a 250 µs slice is 3 readings.
+    h.clock_step_ns.set(100_000);
+    assert_eq!(w1.on_request(&h, &c, 1, 0, Some(&alice())), Decision::Wait);
+    w1.on_wake(&h);
+    assert!(
+        w1.signing(),
+        "the first slice did not finish a 2048-bit signature"
+    );
+    assert!(h.dispatched.borrow().is_empty());
+    // Meanwhile: the same user joins here, and another worker waits for the lock.
+    assert_eq!(w1.on_request(&h, &c, 2, 0, Some(&alice())), Decision::Wait);
+    assert_eq!(w2.on_request(&h, &c, 3, 0, Some(&alice())), Decision::Wait);
+    w2.on_wake(&h);
+    assert!(!w2.signing(), "w2 does not sign: w1 holds the lock");
+    let mut slices = 1;
+    while w1.signing() && slices < 1_000 {
+        let before = h.now_ns.get();
+        w1.on_slice(&h);
+        let spent_us = (h.now_ns.get() - before) / 1000;
+        assert!(
+            spent_us <= SIGNING_SLICE_US + 300,
+            "a slice took {spent_us} µs"
+        );
+        slices += 1;
+    }
+    // 518 windows, 8 to 12 a slice (the fake clock also moves on the slice's own reads).
+    assert!((43..=65).contains(&slices), "{slices} slices");
+    assert_eq!(h.dispatched.borrow().len(), 1);
+    w1.on_token_response(&h, 101, Some(200), OK);
+    assert_eq!(
+        *h.resumed.borrow(),
+        vec![
+            (1, "Bearer tok-1".to_string()),
+            (2, "Bearer tok-1".to_string())
+        ]
+    );
+    deliver(&h, &mut w2);
+    assert_eq!(h.resumed.borrow().len(), 3);
+    assert_eq!(h.dispatched.borrow().len(), 1, "one exchange for all");
+}
+
+#[test]
+fn the_slice_grows_only_when_a_signature_has_waited() {
+    let (h, c) = (host(), config());
+    let mut w = Worker::new();
+    h.clock_step_ns.set(100_000);
+    let slice_us = |w: &mut Worker| {
+        let before = h.now_ns.get();
+        w.on_slice(&h);
+        (h.now_ns.get() - before) / 1000
+    };
+    for id in 1..=6 {
+        w.on_request(
+            &h,
+            &c,
+            id,
+            0,
+            Some(&json!({ "user_name": format!("u{id}") })),
+        );
+    }
+    w.on_wake(&h);
+    let spent = slice_us(&mut w);
+    assert!(spent <= SIGNING_SLICE_US + 300, "fresh: {spent} µs");
+    // The host was busy: the oldest signature has waited 250 ms, then 10 s.
+    for (waited_ms, slices) in [(SIGNING_WAIT_STEP_MS, 2), (10_000, MAX_SIGNING_SLICES)] {
+        h.now_ns.set(T0 + waited_ms * 1_000_000);
+        let spent = slice_us(&mut w);
+        let grown = slices * SIGNING_SLICE_US;
+        assert!(
+            (grown..=grown + 300).contains(&spent),
+            "waited {waited_ms} ms: {spent} µs"
+        );
+    }
+    while w.signing() {
+        w.on_slice(&h);
+    }
+    assert_eq!(h.dispatched.borrow().len(), 6);
 }

@@ -5,8 +5,12 @@
 //! about twice as slow in V8 (`examples/sign_bench.rs` measures both). Wasm has no
 //! 64×64→128-bit multiply, so numbers here are 28-bit limbs held in `u64`s: a limb product
 //! takes 56 bits, and a whole column of a Montgomery product (at most 2 × 110 limb products
-//! for a 3072-bit `n`, below 2^64) is summed without carrying after every step. The `rsa` crate still parses keys, signs keys of other shapes (see
-//! [`RsaCrtKey::new`]), and is the reference of the differential tests.
+//! for a 3072-bit `n`, below 2^64) is summed without carrying after every step; squarings
+//! compute each cross product once. The `rsa` crate still parses keys, signs keys of
+//! other shapes (see [`RsaCrtKey::new`]), and is the reference of the differential tests.
+//!
+//! A signature can be computed in steps ([`RsaCrtKey::start`], [`RsaSigning::advance`]),
+//! so that the worker thread signing it can serve other requests in between.
 //!
 //! Constant time: the loops run over all limbs of the modulus and all bits of the
 //! fixed-width exponent; their counts depend only on the key's public bit lengths. The
@@ -22,6 +26,7 @@
 use rsa::traits::{PrivateKeyParts, PublicKeyParts};
 use rsa::{BigUint, RsaPrivateKey};
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use super::SignError;
@@ -51,8 +56,8 @@ pub struct RsaCrtKey(BySize);
 /// 127.
 #[derive(Clone)]
 enum BySize {
-    Bits2048(Box<CrtKey<37, 74>>),
-    Bits3072(Box<CrtKey<55, 110>>),
+    Bits2048(Arc<CrtKey<37, 74>>),
+    Bits3072(Arc<CrtKey<55, 110>>),
 }
 
 impl RsaCrtKey {
@@ -60,19 +65,104 @@ impl RsaCrtKey {
     /// than two primes, or a modulus over 3072 bits (those are signed by the `rsa` crate).
     pub fn new(key: &RsaPrivateKey) -> Option<Self> {
         let sized = CrtKey::new(key)
-            .map(|key| BySize::Bits2048(Box::new(key)))
-            .or_else(|| CrtKey::new(key).map(|key| BySize::Bits3072(Box::new(key))))?;
+            .map(|key| BySize::Bits2048(Arc::new(key)))
+            .or_else(|| CrtKey::new(key).map(|key| BySize::Bits3072(Arc::new(key))))?;
         Some(RsaCrtKey(sized))
     }
 
     /// The RSASSA-PKCS1-v1_5 SHA-256 signature of `message`, `k` bytes, checked with the
     /// public key before it is returned.
     pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SignError> {
-        let digest = Sha256::digest(message);
-        match &self.0 {
-            BySize::Bits2048(key) => key.sign(&digest),
-            BySize::Bits3072(key) => key.sign(&digest),
+        let mut signing = self.start(message);
+        loop {
+            if let Some(result) = signing.advance(usize::MAX) {
+                return result;
+            }
         }
+    }
+
+    /// The same signature, computed a few exponent windows at a time by
+    /// [`RsaSigning::advance`], so that a worker can serve other requests in between.
+    pub fn start(&self, message: &[u8]) -> RsaSigning {
+        let digest = Sha256::digest(message);
+        let signing = match &self.0 {
+            BySize::Bits2048(key) => {
+                CrtSigning::new(key, &digest).map(|s| SigningBySize::Bits2048(Box::new(s)))
+            }
+            BySize::Bits3072(key) => {
+                CrtSigning::new(key, &digest).map(|s| SigningBySize::Bits3072(Box::new(s)))
+            }
+        };
+        RsaSigning(signing.unwrap_or(SigningBySize::Refused))
+    }
+}
+
+/// An RSA signature under way (see [`RsaCrtKey::start`]).
+pub struct RsaSigning(SigningBySize);
+
+enum SigningBySize {
+    Bits2048(Box<CrtSigning<37, 74>>),
+    Bits3072(Box<CrtSigning<55, 110>>),
+    /// The encoded message did not fit the key (cannot happen for a key `new` took).
+    Refused,
+}
+
+impl RsaSigning {
+    /// Does up to `windows` units of work (one unit: one 4-bit window of a half
+    /// exponentiation, four modular squarings and a product, about 10 µs for 2048 bits
+    /// in V8; a 2048-bit signature is 518 units). `Some` once the signature is done.
+    pub fn advance(&mut self, windows: usize) -> Option<Result<Vec<u8>, SignError>> {
+        match &mut self.0 {
+            SigningBySize::Bits2048(signing) => signing.advance(windows),
+            SigningBySize::Bits3072(signing) => signing.advance(windows),
+            SigningBySize::Refused => Some(Err(SignError)),
+        }
+    }
+}
+
+/// The private operation of one signature in steps: `em^dP mod p`, then `em^dQ mod q`,
+/// then the recombination and the public-key check.
+struct CrtSigning<const P: usize, const N: usize> {
+    key: Arc<CrtKey<P, N>>,
+    em: Limbs<N>,
+    /// `em^dP mod p` once the first half is done.
+    m1: Option<Limbs<P>>,
+    /// The exponentiation under way: modulo `p` while `m1` is `None`, then modulo `q`.
+    power: Power<P>,
+}
+
+impl<const P: usize, const N: usize> CrtSigning<P, N> {
+    fn new(key: &Arc<CrtKey<P, N>>, digest: &[u8]) -> Option<Self> {
+        let em: Limbs<N> = limbs(&encode(digest, key.size))?;
+        let power = Power::new(&key.p, &key.p.reduce_halves(&em));
+        Some(CrtSigning {
+            key: Arc::clone(key),
+            em,
+            m1: None,
+            power,
+        })
+    }
+
+    fn advance(&mut self, mut windows: usize) -> Option<Result<Vec<u8>, SignError>> {
+        let key = Arc::clone(&self.key);
+        while windows > 0 {
+            let (modulus, exponent) = match self.m1 {
+                None => (&key.p, &key.dp),
+                Some(_) => (&key.q, &key.dq),
+            };
+            let done = self.power.advance(modulus, exponent, &mut windows)?;
+            match self.m1 {
+                None => {
+                    self.m1 = Some(key.p.leave_montgomery(&done));
+                    self.power = Power::new(&key.q, &key.q.reduce_halves(&self.em));
+                }
+                Some(m1) => {
+                    let m2 = key.q.leave_montgomery(&done);
+                    return Some(key.finish(&self.em, &m1, &m2));
+                }
+            }
+        }
+        None
     }
 }
 
@@ -112,35 +202,42 @@ impl<const P: usize, const N: usize> CrtKey<P, N> {
         })
     }
 
-    fn sign(&self, digest: &[u8]) -> Result<Vec<u8>, SignError> {
-        let em = encode(digest, self.size);
-        let em_limbs: Limbs<N> = limbs(&em).ok_or(SignError)?;
-        let signature = self.private_operation(&em_limbs);
+    /// Recombines the halves `m1 = em^dP mod p` and `m2 = em^dQ mod q` and releases the
+    /// signature only if it verifies.
+    fn finish(&self, em: &Limbs<N>, m1: &Limbs<P>, m2: &Limbs<P>) -> Result<Vec<u8>, SignError> {
+        let signature = self.combine(m1, m2);
         let em_again = self.n.pow_public(&signature, &self.e);
-        if !bool::from(em_again.ct_eq(&em_limbs)) {
+        if !bool::from(em_again.ct_eq(em)) {
             return Err(SignError);
         }
         Ok(to_bytes(&signature, self.size))
     }
 
-    /// `em^d mod n`: `m1 = em^dP mod p`, `m2 = em^dQ mod q`, `h = qInv (m1 - m2) mod p`,
-    /// `s = m2 + h q` (RFC 8017, 5.1.2).
-    fn private_operation(&self, em: &Limbs<N>) -> Limbs<N> {
-        let low: Limbs<P> = std::array::from_fn(|i| em[i]);
-        let high: Limbs<P> = std::array::from_fn(|i| em[P + i]);
-        let m1 = self
-            .p
-            .leave_montgomery(&self.p.pow(&self.p.reduce(&low, &high), &self.dp));
-        let m2 = self
-            .q
-            .leave_montgomery(&self.q.pow(&self.q.reduce(&low, &high), &self.dq));
+    /// `h = qInv (m1 - m2) mod p`, `s = m2 + h q` (RFC 8017, 5.1.2).
+    fn combine(&self, m1: &Limbs<P>, m2: &Limbs<P>) -> Limbs<N> {
         // (m1 - m2) qInv in p's Montgomery form: m1 R + 2p - m2 R is positive and below 4p.
         let difference = self
             .p
-            .sub(&self.p.enter_montgomery(&m1), &self.p.enter_montgomery(&m2));
+            .sub(&self.p.enter_montgomery(m1), &self.p.enter_montgomery(m2));
         let q_inv = self.p.enter_montgomery(&self.q_inv);
         let h = self.p.leave_montgomery(&self.p.mul(&difference, &q_inv));
-        multiply_add(&h, &self.q.modulus, &m2)
+        multiply_add(&h, &self.q.modulus, m2)
+    }
+
+    /// The signature of `digest` in one go.
+    #[cfg(test)]
+    fn sign(&self, digest: &[u8]) -> Result<Vec<u8>, SignError> {
+        let mut signing = CrtSigning::new(&Arc::new(self.clone()), digest).ok_or(SignError)?;
+        signing.advance(usize::MAX).expect("all windows done")
+    }
+
+    /// `em^d mod n` in one go.
+    #[cfg(test)]
+    fn private_operation(&self, em: &Limbs<N>) -> Limbs<N> {
+        let half = |m: &Montgomery<P>, d: &Limbs<P>| {
+            m.leave_montgomery(&Power::new(m, &m.reduce_halves(em)).finish(m, d))
+        };
+        self.combine(&half(&self.p, &self.dp), &half(&self.q, &self.dq))
     }
 }
 
@@ -188,27 +285,34 @@ impl<const L: usize> Montgomery<L> {
     }
 
     /// `a b / R mod modulus`, below `2 modulus` if `a b < R modulus` (e.g. both factors
-    /// below `4 modulus`, as `R >= 16 modulus`). Product scanning: column `i` of
-    /// `a b + t modulus` is summed in one `u64`, the Montgomery digit `t[i]` chosen so that
-    /// the column's low 28 bits are zero.
+    /// below `4 modulus`, as `R >= 16 modulus`).
     fn mul(&self, a: &Limbs<L>, b: &Limbs<L>) -> Limbs<L> {
+        self.reduce_product(|from, to| dot_reversed(&a[from..to], &b[from..to]))
+    }
+
+    /// `a a / R mod modulus`, as [`Montgomery::mul`] but a quarter fewer limb products.
+    fn square(&self, a: &Limbs<L>) -> Limbs<L> {
+        self.reduce_product(|from, to| square_column(&a[from..to]))
+    }
+
+    /// `(x + t modulus) / R` for the product `x` whose column over limbs `from..to` (the
+    /// sum of `x_j y_(from+to-1-j)`) is `product_column(from, to)`. Product scanning: each
+    /// column of `x + t modulus` is summed in one `u64`, the Montgomery digit `t[i]`
+    /// chosen so that the column's low 28 bits are zero.
+    fn reduce_product(&self, product_column: impl Fn(usize, usize) -> u64) -> Limbs<L> {
         let m = &self.modulus;
         let mut t = [0u64; L];
         let mut out = [0u64; L];
         let mut column = 0u64;
         for i in 0..L {
-            for j in 0..i {
-                column += a[j] * b[i - j] + t[j] * m[i - j];
-            }
-            column += a[i] * b[0];
+            column += product_column(0, i + 1) + dot_reversed(&t[..i], &m[1..=i]);
             t[i] = column.wrapping_mul(self.neg_inv) & LIMB_MASK;
             column += t[i] * m[0];
             column >>= LIMB_BITS;
         }
         for i in L..2 * L - 1 {
-            for j in i + 1 - L..L {
-                column += a[j] * b[i - j] + t[j] * m[i - j];
-            }
+            let from = i + 1 - L;
+            column += product_column(from, L) + dot_reversed(&t[from..], &m[from..]);
             out[i - L] = column & LIMB_MASK;
             column >>= LIMB_BITS;
         }
@@ -233,6 +337,13 @@ impl<const L: usize> Montgomery<L> {
     fn reduce(&self, low: &Limbs<L>, high: &Limbs<L>) -> Limbs<L> {
         // low R^2 / R + high R^3 / R = (high R + low) R.
         add(&self.mul(low, &self.r2), &self.mul(high, &self.r3))
+    }
+
+    /// `x mod modulus` in Montgomery form, below `4 modulus`, for `x` of `M = 2 L` limbs.
+    fn reduce_halves<const M: usize>(&self, x: &Limbs<M>) -> Limbs<L> {
+        let low: Limbs<L> = std::array::from_fn(|i| x[i]);
+        let high: Limbs<L> = std::array::from_fn(|i| x.get(L + i).copied().unwrap_or(0));
+        self.reduce(&low, &high)
     }
 
     /// `a - b + 2 modulus` for `a, b < 2 modulus`: positive, below `4 modulus`.
@@ -264,30 +375,6 @@ impl<const L: usize> Montgomery<L> {
         difference
     }
 
-    /// `base^exponent` in Montgomery form (`base` in Montgomery form, below `4 modulus`),
-    /// looking at every bit of the exponent: 4 squarings and one multiplication per 4-bit
-    /// window, whatever the exponent.
-    fn pow(&self, base: &Limbs<L>, exponent: &Limbs<L>) -> Limbs<L> {
-        let mut one = [0; L];
-        one[0] = 1;
-        let one = self.enter_montgomery(&one);
-        let mut table = [one; 1 << WINDOW_BITS];
-        for i in 1..table.len() {
-            table[i] = self.mul(&table[i - 1], base);
-        }
-        let mut result = one;
-        for limb in exponent.iter().rev() {
-            for shift in (0..LIMB_BITS).step_by(WINDOW_BITS).rev() {
-                for _ in 0..WINDOW_BITS {
-                    result = self.mul(&result, &result);
-                }
-                let window = (limb >> shift) & ((1 << WINDOW_BITS) - 1);
-                result = self.mul(&result, &select(&table, window));
-            }
-        }
-        result
-    }
-
     /// `x^e mod modulus`, fully reduced, for a public `e` (variable time): square and multiply.
     fn pow_public(&self, x: &Limbs<L>, e: &Limbs<L>) -> Limbs<L> {
         let x = self.enter_montgomery(x);
@@ -297,13 +384,96 @@ impl<const L: usize> Montgomery<L> {
             .skip_while(|&bit| e[bit / LIMB_BITS] >> (bit % LIMB_BITS) & 1 == 0)
             .skip(1);
         for bit in bits {
-            result = self.mul(&result, &result);
+            result = self.square(&result);
             if e[bit / LIMB_BITS] >> (bit % LIMB_BITS) & 1 == 1 {
                 result = self.mul(&result, &x);
             }
         }
         self.leave_montgomery(&result)
     }
+}
+
+/// `base^exponent` in Montgomery form (`base` in Montgomery form, below `4 modulus`),
+/// a window at a time, looking at every bit of the exponent: 4 squarings and one
+/// multiplication per 4-bit window, whatever the exponent.
+struct Power<const L: usize> {
+    /// `base^0 .. base^15`.
+    table: [Limbs<L>; 1 << WINDOW_BITS],
+    result: Limbs<L>,
+    /// Windows done, from the most significant one.
+    windows_done: usize,
+}
+
+impl<const L: usize> Power<L> {
+    const WINDOWS_PER_LIMB: usize = LIMB_BITS / WINDOW_BITS;
+
+    fn new(m: &Montgomery<L>, base: &Limbs<L>) -> Self {
+        let mut one = [0; L];
+        one[0] = 1;
+        let one = m.enter_montgomery(&one);
+        let mut table = [one; 1 << WINDOW_BITS];
+        for i in 1..table.len() {
+            table[i] = m.mul(&table[i - 1], base);
+        }
+        Power {
+            table,
+            result: one,
+            windows_done: 0,
+        }
+    }
+
+    /// Works through up to `*windows` more windows of `exponent` (counting them off);
+    /// the result once the last one is done.
+    fn advance(
+        &mut self,
+        m: &Montgomery<L>,
+        exponent: &Limbs<L>,
+        windows: &mut usize,
+    ) -> Option<Limbs<L>> {
+        let total = L * Self::WINDOWS_PER_LIMB;
+        while self.windows_done < total {
+            if *windows == 0 {
+                return None;
+            }
+            let from_top = self.windows_done;
+            let limb = exponent[L - 1 - from_top / Self::WINDOWS_PER_LIMB];
+            let shift =
+                (Self::WINDOWS_PER_LIMB - 1 - from_top % Self::WINDOWS_PER_LIMB) * WINDOW_BITS;
+            for _ in 0..WINDOW_BITS {
+                self.result = m.square(&self.result);
+            }
+            let window = (limb >> shift) & ((1 << WINDOW_BITS) - 1);
+            self.result = m.mul(&self.result, &select(&self.table, window));
+            self.windows_done += 1;
+            *windows -= 1;
+        }
+        Some(self.result)
+    }
+
+    /// The whole exponentiation.
+    #[cfg(test)]
+    fn finish(mut self, m: &Montgomery<L>, exponent: &Limbs<L>) -> Limbs<L> {
+        let mut all = usize::MAX;
+        self.advance(m, exponent, &mut all)
+            .expect("all windows done")
+    }
+}
+
+/// `Σ a[j] b[n-1-j]` over two slices of length `n` (`b` read backwards): a column of a
+/// product. Iterators, so that the innermost loop checks no index.
+fn dot_reversed(a: &[u64], b: &[u64]) -> u64 {
+    a.iter().zip(b.iter().rev()).map(|(a, b)| a * b).sum()
+}
+
+/// `Σ x[j] x[n-1-j]`: a column of a square, each cross product computed once and doubled.
+fn square_column(x: &[u64]) -> u64 {
+    let (low, high) = x.split_at(x.len() / 2);
+    let middle = if x.len() % 2 == 1 {
+        high[0] * high[0]
+    } else {
+        0
+    };
+    2 * dot_reversed(low, &high[high.len() - low.len()..]) + middle
 }
 
 /// `table[index]`, reading every entry (the index is secret).
@@ -481,6 +651,26 @@ mod tests {
         .unwrap();
         assert_ne!(p < q, swapped.primes()[0] < swapped.primes()[1]);
         check_representatives(&swapped);
+    }
+
+    #[test]
+    fn signing_in_steps_of_any_size_gives_the_same_signature() {
+        let key = RsaCrtKey::new(&fixture()).unwrap();
+        let whole = key.sign(b"message").unwrap();
+        for windows in [1, 3, 7, 259, 260, 517, 518] {
+            let mut signing = key.start(b"message");
+            let mut calls = 1;
+            let signature = loop {
+                match signing.advance(windows) {
+                    Some(result) => break result.unwrap(),
+                    None => calls += 1,
+                }
+            };
+            assert_eq!(signature, whole, "{windows} windows a step");
+            // 2 × 259 windows (37 limbs × 7); the call doing the last one finishes.
+            assert_eq!(calls, 518usize.div_ceil(windows));
+        }
+        assert!(key.start(b"m").advance(0).is_none(), "no work, no result");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! its own, which is exactly what a verifier does before checking the signature value.
 
 use super::assertion::CanonicalAssertion;
-use crate::keys::{SignError, SigningKey};
+use crate::keys::{SignError, Signing, SigningKey};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use sha2::{Digest, Sha256};
@@ -22,33 +22,70 @@ pub fn sign_enveloped(
     key: &SigningKey,
     include_certificate: bool,
 ) -> Result<String, SignError> {
-    let digest = Sha256::digest(assertion.unsigned().as_bytes());
-    let signed_info = signed_info(id, &STANDARD.encode(digest), key.signature_method());
-    let signature_value = STANDARD.encode(key.sign(signed_info.as_bytes())?);
+    let mut signing = EnvelopedSigning::start(assertion, id, key, include_certificate);
+    signing.advance(usize::MAX).unwrap_or(Err(SignError))
+}
 
-    // In the document SignedInfo inherits `ds` from Signature: drop the repeated declaration.
-    let inherited = format!(" xmlns:ds=\"{DS_NS}\"");
-    let signed_info_in_place = signed_info.replacen(&inherited, "", 1);
+/// An enveloped signature under way: the digest and `SignedInfo` are done, the signature
+/// value is computed by [`EnvelopedSigning::advance`] a slice at a time.
+pub struct EnvelopedSigning {
+    head: String,
+    tail: String,
+    signed_info: String,
+    /// `ds:X509Certificate` content, if the document carries it.
+    certificate: Option<String>,
+    signing: Signing,
+}
 
-    let mut out = String::with_capacity(
-        assertion.head.len() + assertion.tail.len() + signed_info.len() + 2048,
-    );
-    out.push_str(&assertion.head);
-    out.push_str("<ds:Signature");
-    out.push_str(&inherited);
-    out.push('>');
-    out.push_str(&signed_info_in_place);
-    out.push_str("<ds:SignatureValue>");
-    out.push_str(&signature_value);
-    out.push_str("</ds:SignatureValue>");
-    if include_certificate {
-        out.push_str("<ds:KeyInfo><ds:X509Data><ds:X509Certificate>");
-        out.push_str(key.certificate_base64());
-        out.push_str("</ds:X509Certificate></ds:X509Data></ds:KeyInfo>");
+impl EnvelopedSigning {
+    pub fn start(
+        assertion: &CanonicalAssertion,
+        id: &str,
+        key: &SigningKey,
+        include_certificate: bool,
+    ) -> Self {
+        let digest = Sha256::digest(assertion.unsigned().as_bytes());
+        let signed_info = signed_info(id, &STANDARD.encode(digest), key.signature_method());
+        EnvelopedSigning {
+            signing: key.start_signing(signed_info.as_bytes()),
+            head: assertion.head.clone(),
+            tail: assertion.tail.clone(),
+            signed_info,
+            certificate: include_certificate.then(|| key.certificate_base64().to_owned()),
+        }
     }
-    out.push_str("</ds:Signature>");
-    out.push_str(&assertion.tail);
-    Ok(out)
+
+    /// Does up to `windows` units of signing work (see [`Signing::advance`]); `Some`
+    /// with the signed document once done.
+    pub fn advance(&mut self, windows: usize) -> Option<Result<String, SignError>> {
+        let signature = self.signing.advance(windows)?;
+        Some(signature.map(|value| self.document(&STANDARD.encode(value))))
+    }
+
+    fn document(&self, signature_value: &str) -> String {
+        // In the document SignedInfo inherits `ds` from Signature: drop the repeated declaration.
+        let inherited = format!(" xmlns:ds=\"{DS_NS}\"");
+        let signed_info_in_place = self.signed_info.replacen(&inherited, "", 1);
+        let mut out = String::with_capacity(
+            self.head.len() + self.tail.len() + self.signed_info.len() + 2048,
+        );
+        out.push_str(&self.head);
+        out.push_str("<ds:Signature");
+        out.push_str(&inherited);
+        out.push('>');
+        out.push_str(&signed_info_in_place);
+        out.push_str("<ds:SignatureValue>");
+        out.push_str(signature_value);
+        out.push_str("</ds:SignatureValue>");
+        if let Some(certificate) = &self.certificate {
+            out.push_str("<ds:KeyInfo><ds:X509Data><ds:X509Certificate>");
+            out.push_str(certificate);
+            out.push_str("</ds:X509Certificate></ds:X509Data></ds:KeyInfo>");
+        }
+        out.push_str("</ds:Signature>");
+        out.push_str(&self.tail);
+        out
+    }
 }
 
 /// `SignedInfo` in exclusive-canonical form, as signed. `id` is an NCName we generated,
