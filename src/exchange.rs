@@ -2,7 +2,6 @@
 
 use crate::config::{Destination, PluginConfig};
 use crate::keys::SignError;
-use crate::oauth::token_request::{self, TokenRequest};
 use crate::saml::assertion::{self, AssertionContent, Attribute, UnwritableField};
 use crate::saml::signature::EnvelopedSigning;
 
@@ -27,27 +26,11 @@ pub enum BuildError {
     Signing(SignError),
 }
 
-/// Signs a fresh assertion for `user_id` and wraps it in the destination's token request.
+/// Writes a fresh assertion for `user_id` and starts its signature; the caller advances
+/// the signature (a slice at a time, see [`EnvelopedSigning::advance`]) and wraps the
+/// signed assertion in the destination's token request
+/// ([`crate::oauth::token_request::build`]).
 /// `id` must be new for every call: targets remember assertion IDs and reject replays.
-pub fn token_request(
-    config: &PluginConfig,
-    destination: &Destination,
-    user_id: &str,
-    attributes: &[Attribute],
-    now_ms: u64,
-    id: &str,
-) -> Result<TokenRequest, BuildError> {
-    let mut signing = start(config, destination, user_id, attributes, now_ms, id)?;
-    let signed = signing
-        .advance(usize::MAX)
-        .unwrap_or(Err(SignError))
-        .map_err(BuildError::Signing)?;
-    Ok(token_request::build(destination, &signed))
-}
-
-/// Writes the assertion and starts its signature; the caller advances the signature (a
-/// slice at a time, see [`EnvelopedSigning::advance`]) and then builds the request with
-/// [`token_request::build`].
 pub fn start(
     config: &PluginConfig,
     destination: &Destination,

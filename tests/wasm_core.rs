@@ -6,6 +6,7 @@ mod common;
 
 use principal_propagation::config::PluginConfig;
 use principal_propagation::exchange;
+use principal_propagation::oauth::token_request;
 use principal_propagation::time::xs_date_time;
 use wasm_bindgen_test::wasm_bindgen_test;
 
@@ -46,9 +47,11 @@ fn configuration_and_token_request_work_in_wasm() {
     let config =
         PluginConfig::parse(config.to_string().as_bytes(), &env).expect("valid configuration");
     let destination = &config.destinations[0];
-    let request =
-        exchange::token_request(&config, destination, "alice", &[], 1_795_323_921_000, "_a1")
-            .expect("request");
+    let signed = exchange::start(&config, destination, "alice", &[], 1_795_323_921_000, "_a1")
+        .expect("assertion")
+        .finish()
+        .expect("signature");
+    let request = token_request::build(destination, &signed);
     let form: Vec<(String, String)> = form_urlencoded::parse(&request.body).into_owned().collect();
     assert_eq!(form[0].1, "urn:ietf:params:oauth:grant-type:saml2-bearer");
     assert!(!form[1].1.contains('='), "base64url without padding");

@@ -47,20 +47,26 @@ pub const FAILURE_BACKOFF_MS: u64 = 500;
 const TIMEOUT_SHARE_PERCENT: u64 = 90;
 /// Extra time on top of the callout timeout before a lock is presumed abandoned.
 const LOCK_GRACE_MS: u64 = 2_000;
-/// Signing work per slice, in microseconds. A cache hit that arrives while a slice runs
-/// waits for it, so a slice is short; between slices the worker serves its other
-/// requests (the host calls [`Worker::on_slice`] again about a millisecond later), so
-/// signing takes at most a fifth of a worker: about 30 RSA-2048 signatures a second.
+/// How a worker signs (RSA: milliseconds of CPU in Wasm) without holding up the cache
+/// hits it serves meanwhile. Three sources of signing time:
+///
+/// - The tick: a slice of [`SIGNING_SLICE_US`] every millisecond, oldest signature first.
+///   A hit arriving meanwhile waits for one slice at most. That gives signing a fifth of
+///   a worker: about 30 RSA-2048 signatures a second.
+/// - The worker's requests: while a signature is under way, each request does one step
+///   of it (about 40 µs, [`WINDOWS_PER_CLOCK_READ`]) before its own work. A busy worker
+///   has many requests, so a little from each finishes a signature in tens of
+///   milliseconds without holding any of them up for long.
+/// - Larger slices when nobody waits: [`IDLE_SIGNING_SLICES`] when no request came since
+///   the last slice, and one more slice per [`SIGNING_WAIT_STEP_MS`] that the oldest
+///   signature has waited (up to [`MAX_SIGNING_SLICES`]), so that a wave of new users is
+///   still signed, at the price of longer holds for the hits meanwhile.
 pub const SIGNING_SLICE_US: u64 = 250;
-/// How long a signature may wait before the slice grows: by one more slice per this
-/// much waiting of the oldest signature under way, up to [`MAX_SIGNING_SLICES`]. So a
-/// steady trickle of new users costs cache hits at most a quarter millisecond each,
-/// while a wave of them is still signed at most of a worker's speed, at the price of
-/// longer holds for the hits meanwhile.
+const IDLE_SIGNING_SLICES: u64 = 4;
 const SIGNING_WAIT_STEP_MS: u64 = 250;
 const MAX_SIGNING_SLICES: u64 = 8;
 /// Signing units (see [`crate::keys::Signing::advance`], about 10 µs each for RSA-2048
-/// in V8) between two looks at the clock.
+/// in V8) between two looks at the clock, and per request that helps.
 const WINDOWS_PER_CLOCK_READ: usize = 4;
 
 /// Everything the flow needs from the host. The proxy-wasm layer implements it over
@@ -185,6 +191,9 @@ struct Pending {
     signing_ns: u64,
     /// When signing began (host ms).
     signing_since_ms: u64,
+    /// A signature a request finished (see [`Worker::help_sign`]), to be dispatched from
+    /// a worker-level callback.
+    signed: Option<Result<String, SignError>>,
 }
 
 /// Per-worker state: the exchanges this worker waits for, by cache key id.
@@ -193,6 +202,8 @@ pub struct Worker {
     pending: HashMap<[u8; cache::ID_LEN], Pending>,
     /// Callout token → cache key id.
     callouts: HashMap<u32, [u8; cache::ID_LEN]>,
+    /// Requests decided since the last signing slice (none: the worker is idle).
+    requests_since_slice: u32,
 }
 
 impl Worker {
@@ -229,6 +240,8 @@ impl Worker {
         destination: usize,
         claims: Option<&Value>,
     ) -> Decision {
+        self.requests_since_slice = self.requests_since_slice.saturating_add(1);
+        self.help_sign(host);
         let Some(dest) = config.destinations.get(destination) else {
             return Decision::Fail(Failure::Internal {
                 reason: "unknown destination",
@@ -315,6 +328,7 @@ impl Worker {
                 signing: None,
                 signing_ns: 0,
                 signing_since_ms: 0,
+                signed: None,
             },
         );
         true
@@ -345,10 +359,21 @@ impl Worker {
     /// Signs for one slice of time (see [`SIGNING_SLICE_US`]) and dispatches the
     /// exchanges whose assertions are done.
     pub fn on_slice(&mut self, host: &dyn Host) {
+        let signed: Vec<[u8; cache::ID_LEN]> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.signed.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in signed {
+            if let Some(result) = self.pending.get_mut(&id).and_then(|p| p.signed.take()) {
+                self.dispatch(host, id, result);
+            }
+        }
         let mut signing: Vec<(u64, [u8; cache::ID_LEN])> = self
             .pending
             .iter()
-            .filter(|(_, p)| p.stage == Stage::Signing)
+            .filter(|(_, p)| p.stage == Stage::Signing && p.signing.is_some())
             .map(|(id, p)| (p.signing_since_ms, *id))
             .collect();
         signing.sort_unstable(); // oldest first
@@ -357,7 +382,10 @@ impl Worker {
         };
         let start_ns = host.now_ns();
         let waited_ms = (start_ns / 1_000_000).saturating_sub(oldest_ms);
-        let slices = (1 + waited_ms / SIGNING_WAIT_STEP_MS).min(MAX_SIGNING_SLICES);
+        let idle = std::mem::take(&mut self.requests_since_slice) == 0;
+        let slices = (1 + waited_ms / SIGNING_WAIT_STEP_MS)
+            .max(if idle { IDLE_SIGNING_SLICES } else { 1 })
+            .min(MAX_SIGNING_SLICES);
         let end_ns = start_ns + slices * SIGNING_SLICE_US * 1000;
         for (_, id) in signing {
             let Some(pending) = self.pending.get_mut(&id) else {
@@ -380,6 +408,34 @@ impl Worker {
                 Some(signed) => self.dispatch(host, id, signed),
                 None => return, // out of time: the next slice goes on
             }
+        }
+    }
+
+    /// One step of the oldest signature under way, from a request's context. A request
+    /// cannot dispatch the callout (it would own it), so a finished signature is left for
+    /// [`Worker::on_slice`], woken at once.
+    fn help_sign(&mut self, host: &dyn Host) {
+        if self.pending.is_empty() {
+            return; // the common case
+        }
+        let Some(pending) = self
+            .pending
+            .values_mut()
+            .filter(|p| p.signing.is_some())
+            .min_by_key(|p| p.signing_since_ms)
+        else {
+            return;
+        };
+        let started_ns = host.now_ns();
+        let Some(signing) = pending.signing.as_mut() else {
+            return;
+        };
+        let result = signing.advance(WINDOWS_PER_CLOCK_READ);
+        pending.signing_ns += host.now_ns().saturating_sub(started_ns);
+        if result.is_some() {
+            pending.signing = None;
+            pending.signed = result;
+            host.wake();
         }
     }
 

@@ -604,6 +604,8 @@ fn rsa_signing_runs_in_short_slices_while_the_lock_is_held() {
     assert!(!w2.signing(), "w2 does not sign: w1 holds the lock");
     let mut slices = 1;
     while w1.signing() && slices < 1_000 {
+        // A busy worker: a request (unauthenticated: answered at once) between slices.
+        w1.on_request(&h, &c, 900, 0, None);
         let before = h.now_ns.get();
         w1.on_slice(&h);
         let spent_us = (h.now_ns.get() - before) / 1000;
@@ -613,8 +615,9 @@ fn rsa_signing_runs_in_short_slices_while_the_lock_is_held() {
         );
         slices += 1;
     }
-    // 518 windows, 8 to 12 a slice (the fake clock also moves on the slice's own reads).
-    assert!((43..=65).contains(&slices), "{slices} slices");
+    // 518 windows; 8 to 12 a slice (the fake clock also moves on the slice's own reads)
+    // and 4 by each request.
+    assert!((30..=45).contains(&slices), "{slices} slices");
     assert_eq!(h.dispatched.borrow().len(), 1);
     w1.on_token_response(&h, 101, Some(200), OK);
     assert_eq!(
@@ -634,7 +637,9 @@ fn the_slice_grows_only_when_a_signature_has_waited() {
     let (h, c) = (host(), config());
     let mut w = Worker::new();
     h.clock_step_ns.set(100_000);
+    // On a busy worker (a request since the last slice).
     let slice_us = |w: &mut Worker| {
+        w.on_request(&h, &c, 900, 0, None);
         let before = h.now_ns.get();
         w.on_slice(&h);
         (h.now_ns.get() - before) / 1000
@@ -665,4 +670,48 @@ fn the_slice_grows_only_when_a_signature_has_waited() {
         w.on_slice(&h);
     }
     assert_eq!(h.dispatched.borrow().len(), 6);
+}
+
+#[test]
+fn an_idle_worker_signs_in_larger_slices() {
+    let (h, c) = (host(), config());
+    let mut w = Worker::new();
+    h.clock_step_ns.set(100_000);
+    w.on_request(&h, &c, 1, 0, Some(&alice()));
+    w.on_wake(&h); // counts the request: this slice is a busy one
+    let before = h.now_ns.get();
+    w.on_slice(&h);
+    let spent = (h.now_ns.get() - before) / 1000;
+    let idle = IDLE_SIGNING_SLICES * SIGNING_SLICE_US;
+    assert!((idle..=idle + 300).contains(&spent), "{spent} µs");
+}
+
+#[test]
+fn requests_help_a_signature_under_way_and_leave_the_dispatch_to_the_worker() {
+    let (h, c) = (host(), config());
+    let mut w = Worker::new();
+    h.clock_step_ns.set(100_000);
+    assert_eq!(w.on_request(&h, &c, 1, 0, Some(&alice())), Decision::Wait);
+    w.on_wake(&h);
+    assert!(w.signing());
+    // The clock stands still from here: only requests can move the signature on.
+    h.clock_step_ns.set(0);
+    let wakes = h.wakes.get();
+    let mut requests = 0;
+    while h.wakes.get() == wakes && requests < 1_000 {
+        requests += 1;
+        w.on_request(&h, &c, 1_000 + requests, 0, Some(&alice()));
+    }
+    // 4 windows a request; the first slice had done some already.
+    assert!((60..=130).contains(&requests), "{requests} requests");
+    assert!(
+        h.dispatched.borrow().is_empty(),
+        "a request does not own the callout"
+    );
+    assert!(w.signing(), "the tick goes on until it is dispatched");
+    w.on_wake(&h);
+    assert_eq!(h.dispatched.borrow().len(), 1);
+    assert!(!w.signing());
+    w.on_token_response(&h, 101, Some(200), OK);
+    assert_eq!(h.resumed.borrow().len() as u32, 1 + requests);
 }

@@ -22,8 +22,7 @@ pub fn sign_enveloped(
     key: &SigningKey,
     include_certificate: bool,
 ) -> Result<String, SignError> {
-    let mut signing = EnvelopedSigning::start(assertion, id, key, include_certificate);
-    signing.advance(usize::MAX).unwrap_or(Err(SignError))
+    EnvelopedSigning::start(assertion, id, key, include_certificate).finish()
 }
 
 /// An enveloped signature under way: the digest and `SignedInfo` are done, the signature
@@ -60,6 +59,11 @@ impl EnvelopedSigning {
     pub fn advance(&mut self, windows: usize) -> Option<Result<String, SignError>> {
         let signature = self.signing.advance(windows)?;
         Some(signature.map(|value| self.document(&STANDARD.encode(value))))
+    }
+
+    /// The signed document, doing whatever signing work is left.
+    pub fn finish(mut self) -> Result<String, SignError> {
+        self.advance(usize::MAX).unwrap_or(Err(SignError))
     }
 
     fn document(&self, signature_value: &str) -> String {
