@@ -1,13 +1,15 @@
-// Runs examples/sign_bench.rs built for wasm32-wasip1 inside Node's V8 (the engine Envoy
-// embeds), so signing cost can be measured without Envoy:
+// Runs an example built for wasm32-wasip1 inside Node's V8 (the engine Envoy embeds), so
+// costs can be measured without Envoy: signing (examples/sign_bench.rs, the default) or
+// the host-independent work of a cache hit (EXAMPLE=hit_bench, examples/hit_bench.rs):
 //   cargo build --release --target wasm32-wasip1 --example sign_bench
 //   node bench/sign_v8.mjs [rounds] [signatures-per-round]
 import { readFile } from "node:fs/promises";
 import { WASI } from "node:wasi";
-import { argv } from "node:process";
+import process, { argv } from "node:process";
 
-const path = new URL("../target/wasm32-wasip1/release/examples/sign_bench.wasm", import.meta.url);
-const wasi = new WASI({ version: "preview1", args: ["sign_bench", ...argv.slice(2)] });
+const example = process.env.EXAMPLE || "sign_bench";
+const path = new URL(`../target/wasm32-wasip1/release/examples/${example}.wasm`, import.meta.url);
+const wasi = new WASI({ version: "preview1", args: [example, ...argv.slice(2)] });
 const module = await WebAssembly.compile(await readFile(path));
 // The library's proxy-wasm host calls are linked in but never called by the benchmark.
 const env = Object.fromEntries(
