@@ -22,7 +22,7 @@ help:
 	@echo "make renew SLOT=a|b|second       - new certificate (2 years) for the same key"
 	@echo "make regenerate SLOT=a|b|second  - new key and certificate"
 	@echo "make rotate - swap active and passive key of the running demo, without a restart"
-	@echo "make difftest - RSA CRT signer against the rsa crate on DIFFTEST_KEYS=10000 fresh keys"
+	@echo "make difftest - RSA CRT and P-256 signers against the rsa and p256 crates on DIFFTEST_KEYS=10000 fresh keys each"
 	@echo "make bench  - measure against peers side by side in one Envoy, write BENCHMARKS.md"
 	@echo "make soak   - ten minutes of load with user churn and token expiry (SOAK_SECONDS), write SOAK.md"
 	@echo "make fuzz   - run every cargo-fuzz target for FUZZ_SECONDS (default 60), growing fuzz/corpus"
@@ -109,7 +109,7 @@ test-wasm: .make/rust-targets .make/wasm-bindgen-$(WASM_BINDGEN_VERSION)
 test-e2e: setup build keys
 	PP_ENVOY_LOG_LEVEL=trace PP_AUDIT_LOGS=1 $(PY) -m pytest -q tests/dev tests/e2e
 
-## RSA differential test at scale (`cargo test` runs it on ~300 committed keys) ----------
+## Signer differential tests at scale (`cargo test` runs them on ~300 keys each) ----------
 
 DIFFTEST_KEYS   ?= 10000
 # 1% spare pairs: a pair whose p - 1 or q - 1 shares a factor with 65537 makes no key.
@@ -124,7 +124,9 @@ $(DIFFTEST_PRIMES):
 
 difftest: $(DIFFTEST_PRIMES)
 	PP_DIFFTEST_PRIMES=$(DIFFTEST_PRIMES) PP_DIFFTEST_KEYS=$(DIFFTEST_KEYS) \
-	  cargo test --release --test rsa_difftest -- --nocapture
+	  cargo test --profile difftest --test rsa_difftest -- --nocapture
+	PP_DIFFTEST_SEED=$$(od -An -N8 -tu8 /dev/urandom | tr -d ' ') PP_DIFFTEST_KEYS=$(DIFFTEST_KEYS) \
+	  cargo test --profile difftest --test ecdsa_difftest -- --nocapture
 
 ## Benchmarks (not tests: no timing is asserted anywhere in `make test`) ------------
 

@@ -326,10 +326,10 @@ def main() -> int:
         *[f"| {name} | " + " | ".join(f"{workers['first_request_ms'][key][q]:.1f}" for q in ("P50", "P95", "P99")) + " |"
           for name, key in (("cached users", "cached"), ("new users, RSA-2048", "rsa"), ("new users, P-256", "ec"))],
         "",
-        "RSA signatures are computed in slices of 250 µs, one per millisecond tick, and in steps of about "
+        "Signatures are computed in slices of 250 µs, one per millisecond tick, and in steps of about "
         "40 µs done by each request the worker serves meanwhile, so a hit waits at most one slice or does one "
         "step; slices grow when the worker is idle or a signature has waited 250 ms (see `src/flow/mod.rs`). "
-        "A P-256 signature (under a millisecond) is computed in one go. The arrivals of cached users show "
+        "P-256 signatures are computed the same way (64 steps). The arrivals of cached users show "
         "the cost of the arrival traffic alone; beyond it, the new users' signatures take CPU from the hits "
         "(50 RSA-2048 signatures a second are about a quarter of a core on this 2-core machine, where the "
         "hits already keep both workers busy).",

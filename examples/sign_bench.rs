@@ -1,6 +1,6 @@
-//! Times assertion signing with the plugin's key code (RSA-2048 CRT, P-256) and, for
-//! comparison in the same run, with the `rsa` crate's own signer (the plugin's signer before
-//! it got its own CRT). Meant for V8 without Envoy: build for wasm32-wasip1 and run under
+//! Times assertion signing with the plugin's key code (RSA-2048 CRT, P-256 in steps) and,
+//! for comparison in the same run, with the `rsa` and `p256` crates' own signers (what the
+//! plugin used before). Meant for V8 without Envoy: build for wasm32-wasip1 and run under
 //! Node with `bench/sign_v8.mjs`; natively: `cargo run --release --example sign_bench`.
 //!
 //! Usage: `sign_bench [rounds] [signatures-per-round]`. Prints, per signer and round, the
@@ -32,10 +32,22 @@ fn main() {
         rsa.sign(b"same bytes").expect("signature"),
         rsa_crate.sign(b"same bytes").to_vec()
     );
-    let signers: [(&str, Sign); 3] = [
+    let p256_crate = p256::ecdsa::SigningKey::from(
+        p256::SecretKey::from_pkcs8_pem(EC_KEY).expect("fixture key"),
+    );
+    let p256_crate_sign = |m: &[u8]| -> Vec<u8> {
+        let signature: p256::ecdsa::Signature = p256_crate.sign(m);
+        signature.to_bytes().to_vec()
+    };
+    assert_eq!(
+        ec.sign(b"same bytes").expect("signature"),
+        p256_crate_sign(b"same bytes")
+    );
+    let signers: [(&str, Sign); 4] = [
         ("rsa2048 (plugin CRT)", &|m| rsa.sign(m).expect("signature")),
         ("rsa2048 (rsa crate) ", &|m| rsa_crate.sign(m).to_vec()),
-        ("p256                ", &|m| ec.sign(m).expect("signature")),
+        ("p256 (plugin steps) ", &|m| ec.sign(m).expect("signature")),
+        ("p256 (p256 crate)   ", &p256_crate_sign),
     ];
     let mut message = *b"<ds:SignedInfo>0000</ds:SignedInfo>";
     for round in 0..rounds {

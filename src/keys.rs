@@ -6,9 +6,11 @@
 //! Wasm). A key that does not belong to the certificate it is configured with is
 //! refused, so a wrong pairing fails at load time and not at every token server.
 
+pub mod ecdsa_p256;
 pub mod rsa_crt;
 
 use base64::Engine;
+use ecdsa_p256::{EcKey, EcSigning};
 use rsa::pkcs1::DecodeRsaPrivateKey;
 use rsa::pkcs1v15::SigningKey as RsaSigningKey;
 use rsa::pkcs8::{DecodePrivateKey, EncodePublicKey};
@@ -39,8 +41,9 @@ enum Algorithm {
     RsaSha256Crt(Box<RsaCrtKey>),
     /// RSA-SHA256 for the keys [`RsaCrtKey`] does not take (multi-prime): the `rsa` crate.
     RsaSha256(Box<RsaSigningKey<Sha256>>),
-    /// `http://www.w3.org/2001/04/xmldsig-more#ecdsa-sha256` on P-256 (RFC 6979 nonces).
-    EcdsaP256Sha256(p256::ecdsa::SigningKey),
+    /// `http://www.w3.org/2001/04/xmldsig-more#ecdsa-sha256` on P-256 (RFC 6979 nonces),
+    /// computed stepwise like RSA (see [`ecdsa_p256`]).
+    EcdsaP256Sha256(Box<EcKey>),
 }
 
 /// XML-DSig URI of RSA-SHA256.
@@ -128,6 +131,7 @@ impl fmt::Display for SignError {
 /// A signature under way (see [`SigningKey::start_signing`]).
 pub enum Signing {
     Rsa(RsaSigning),
+    Ec(EcSigning),
     /// Signed already; `None` once the result was taken.
     Done(Option<Result<Vec<u8>, SignError>>),
 }
@@ -138,6 +142,7 @@ impl Signing {
     pub fn advance(&mut self, windows: usize) -> Option<Result<Vec<u8>, SignError>> {
         match self {
             Signing::Rsa(signing) => signing.advance(windows),
+            Signing::Ec(signing) => signing.advance(windows),
             Signing::Done(result) => result.take(),
         }
     }
@@ -183,28 +188,18 @@ impl SigningKey {
     }
 
     /// The same signature, to be computed by [`Signing::advance`] a slice at a time: a
-    /// 2048-bit RSA signature takes milliseconds in Wasm, and a worker that computed it
-    /// in one go would hold up every other request on its thread meanwhile. Other keys
-    /// (P-256: under a millisecond) are signed here, at once.
+    /// 2048-bit RSA signature takes milliseconds in Wasm (a P-256 one most of one), and
+    /// a worker that computed it in one go would hold up every other request on its
+    /// thread meanwhile. Multi-prime RSA keys (the `rsa` crate's) are signed here, at once.
     pub fn start_signing(&self, message: &[u8]) -> Signing {
         match &self.algorithm {
             Algorithm::RsaSha256Crt(key) => Signing::Rsa(key.start(message)),
-            _ => Signing::Done(Some(self.sign_at_once(message))),
-        }
-    }
-
-    fn sign_at_once(&self, message: &[u8]) -> Result<Vec<u8>, SignError> {
-        match &self.algorithm {
-            Algorithm::RsaSha256Crt(key) => key.sign(message),
-            Algorithm::RsaSha256(key) => key
-                .try_sign(message)
-                .map(|signature| signature.to_vec())
-                .map_err(|_| SignError),
-            Algorithm::EcdsaP256Sha256(key) => {
-                let signature: p256::ecdsa::Signature =
-                    key.try_sign(message).map_err(|_| SignError)?;
-                Ok(signature.to_bytes().to_vec())
-            }
+            Algorithm::EcdsaP256Sha256(key) => Signing::Ec(key.start(message)),
+            Algorithm::RsaSha256(key) => Signing::Done(Some(
+                key.try_sign(message)
+                    .map(|signature| signature.to_vec())
+                    .map_err(|_| SignError),
+            )),
         }
     }
 
@@ -277,7 +272,7 @@ fn parse_private_key(pem: &str) -> Result<(Algorithm, Vec<u8>), KeyError> {
         .to_public_key_der()
         .map_err(|_| KeyError::PrivateKeyUnreadable)?;
     Ok((
-        Algorithm::EcdsaP256Sha256(p256::ecdsa::SigningKey::from(ec)),
+        Algorithm::EcdsaP256Sha256(Box::new(EcKey::new(&p256::ecdsa::SigningKey::from(ec)))),
         public.as_bytes().to_vec(),
     ))
 }
@@ -332,11 +327,11 @@ pub(crate) mod tests {
             b.sign(b"message").unwrap(),
             "RFC 6979: deterministic"
         );
-        let Algorithm::EcdsaP256Sha256(key) = &a.algorithm else {
-            panic!("EC key")
-        };
+        let key =
+            p256::SecretKey::from_pkcs8_pem(include_str!("../tests/fixtures/ec-key.pem")).unwrap();
         let parsed = p256::ecdsa::Signature::from_slice(&signature).unwrap();
-        assert!(key.verifying_key().verify(b"message", &parsed).is_ok());
+        let verifying = p256::ecdsa::VerifyingKey::from(key.public_key());
+        assert!(verifying.verify(b"message", &parsed).is_ok());
         assert_eq!(
             SigningKey::from_pem(include_str!("../tests/fixtures/ec-key.pem"), CERT).unwrap_err(),
             KeyError::CertificateDoesNotMatchKey

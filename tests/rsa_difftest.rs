@@ -15,23 +15,9 @@ use rsa::{BigUint, Pkcs1v15Sign, RsaPrivateKey};
 use sha2::{Digest, Sha256};
 use std::time::Instant;
 
-/// SplitMix64: seeded, so a failure can be replayed.
-struct Random(u64);
-
-impl Random {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn message(&mut self) -> Vec<u8> {
-        let len = (self.next() % 300) as usize;
-        (0..len).map(|_| self.next() as u8).collect()
-    }
-}
+#[path = "common/random.rs"]
+mod random;
+use random::Random;
 
 fn primes(text: &str) -> Vec<BigUint> {
     text.lines()
