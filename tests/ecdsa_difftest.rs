@@ -11,9 +11,9 @@ use p256::ecdsa::{Signature, SigningKey};
 use principal_propagation::keys::ecdsa_p256::{EcKey, WINDOWS};
 use std::time::Instant;
 
-#[path = "common/random.rs"]
-mod random;
-use random::Random;
+mod common;
+
+use common::random::Random;
 
 fn env_number(name: &str) -> Option<u64> {
     std::env::var(name)

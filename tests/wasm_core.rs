@@ -23,6 +23,21 @@ fn ecdsa_signed_assertion_is_the_golden_one() {
     );
 }
 
+/// The RSA signer's limb products use Wasm SIMD here (natively they do not): the
+/// differential test of `tests/rsa_difftest.rs` on 66 keys of the committed pools.
+#[wasm_bindgen_test]
+fn rsa_crt_signatures_equal_the_rsa_crate_ones_under_simd() {
+    use common::rsa_reference::{all_pairs, compare, primes};
+    let pairs_2048 = all_pairs(&primes(include_str!("fixtures/primes-1024.txt")));
+    let pairs_3072 = all_pairs(&primes(include_str!("fixtures/primes-1536.txt")));
+    let (keys_2048, _) = compare(&pairs_2048[..60], 1, 3);
+    let (keys_3072, _) = compare(&pairs_3072[..6], 1, 4);
+    assert!(
+        keys_2048 >= 58 && keys_3072 >= 5,
+        "{keys_2048} + {keys_3072} keys"
+    );
+}
+
 #[wasm_bindgen_test]
 fn host_time_formats_like_natively() {
     assert_eq!(xs_date_time(951_827_696_789), "2000-02-29T12:34:56.789Z");

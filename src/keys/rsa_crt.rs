@@ -2,11 +2,13 @@
 //! theorem on a small constant-time Montgomery arithmetic, written for WebAssembly.
 //!
 //! Why not the `rsa` crate's signer: its `num-bigint-dig` arithmetic is variable-time and
-//! about twice as slow in V8 (`examples/sign_bench.rs` measures both). Wasm has no
+//! about three times as slow in V8 (`examples/sign_bench.rs` measures both). Wasm has no
 //! 64×64→128-bit multiply, so numbers here are 28-bit limbs held in `u64`s: a limb product
 //! takes 56 bits, and a whole column of a Montgomery product (at most 2 × 110 limb products
 //! for a 3072-bit `n`, below 2^64) is summed without carrying after every step; squarings
-//! compute each cross product once. The `rsa` crate still parses keys, signs keys of
+//! compute each cross product once. With one factor's limbs reversed, a column is a plain
+//! dot product, which the plugin's build computes four limb products at a time with Wasm
+//! SIMD (`u64x2.extmul_*_u32x4`; [`dot`]). The `rsa` crate still parses keys, signs keys of
 //! other shapes (see [`RsaCrtKey::new`]), and is the reference of the differential tests.
 //!
 //! A signature can be computed in steps ([`RsaCrtKey::start`], [`RsaSigning::advance`]),
@@ -254,6 +256,8 @@ struct Montgomery<const L: usize> {
     r3: Limbs<L>,
     /// `2 modulus`, for subtraction without going negative.
     twice: Limbs<L>,
+    /// The limbs of `modulus` in reverse order, as the product loops read them.
+    modulus_reversed: [u32; L],
 }
 
 impl<const L: usize> Montgomery<L> {
@@ -281,18 +285,32 @@ impl<const L: usize> Montgomery<L> {
             r2: reduced(&r * &r)?,
             r3: reduced(&r * &r * &r)?,
             twice: limbs(&(modulus << 1).to_bytes_be())?,
+            modulus_reversed: reversed(&modulus_limbs),
         })
     }
 
     /// `a b / R mod modulus`, below `2 modulus` if `a b < R modulus` (e.g. both factors
     /// below `4 modulus`, as `R >= 16 modulus`).
     fn mul(&self, a: &Limbs<L>, b: &Limbs<L>) -> Limbs<L> {
-        self.reduce_product(|from, to| dot_reversed(&a[from..to], &b[from..to]))
+        let (a, b_reversed) = (narrow(a), reversed(b));
+        // Column `from..to`: the sum of a[j] b[from + to - 1 - j] = b_reversed[L - to + j - from].
+        self.reduce_product(|from, to| dot(&a[from..to], &b_reversed[L - to..L - from]))
     }
 
-    /// `a a / R mod modulus`, as [`Montgomery::mul`] but a quarter fewer limb products.
+    /// `a a / R mod modulus`, as [`Montgomery::mul`] but a quarter fewer limb products:
+    /// each cross product of a column is computed once and doubled.
     fn square(&self, a: &Limbs<L>) -> Limbs<L> {
-        self.reduce_product(|from, to| square_column(&a[from..to]))
+        let (a, a_reversed) = (narrow(a), reversed(a));
+        self.reduce_product(|from, to| {
+            let half = (to - from) / 2;
+            let cross = dot(&a[from..from + half], &a_reversed[L - to..L - to + half]);
+            let middle = if (to - from) % 2 == 1 {
+                u64::from(a[from + half]).pow(2)
+            } else {
+                0
+            };
+            2 * cross + middle
+        })
     }
 
     /// `(x + t modulus) / R` for the product `x` whose column over limbs `from..to` (the
@@ -300,19 +318,22 @@ impl<const L: usize> Montgomery<L> {
     /// column of `x + t modulus` is summed in one `u64`, the Montgomery digit `t[i]`
     /// chosen so that the column's low 28 bits are zero.
     fn reduce_product(&self, product_column: impl Fn(usize, usize) -> u64) -> Limbs<L> {
-        let m = &self.modulus;
-        let mut t = [0u64; L];
+        let m = &self.modulus_reversed;
+        let mut t = [0u32; L];
         let mut out = [0u64; L];
         let mut column = 0u64;
         for i in 0..L {
-            column += product_column(0, i + 1) + dot_reversed(&t[..i], &m[1..=i]);
-            t[i] = column.wrapping_mul(self.neg_inv) & LIMB_MASK;
-            column += t[i] * m[0];
+            // The sum of t[j] modulus[i - j] for j < i.
+            column += product_column(0, i + 1) + dot(&t[..i], &m[L - 1 - i..L - 1]);
+            let digit = column.wrapping_mul(self.neg_inv) & LIMB_MASK;
+            t[i] = digit as u32;
+            column += digit * self.modulus[0];
             column >>= LIMB_BITS;
         }
         for i in L..2 * L - 1 {
             let from = i + 1 - L;
-            column += product_column(from, L) + dot_reversed(&t[from..], &m[from..]);
+            // The sum of t[j] modulus[i - j] for j from `from`.
+            column += product_column(from, L) + dot(&t[from..], &m[..L - from]);
             out[i - L] = column & LIMB_MASK;
             column >>= LIMB_BITS;
         }
@@ -459,21 +480,57 @@ impl<const L: usize> Power<L> {
     }
 }
 
-/// `Σ a[j] b[n-1-j]` over two slices of length `n` (`b` read backwards): a column of a
-/// product. Iterators, so that the innermost loop checks no index.
-fn dot_reversed(a: &[u64], b: &[u64]) -> u64 {
-    a.iter().zip(b.iter().rev()).map(|(a, b)| a * b).sum()
+/// Limbs (below 2^28 each) as `u32`s, the lanes the product loops multiply.
+fn narrow<const L: usize>(x: &Limbs<L>) -> [u32; L] {
+    std::array::from_fn(|i| x[i] as u32)
 }
 
-/// `Σ x[j] x[n-1-j]`: a column of a square, each cross product computed once and doubled.
-fn square_column(x: &[u64]) -> u64 {
-    let (low, high) = x.split_at(x.len() / 2);
-    let middle = if x.len() % 2 == 1 {
-        high[0] * high[0]
-    } else {
-        0
+/// [`narrow`], last limb first: a column of a product pairs limbs from opposite ends, so
+/// with one factor reversed it is a plain dot product of two runs of limbs.
+fn reversed<const L: usize>(x: &Limbs<L>) -> [u32; L] {
+    std::array::from_fn(|i| x[L - 1 - i] as u32)
+}
+
+/// `Σ a[j] b[j]` over two slices of the same length: the innermost loop of a signature.
+/// Each product takes 56 bits and a column sums fewer than 256, so the sum fits a `u64`.
+fn dot(a: &[u32], b: &[u32]) -> u64 {
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    return simd::dot(a, b);
+    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+    return dot_scalar(a, b);
+}
+
+fn dot_scalar(a: &[u32], b: &[u32]) -> u64 {
+    a.iter()
+        .zip(b)
+        .map(|(&a, &b)| u64::from(a) * u64::from(b))
+        .sum()
+}
+
+/// [`dot`] with Wasm SIMD (the plugin's build enables `simd128`; V8 has it): four limb
+/// products per pair of instructions (`u64x2.extmul_{low,high}_u32x4`, `pmuludq` on x86).
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod simd {
+    use core::arch::wasm32::{
+        u64x2_add, u64x2_extmul_high_u32x4, u64x2_extmul_low_u32x4, u64x2_extract_lane,
+        u64x2_splat, v128, v128_load,
     };
-    2 * dot_reversed(low, &high[high.len() - low.len()..]) + middle
+
+    pub fn dot(a: &[u32], b: &[u32]) -> u64 {
+        // One `v128.load` of four limbs (built lane by lane, LLVM splits the products).
+        // SAFETY: `chunks_exact(4)` gives slices of exactly 16 bytes; Wasm loads need no
+        // alignment.
+        let lanes = |x: &[u32]| -> v128 { unsafe { v128_load(x.as_ptr().cast()) } };
+        let (a4, b4) = (a.chunks_exact(4), b.chunks_exact(4));
+        let rest = super::dot_scalar(a4.remainder(), b4.remainder());
+        let mut sums = u64x2_splat(0);
+        for (x, y) in a4.zip(b4) {
+            let (x, y) = (lanes(x), lanes(y));
+            let products = u64x2_add(u64x2_extmul_low_u32x4(x, y), u64x2_extmul_high_u32x4(x, y));
+            sums = u64x2_add(sums, products);
+        }
+        u64x2_extract_lane::<0>(sums) + u64x2_extract_lane::<1>(sums) + rest
+    }
 }
 
 /// `table[index]`, reading every entry (the index is secret).
