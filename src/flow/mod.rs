@@ -52,9 +52,9 @@ const LOCK_GRACE_MS: u64 = 2_000;
 ///
 /// - The tick: a slice of [`SIGNING_SLICE_US`] every millisecond, oldest signature first.
 ///   A hit arriving meanwhile waits for one slice at most. That gives signing a fifth of
-///   a worker: about 30 RSA-2048 signatures a second.
+///   a worker: 40 to 60 RSA-2048 signatures a second.
 /// - The worker's requests: while a signature is under way, each request does one step
-///   of it (about 40 µs, [`WINDOWS_PER_CLOCK_READ`]) before its own work. A busy worker
+///   of it (20–40 µs, [`WINDOWS_PER_CLOCK_READ`]) before its own work. A busy worker
 ///   has many requests, so a little from each finishes a signature in tens of
 ///   milliseconds without holding any of them up for long.
 /// - Larger slices when nobody waits: [`IDLE_SIGNING_SLICES`] when no request came since
@@ -65,7 +65,7 @@ pub const SIGNING_SLICE_US: u64 = 250;
 const IDLE_SIGNING_SLICES: u64 = 4;
 const SIGNING_WAIT_STEP_MS: u64 = 250;
 const MAX_SIGNING_SLICES: u64 = 8;
-/// Signing units (see [`crate::keys::Signing::advance`], about 10 µs each for RSA-2048
+/// Signing units (see [`crate::keys::Signing::advance`], 5–10 µs each for RSA-2048
 /// in V8) between two looks at the clock, and per request that helps.
 const WINDOWS_PER_CLOCK_READ: usize = 4;
 

@@ -111,7 +111,7 @@ enum SigningBySize {
 
 impl RsaSigning {
     /// Does up to `windows` units of work (one unit: one 4-bit window of a half
-    /// exponentiation, four modular squarings and a product, about 10 µs for 2048 bits
+    /// exponentiation, four modular squarings and a product, 5–10 µs for 2048 bits
     /// in V8; a 2048-bit signature is 518 units). `Some` once the signature is done.
     pub fn advance(&mut self, windows: usize) -> Option<Result<Vec<u8>, SignError>> {
         match &mut self.0 {
