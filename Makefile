@@ -140,7 +140,7 @@ MINIMAL_WASM := target/wasm32-wasip1/release/examples/minimal_filter.wasm
 	@touch $@
 
 bench: setup build keys .make/wrk
-	cargo build --release --target wasm32-wasip1 --example minimal_filter
+	cargo build --release --target wasm32-wasip1 --example minimal_filter --example sign_bench --example hit_bench
 	$(PY) bench/bench.py
 
 SOAK_SECONDS ?= 600
