@@ -324,8 +324,8 @@ def main() -> int:
         "key and setting a header, `examples/minimal_filter.rs`), `credential_injector` (native, one static "
         "credential), `lua` (sets a header), `jwt_only` (`jwt_authn`), `principal_propagation` (`jwt_authn` + "
         "this plugin, every request a cache hit), `jwt_minimal_identity` (`jwt_authn` + the minimal filter "
-        "also reading the two properties the plugin reads on every request: the request's dynamic metadata, "
-        "where the verified JWT payload is, and the route's metadata). The cost of a filter behind `jwt_authn` "
+        "also reading the two properties the plugin reads on every cache hit: the user's claim from the "
+        "request's dynamic metadata, where `jwt_authn` put the verified JWT payload, and the route's metadata). The cost of a filter behind `jwt_authn` "
         "is `variant − jwt_only`; a peer's is `peer − plain`.",
         "",
         "## CPU per request (µs, median and min–max over rounds)",
@@ -345,7 +345,7 @@ def main() -> int:
         "| ratio | median (min–max) | goal |",
         "| --- | --- | --- |",
         f"| plugin added CPU / minimal proxy-wasm filter added CPU | {summary(ratio['minimal_wasm'])} | ≤ 1.2 |",
-        f"| plugin added CPU / the minimal filter's when it also reads the request's and the route's metadata (both behind `jwt_authn`) | {summary(ratio['jwt_minimal_identity'])} | — |",
+        f"| plugin added CPU / the minimal filter's when it also reads the user's claim and the route's metadata (both behind `jwt_authn`) | {summary(ratio['jwt_minimal_identity'])} | — |",
         f"| plugin added CPU / credential_injector added CPU | {summary(ratio['credential_injector'])} | — |",
         f"| plugin added CPU / Lua added CPU | {summary(ratio['lua'])} | — |",
         f"| cache-hit p99 with 50 new users/s / without (2 workers; new users signed with RSA-2048) | {summary(hol)} | ≤ 1.5 |",
@@ -397,10 +397,11 @@ def main() -> int:
         "## A cache hit's own work in V8",
         "",
         "`examples/hit_bench.rs` in Node times the host-independent steps of a hit (median µs over 5 rounds "
-        "of 2,000). Per hit the plugin reads the request's whole dynamic metadata (Envoy serializes it; the "
-        "verified JWT payload is decoded from it with every claim's type) and the route's metadata (what "
-        "`jwt_minimal_identity` adds to the minimal filter), one request header (for the trust download "
-        "path), the clock and the cache entry, counts the hit and sets the header, and does the steps below.",
+        "of 2,000). Per hit the plugin reads the user's claim from the request's dynamic metadata and the "
+        "route's metadata (what `jwt_minimal_identity` adds to the minimal filter), one request header (for "
+        "the trust download path), the clock and the cache entry, counts the hit and sets the header, and "
+        "does the `hit:` steps below. Only an exchange (a miss or a refresh) reads the whole metadata and "
+        "decodes every claim with its type, for the assertion's attributes (the `miss:` steps).",
         "",
         "```",
         hit_steps,

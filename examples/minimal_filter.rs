@@ -3,10 +3,10 @@
 //! plugin's cache-hit cost with this one's (built for wasm32-wasip1 only).
 //!
 //! With `MINIMAL_READ_IDENTITY` in its VM's environment it also reads the two properties
-//! the plugin must read on every request: the request's dynamic metadata (where
-//! `jwt_authn` puts the verified JWT payload) and the route's metadata (which names the
-//! destination). That variant is the floor of any filter that takes the user from a
-//! verified JWT and its target from the route.
+//! the plugin reads on every cache hit: the user's claim in the request's dynamic
+//! metadata (where `jwt_authn` puts the verified JWT payload) and the route's metadata
+//! (which names the destination). That variant is the floor of any filter that takes the
+//! user from a verified JWT and its target from the route.
 
 #[cfg(target_os = "wasi")]
 mod filter {
@@ -34,6 +34,15 @@ mod filter {
         "destination",
     ];
 
+    /// The claim the plugin reads on a hit with its default settings (`user_name`).
+    const USER_CLAIM: [&str; 5] = [
+        "metadata",
+        "filter_metadata",
+        "envoy.filters.http.jwt_authn",
+        "payload",
+        "user_name",
+    ];
+
     struct Minimal {
         read_identity: bool,
     }
@@ -44,10 +53,10 @@ mod filter {
         fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
             let mut user = self.get_http_request_header("x-user").unwrap_or_default();
             if self.read_identity {
-                let metadata = self.get_property(vec!["metadata"]).unwrap_or_default();
+                let claim = self.get_property(USER_CLAIM.to_vec()).unwrap_or_default();
                 let route = self.get_property(ROUTE_DESTINATION.to_vec());
                 // Used, so that neither read is optimized away.
-                user.push_str(&(metadata.len() + route.map_or(0, |r| r.len())).to_string());
+                user.push_str(&(claim.len() + route.map_or(0, |r| r.len())).to_string());
             }
             let (cached, _) = self.get_shared_data("bench/token");
             let value = match cached {

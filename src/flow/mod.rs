@@ -21,7 +21,7 @@ use crate::cache::{self, CacheKey, Entry};
 use crate::config::PluginConfig;
 use crate::error::Failure;
 use crate::exchange::{self, assertion_id, BuildError};
-use crate::identity::{self, attributes};
+use crate::identity::{self, attributes, Identity, UserIdRule};
 use crate::keys::SignError;
 use crate::oauth::token_request;
 use crate::oauth::token_request::TokenRequest;
@@ -230,15 +230,16 @@ impl Worker {
             .any(|p| matches!(p.stage, Stage::Elsewhere { .. }))
     }
 
-    /// Decides a request for `config.destinations[destination]` with the verified
-    /// `claims` (`None`: no authenticated user).
+    /// Decides a request for `config.destinations[destination]` from the user's verified
+    /// `identity` (all claims are read only when the user id needs them or an exchange
+    /// is due).
     pub fn on_request(
         &mut self,
         host: &dyn Host,
         config: &Rc<PluginConfig>,
         request_id: u32,
         destination: usize,
-        claims: Option<&Value>,
+        identity: &dyn Identity,
     ) -> Decision {
         self.requests_since_slice = self.requests_since_slice.saturating_add(1);
         self.help_sign(host);
@@ -247,16 +248,30 @@ impl Worker {
                 reason: "unknown destination",
             });
         };
-        let Some(claims) = claims else {
-            return Decision::Fail(Failure::NotAuthenticated);
+        let mut claims = None;
+        let fast_user_id = match &dest.user_id {
+            UserIdRule::Claim { path, .. } => identity.string_claim(path),
+            UserIdRule::SystemUser(_) => None,
         };
-        let user_id = match identity::user_id(&dest.user_id, claims) {
-            Ok(user_id) => user_id,
-            Err(e) => return Decision::Fail(Failure::UserId(e)),
+        let user_id = match fast_user_id {
+            Some(user_id) => user_id,
+            None => {
+                let Some(all) = identity.claims() else {
+                    return Decision::Fail(Failure::NotAuthenticated);
+                };
+                match identity::user_id(&dest.user_id, claims.insert(all)) {
+                    Ok(user_id) => user_id,
+                    Err(e) => return Decision::Fail(Failure::UserId(e)),
+                }
+            }
         };
         if !is_xml_text(&user_id) {
             return Decision::Fail(Failure::UserIdNotXml);
         }
+        let mut attributes = || {
+            let claims = claims.take().or_else(|| identity.claims())?;
+            Some(attributes_of(&claims, dest))
+        };
         let key = CacheKey::new(&dest.cache_namespace, &user_id, config.cache_slots);
         let now_ms = now_ms(host);
         match read_entry(host, &key).and_then(|e| e.live_at(now_ms)) {
@@ -267,9 +282,10 @@ impl Worker {
                 host.count(Metric::CacheHit, 1);
                 if now_ms >= times.refresh_at_ms && !self.pending.contains_key(&key.id) {
                     // Refresh in the background; this request goes on with the current token.
-                    let attributes = attributes_of(claims, dest);
-                    self.queue(host, key, config, destination, user_id, attributes, None);
-                    host.count(Metric::Refresh, 1);
+                    if let Some(attributes) = attributes() {
+                        self.queue(host, key, config, destination, user_id, attributes, None);
+                        host.count(Metric::Refresh, 1);
+                    }
                 }
                 return Decision::Forward(bearer(&access_token));
             }
@@ -280,7 +296,9 @@ impl Worker {
             pending.waiters.push(request_id);
             return Decision::Wait;
         }
-        let attributes = attributes_of(claims, dest);
+        let Some(attributes) = attributes() else {
+            return Decision::Fail(Failure::NotAuthenticated);
+        };
         if self.queue(
             host,
             key,

@@ -125,7 +125,7 @@ fn callout_for(h: &FakeHost, user: &str) -> u32 {
 
 /// Alice's first request: queued, dispatched and answered with [`OK`] (callout 101).
 fn first_exchange_for_alice(w: &mut Worker, h: &FakeHost, c: &Rc<PluginConfig>) {
-    assert_eq!(w.on_request(h, c, 1, 0, Some(&alice())), Decision::Wait);
+    assert_eq!(w.on_request(h, c, 1, 0, &Some(&alice())), Decision::Wait);
     w.on_wake(h);
     w.on_token_response(h, 101, Some(200), OK);
 }
@@ -147,7 +147,7 @@ fn deliver(h: &FakeHost, worker: &mut Worker) {
 fn concurrent_requests_of_one_user_share_one_exchange() {
     let (mut w, h, c) = (Worker::new(), host(), config());
     for id in 1..=5 {
-        assert_eq!(w.on_request(&h, &c, id, 0, Some(&alice())), Decision::Wait);
+        assert_eq!(w.on_request(&h, &c, id, 0, &Some(&alice())), Decision::Wait);
     }
     assert_eq!(h.wakes.get(), 1);
     assert!(
@@ -167,9 +167,9 @@ fn concurrent_requests_of_one_user_share_one_exchange() {
 fn workers_share_one_exchange_through_the_lock_and_the_notice() {
     let (h, c) = (host(), config());
     let (mut w1, mut w2) = (Worker::new(), Worker::new());
-    w1.on_request(&h, &c, 1, 0, Some(&alice()));
-    w2.on_request(&h, &c, 2, 0, Some(&alice()));
-    w2.on_request(&h, &c, 3, 0, Some(&alice()));
+    w1.on_request(&h, &c, 1, 0, &Some(&alice()));
+    w2.on_request(&h, &c, 2, 0, &Some(&alice()));
+    w2.on_request(&h, &c, 3, 0, &Some(&alice()));
     w1.on_wake(&h);
     w2.on_wake(&h);
     assert_eq!(
@@ -190,8 +190,8 @@ fn workers_share_one_exchange_through_the_lock_and_the_notice() {
 fn a_failed_exchange_reaches_waiters_on_every_worker_and_is_retried_after_backoff() {
     let (h, c) = (host(), config());
     let (mut w1, mut w2) = (Worker::new(), Worker::new());
-    w1.on_request(&h, &c, 1, 0, Some(&alice()));
-    w2.on_request(&h, &c, 2, 0, Some(&alice()));
+    w1.on_request(&h, &c, 1, 0, &Some(&alice()));
+    w2.on_request(&h, &c, 2, 0, &Some(&alice()));
     w1.on_wake(&h);
     w2.on_wake(&h);
     w1.on_token_response(&h, 101, Some(504), b"upstream request timeout");
@@ -202,11 +202,11 @@ fn a_failed_exchange_reaches_waiters_on_every_worker_and_is_retried_after_backof
     );
     // Within the backoff, answered without an exchange; after it, retried.
     assert_eq!(
-        w2.on_request(&h, &c, 3, 0, Some(&alice())),
+        w2.on_request(&h, &c, 3, 0, &Some(&alice())),
         Decision::Fail(Failure::Timeout)
     );
     h.now_ns.set(T0 + FAILURE_BACKOFF_MS * 1_000_000);
-    assert_eq!(w2.on_request(&h, &c, 4, 0, Some(&alice())), Decision::Wait);
+    assert_eq!(w2.on_request(&h, &c, 4, 0, &Some(&alice())), Decision::Wait);
     w2.on_wake(&h);
     assert_eq!(h.dispatched.borrow().len(), 2);
 }
@@ -215,8 +215,8 @@ fn a_failed_exchange_reaches_waiters_on_every_worker_and_is_retried_after_backof
 fn a_vanished_lock_holder_is_taken_over_after_its_deadline() {
     let (h, c) = (host(), config());
     let (mut w1, mut w2) = (Worker::new(), Worker::new());
-    w1.on_request(&h, &c, 1, 0, Some(&alice()));
-    w2.on_request(&h, &c, 2, 0, Some(&alice()));
+    w1.on_request(&h, &c, 1, 0, &Some(&alice()));
+    w2.on_request(&h, &c, 2, 0, &Some(&alice()));
     w1.on_wake(&h);
     w2.on_wake(&h);
     drop(w1); // its callout never answers
@@ -237,8 +237,8 @@ fn a_vanished_lock_holder_is_taken_over_after_its_deadline() {
 fn a_lost_notice_is_made_up_by_the_tick() {
     let (h, c) = (host(), config());
     let (mut w1, mut w2) = (Worker::new(), Worker::new());
-    w1.on_request(&h, &c, 1, 0, Some(&alice()));
-    w2.on_request(&h, &c, 2, 0, Some(&alice()));
+    w1.on_request(&h, &c, 1, 0, &Some(&alice()));
+    w2.on_request(&h, &c, 2, 0, &Some(&alice()));
     w1.on_wake(&h);
     w2.on_wake(&h);
     w1.on_token_response(&h, 101, Some(200), OK);
@@ -251,17 +251,17 @@ fn cached_token_serves_until_the_margin_then_a_new_exchange_runs() {
     let (mut w, h, c) = (Worker::new(), host(), config());
     first_exchange_for_alice(&mut w, &h, &c);
     assert_eq!(
-        w.on_request(&h, &c, 2, 0, Some(&alice())),
+        w.on_request(&h, &c, 2, 0, &Some(&alice())),
         Decision::Forward("Bearer tok-1".into())
     );
     let times = alice_token_times(&c);
     h.now_ns.set(times.reuse_until_ms * 1_000_000 - 1);
     assert_eq!(
-        w.on_request(&h, &c, 3, 0, Some(&alice())),
+        w.on_request(&h, &c, 3, 0, &Some(&alice())),
         Decision::Forward("Bearer tok-1".into())
     );
     h.now_ns.set(times.reuse_until_ms * 1_000_000);
-    assert_eq!(w.on_request(&h, &c, 4, 0, Some(&alice())), Decision::Wait);
+    assert_eq!(w.on_request(&h, &c, 4, 0, &Some(&alice())), Decision::Wait);
 }
 
 #[test]
@@ -271,11 +271,11 @@ fn tokens_are_refreshed_ahead_in_the_background_without_making_anyone_wait() {
     let times = alice_token_times(&c);
     h.now_ns.set(times.refresh_at_ms * 1_000_000);
     assert_eq!(
-        w.on_request(&h, &c, 2, 0, Some(&alice())),
+        w.on_request(&h, &c, 2, 0, &Some(&alice())),
         Decision::Forward("Bearer tok-1".into())
     );
     assert_eq!(
-        w.on_request(&h, &c, 3, 0, Some(&alice())),
+        w.on_request(&h, &c, 3, 0, &Some(&alice())),
         Decision::Forward("Bearer tok-1".into())
     );
     w.on_wake(&h);
@@ -291,7 +291,7 @@ fn tokens_are_refreshed_ahead_in_the_background_without_making_anyone_wait() {
         br#"{"access_token":"tok-2","token_type":"bearer","expires_in":3600}"#,
     );
     assert_eq!(
-        w.on_request(&h, &c, 4, 0, Some(&alice())),
+        w.on_request(&h, &c, 4, 0, &Some(&alice())),
         Decision::Forward("Bearer tok-2".into())
     );
     assert_eq!(w.in_flight(), 0);
@@ -303,11 +303,11 @@ fn a_failed_refresh_keeps_the_token_and_backs_off() {
     first_exchange_for_alice(&mut w, &h, &c);
     let times = alice_token_times(&c);
     h.now_ns.set(times.refresh_at_ms * 1_000_000);
-    w.on_request(&h, &c, 2, 0, Some(&alice()));
+    w.on_request(&h, &c, 2, 0, &Some(&alice()));
     w.on_wake(&h);
     w.on_token_response(&h, 102, Some(503), b"down");
     assert_eq!(
-        w.on_request(&h, &c, 3, 0, Some(&alice())),
+        w.on_request(&h, &c, 3, 0, &Some(&alice())),
         Decision::Forward("Bearer tok-1".into())
     );
     w.on_wake(&h);
@@ -318,7 +318,7 @@ fn a_failed_refresh_keeps_the_token_and_backs_off() {
     );
     h.now_ns
         .set(times.refresh_at_ms * 1_000_000 + FAILURE_BACKOFF_MS * 1_000_000);
-    w.on_request(&h, &c, 4, 0, Some(&alice()));
+    w.on_request(&h, &c, 4, 0, &Some(&alice()));
     w.on_wake(&h);
     assert_eq!(h.dispatched.borrow().len(), 3);
 }
@@ -326,11 +326,11 @@ fn a_failed_refresh_keeps_the_token_and_backs_off() {
 #[test]
 fn every_exchange_gets_a_fresh_assertion_id() {
     let (mut w, h, c) = (Worker::new(), host(), config());
-    w.on_request(&h, &c, 1, 0, Some(&alice()));
+    w.on_request(&h, &c, 1, 0, &Some(&alice()));
     w.on_wake(&h);
     w.on_token_response(&h, 101, Some(503), b"down");
     h.now_ns.set(T0 + 2 * SECOND);
-    w.on_request(&h, &c, 2, 0, Some(&alice()));
+    w.on_request(&h, &c, 2, 0, &Some(&alice()));
     w.on_wake(&h);
     let ids: Vec<String> = h
         .dispatched
@@ -353,8 +353,8 @@ fn every_exchange_gets_a_fresh_assertion_id() {
 #[test]
 fn users_and_failures_are_kept_apart() {
     let (mut w, h, c) = (Worker::new(), host(), config());
-    w.on_request(&h, &c, 1, 0, Some(&alice()));
-    w.on_request(&h, &c, 2, 0, Some(&bob()));
+    w.on_request(&h, &c, 1, 0, &Some(&alice()));
+    w.on_request(&h, &c, 2, 0, &Some(&bob()));
     w.on_wake(&h);
     assert_eq!(h.dispatched.borrow().len(), 2);
     let (bob_call, alice_call) = (callout_for(&h, "bob"), callout_for(&h, "alice"));
@@ -372,13 +372,13 @@ fn users_and_failures_are_kept_apart() {
     assert_eq!(*h.resumed.borrow(), vec![(1, "Bearer tok-1".to_string())]);
     // bob's rejection is held briefly and answered without a new exchange.
     assert_eq!(
-        w.on_request(&h, &c, 3, 0, Some(&bob())),
+        w.on_request(&h, &c, 3, 0, &Some(&bob())),
         Decision::Fail(Failure::Rejected {
             code: "invalid_grant".into()
         })
     );
     h.now_ns.set(T0 + 5 * SECOND);
-    assert_eq!(w.on_request(&h, &c, 4, 0, Some(&bob())), Decision::Wait);
+    assert_eq!(w.on_request(&h, &c, 4, 0, &Some(&bob())), Decision::Wait);
     assert!(h.logs.borrow().iter().all(|l| !l.contains("tok-1")));
 }
 
@@ -400,7 +400,7 @@ fn a_slot_taken_by_another_user_is_a_miss_not_their_token() {
     let c = Rc::new(parse(&config).unwrap());
     let (mut w, h) = (Worker::new(), host());
     first_exchange_for_alice(&mut w, &h, &c);
-    assert_eq!(w.on_request(&h, &c, 2, 0, Some(&bob())), Decision::Wait);
+    assert_eq!(w.on_request(&h, &c, 2, 0, &Some(&bob())), Decision::Wait);
     w.on_wake(&h);
     w.on_token_response(
         &h,
@@ -421,7 +421,7 @@ fn a_slot_taken_by_another_user_is_a_miss_not_their_token() {
         1
     );
     assert_eq!(
-        w.on_request(&h, &c, 3, 0, Some(&alice())),
+        w.on_request(&h, &c, 3, 0, &Some(&alice())),
         Decision::Wait,
         "evicted, never bob's token"
     );
@@ -431,15 +431,15 @@ fn a_slot_taken_by_another_user_is_a_miss_not_their_token() {
 fn unusable_users_are_refused_before_any_exchange() {
     let (mut w, h, c) = (Worker::new(), host(), config());
     assert_eq!(
-        w.on_request(&h, &c, 1, 0, None),
+        w.on_request(&h, &c, 1, 0, &None),
         Decision::Fail(Failure::NotAuthenticated)
     );
     assert!(matches!(
-        w.on_request(&h, &c, 2, 0, Some(&json!({"sub": "x"}))),
+        w.on_request(&h, &c, 2, 0, &Some(&json!({"sub": "x"}))),
         Decision::Fail(Failure::UserId(_))
     ));
     assert_eq!(
-        w.on_request(&h, &c, 3, 0, Some(&json!({"user_name": "a\u{1}"}))),
+        w.on_request(&h, &c, 3, 0, &Some(&json!({"user_name": "a\u{1}"}))),
         Decision::Fail(Failure::UserIdNotXml)
     );
     assert_eq!(h.wakes.get(), 0);
@@ -449,7 +449,7 @@ fn unusable_users_are_refused_before_any_exchange() {
 fn a_refused_callout_fails_its_waiters_and_frees_the_lock() {
     let (mut w, h, c) = (Worker::new(), host(), config());
     h.refuse_dispatch.set(true);
-    w.on_request(&h, &c, 1, 0, Some(&alice()));
+    w.on_request(&h, &c, 1, 0, &Some(&alice()));
     w.on_wake(&h);
     assert!(matches!(
         h.failed.borrow()[0],
@@ -457,7 +457,7 @@ fn a_refused_callout_fails_its_waiters_and_frees_the_lock() {
     ));
     assert_eq!(w.in_flight(), 0);
     h.refuse_dispatch.set(false);
-    w.on_request(&h, &c, 2, 0, Some(&alice()));
+    w.on_request(&h, &c, 2, 0, &Some(&alice()));
     w.on_wake(&h);
     assert_eq!(h.dispatched.borrow().len(), 1, "the lock was released");
 }
@@ -466,7 +466,7 @@ fn a_refused_callout_fails_its_waiters_and_frees_the_lock() {
 fn requests_that_went_away_are_skipped_and_the_rest_still_resume() {
     let (mut w, h, c) = (Worker::new(), host(), config());
     for id in 1..=3 {
-        w.on_request(&h, &c, id, 0, Some(&alice()));
+        w.on_request(&h, &c, id, 0, &Some(&alice()));
     }
     w.forget_request(1);
     h.gone.borrow_mut().push(2);
@@ -478,7 +478,7 @@ fn requests_that_went_away_are_skipped_and_the_rest_still_resume() {
 #[test]
 fn short_lived_tokens_serve_their_waiters_but_are_not_cached() {
     let (mut w, h, c) = (Worker::new(), host(), config());
-    w.on_request(&h, &c, 1, 0, Some(&alice()));
+    w.on_request(&h, &c, 1, 0, &Some(&alice()));
     w.on_wake(&h);
     w.on_token_response(
         &h,
@@ -487,7 +487,7 @@ fn short_lived_tokens_serve_their_waiters_but_are_not_cached() {
         br#"{"access_token":"t","token_type":"bearer","expires_in":20}"#,
     );
     assert_eq!(*h.resumed.borrow(), vec![(1, "Bearer t".to_string())]);
-    assert_eq!(w.on_request(&h, &c, 2, 0, Some(&alice())), Decision::Wait);
+    assert_eq!(w.on_request(&h, &c, 2, 0, &Some(&alice())), Decision::Wait);
 }
 
 #[test]
@@ -495,12 +495,12 @@ fn a_host_that_cannot_schedule_the_exchange_fails_the_request_closed() {
     let (mut w, h, c) = (Worker::new(), host(), config());
     h.refuse_wake.set(true);
     assert!(matches!(
-        w.on_request(&h, &c, 1, 0, Some(&alice())),
+        w.on_request(&h, &c, 1, 0, &Some(&alice())),
         Decision::Fail(Failure::Internal { .. })
     ));
     assert_eq!(w.in_flight(), 0);
     h.refuse_wake.set(false);
-    assert_eq!(w.on_request(&h, &c, 2, 0, Some(&alice())), Decision::Wait);
+    assert_eq!(w.on_request(&h, &c, 2, 0, &Some(&alice())), Decision::Wait);
     assert_eq!(w.in_flight(), 1);
 }
 
@@ -515,7 +515,7 @@ fn a_callout_without_response_is_a_timeout_only_once_its_timeout_has_passed() {
         (timeout_ns + SECOND, "timeout"),
     ] {
         let (mut w, h, c) = (Worker::new(), host(), config());
-        w.on_request(&h, &c, 1, 0, Some(&alice()));
+        w.on_request(&h, &c, 1, 0, &Some(&alice()));
         w.on_wake(&h);
         h.now_ns.set(T0 + elapsed_ns);
         w.on_token_response(&h, 101, None, b"");
@@ -558,7 +558,7 @@ fn unusable_answers_are_never_cached_and_a_healed_service_is_used_after_the_back
     ];
     for (status, body) in answers {
         let (mut w, h, c) = (Worker::new(), host(), config());
-        w.on_request(&h, &c, 1, 0, Some(&alice()));
+        w.on_request(&h, &c, 1, 0, &Some(&alice()));
         w.on_wake(&h);
         w.on_token_response(&h, 101, status, body);
         assert!(h.resumed.borrow().is_empty());
@@ -568,17 +568,17 @@ fn unusable_answers_are_never_cached_and_a_healed_service_is_used_after_the_back
         // Held for the backoff (no exchange), then tried again.
         h.now_ns.set(T0 + (FAILURE_BACKOFF_MS - 1) * 1_000_000);
         assert!(matches!(
-            w.on_request(&h, &c, 2, 0, Some(&alice())),
+            w.on_request(&h, &c, 2, 0, &Some(&alice())),
             Decision::Fail(Failure::Unavailable { .. })
         ));
         h.now_ns.set(T0 + FAILURE_BACKOFF_MS * 1_000_000);
-        assert_eq!(w.on_request(&h, &c, 3, 0, Some(&alice())), Decision::Wait);
+        assert_eq!(w.on_request(&h, &c, 3, 0, &Some(&alice())), Decision::Wait);
         w.on_wake(&h);
         assert_eq!(h.dispatched.borrow().len(), 2);
         w.on_token_response(&h, 102, Some(200), OK);
         assert_eq!(*h.resumed.borrow(), vec![(3, "Bearer tok-1".to_string())]);
         assert_eq!(
-            w.on_request(&h, &c, 4, 0, Some(&alice())),
+            w.on_request(&h, &c, 4, 0, &Some(&alice())),
             Decision::Forward("Bearer tok-1".into())
         );
     }
@@ -590,7 +590,7 @@ fn rsa_signing_runs_in_short_slices_while_the_lock_is_held() {
     let (mut w1, mut w2) = (Worker::new(), Worker::new());
     // 100 µs per clock reading, that is per 4 windows: a 250 µs slice is 3 readings.
     h.clock_step_ns.set(100_000);
-    assert_eq!(w1.on_request(&h, &c, 1, 0, Some(&alice())), Decision::Wait);
+    assert_eq!(w1.on_request(&h, &c, 1, 0, &Some(&alice())), Decision::Wait);
     w1.on_wake(&h);
     assert!(
         w1.signing(),
@@ -598,14 +598,14 @@ fn rsa_signing_runs_in_short_slices_while_the_lock_is_held() {
     );
     assert!(h.dispatched.borrow().is_empty());
     // Meanwhile: the same user joins here, and another worker waits for the lock.
-    assert_eq!(w1.on_request(&h, &c, 2, 0, Some(&alice())), Decision::Wait);
-    assert_eq!(w2.on_request(&h, &c, 3, 0, Some(&alice())), Decision::Wait);
+    assert_eq!(w1.on_request(&h, &c, 2, 0, &Some(&alice())), Decision::Wait);
+    assert_eq!(w2.on_request(&h, &c, 3, 0, &Some(&alice())), Decision::Wait);
     w2.on_wake(&h);
     assert!(!w2.signing(), "w2 does not sign: w1 holds the lock");
     let mut slices = 1;
     while w1.signing() && slices < 1_000 {
         // A busy worker: a request (unauthenticated: answered at once) between slices.
-        w1.on_request(&h, &c, 900, 0, None);
+        w1.on_request(&h, &c, 900, 0, &None);
         let before = h.now_ns.get();
         w1.on_slice(&h);
         let spent_us = (h.now_ns.get() - before) / 1000;
@@ -639,7 +639,7 @@ fn the_slice_grows_only_when_a_signature_has_waited() {
     h.clock_step_ns.set(100_000);
     // On a busy worker (a request since the last slice).
     let slice_us = |w: &mut Worker| {
-        w.on_request(&h, &c, 900, 0, None);
+        w.on_request(&h, &c, 900, 0, &None);
         let before = h.now_ns.get();
         w.on_slice(&h);
         (h.now_ns.get() - before) / 1000
@@ -650,7 +650,7 @@ fn the_slice_grows_only_when_a_signature_has_waited() {
             &c,
             id,
             0,
-            Some(&json!({ "user_name": format!("u{id}") })),
+            &Some(&json!({ "user_name": format!("u{id}") })),
         );
     }
     w.on_wake(&h);
@@ -677,7 +677,7 @@ fn an_idle_worker_signs_in_larger_slices() {
     let (h, c) = (host(), config());
     let mut w = Worker::new();
     h.clock_step_ns.set(100_000);
-    w.on_request(&h, &c, 1, 0, Some(&alice()));
+    w.on_request(&h, &c, 1, 0, &Some(&alice()));
     w.on_wake(&h); // counts the request: this slice is a busy one
     let before = h.now_ns.get();
     w.on_slice(&h);
@@ -691,7 +691,7 @@ fn requests_help_a_signature_under_way_and_leave_the_dispatch_to_the_worker() {
     let (h, c) = (host(), config());
     let mut w = Worker::new();
     h.clock_step_ns.set(100_000);
-    assert_eq!(w.on_request(&h, &c, 1, 0, Some(&alice())), Decision::Wait);
+    assert_eq!(w.on_request(&h, &c, 1, 0, &Some(&alice())), Decision::Wait);
     w.on_wake(&h);
     assert!(w.signing());
     // The clock stands still from here: only requests can move the signature on.
@@ -700,7 +700,7 @@ fn requests_help_a_signature_under_way_and_leave_the_dispatch_to_the_worker() {
     let mut requests = 0;
     while h.wakes.get() == wakes && requests < 1_000 {
         requests += 1;
-        w.on_request(&h, &c, 1_000 + requests, 0, Some(&alice()));
+        w.on_request(&h, &c, 1_000 + requests, 0, &Some(&alice()));
     }
     // 4 windows a request; the first slice had done some already.
     assert!((60..=130).contains(&requests), "{requests} requests");
@@ -714,4 +714,63 @@ fn requests_help_a_signature_under_way_and_leave_the_dispatch_to_the_worker() {
     assert!(!w.signing());
     w.on_token_response(&h, 101, Some(200), OK);
     assert_eq!(h.resumed.borrow().len() as u32, 1 + requests);
+}
+
+/// An identity whose host reads single string claims cheaply, and which counts how often
+/// all the claims were read.
+struct CheapClaims {
+    claims: Value,
+    full_reads: Cell<u32>,
+}
+
+impl Identity for CheapClaims {
+    fn string_claim(&self, path: &[String]) -> Option<String> {
+        let mut value = &self.claims;
+        for step in path {
+            value = value.get(step)?;
+        }
+        value.as_str().map(str::to_string)
+    }
+    fn claims(&self) -> Option<Value> {
+        self.full_reads.set(self.full_reads.get() + 1);
+        Some(self.claims.clone())
+    }
+}
+
+#[test]
+fn all_claims_are_read_only_for_an_exchange_never_for_a_plain_hit() {
+    let (mut w, h, c) = (Worker::new(), host(), config());
+    let alice = CheapClaims {
+        claims: alice(),
+        full_reads: Cell::new(0),
+    };
+    assert_eq!(w.on_request(&h, &c, 1, 0, &alice), Decision::Wait);
+    assert_eq!(alice.full_reads.get(), 1, "the assertion's attributes");
+    assert_eq!(w.on_request(&h, &c, 2, 0, &alice), Decision::Wait);
+    assert_eq!(alice.full_reads.get(), 1, "joining an exchange needs none");
+    w.on_wake(&h);
+    w.on_token_response(&h, 101, Some(200), OK);
+    let hit = Decision::Forward("Bearer tok-1".into());
+    assert_eq!(w.on_request(&h, &c, 3, 0, &alice), hit);
+    assert_eq!(alice.full_reads.get(), 1, "a hit needs only the user id");
+    // The same answer as from the decoded claims.
+    assert_eq!(w.on_request(&h, &c, 4, 0, &Some(&alice.claims)), hit);
+    h.now_ns
+        .set(alice_token_times(&c).refresh_at_ms * 1_000_000);
+    assert_eq!(w.on_request(&h, &c, 5, 0, &alice), hit);
+    assert_eq!(alice.full_reads.get(), 2, "the refresh's attributes");
+    w.on_wake(&h);
+    assert_eq!(h.dispatched.borrow().len(), 2);
+    // A claim the host cannot read cheaply goes the exact way, error included.
+    let numbered = CheapClaims {
+        claims: json!({"user_name": 5}),
+        full_reads: Cell::new(0),
+    };
+    assert_eq!(
+        w.on_request(&h, &c, 6, 0, &numbered),
+        Decision::Fail(Failure::UserId(identity::UserIdError::NotAString {
+            claim: "user_name".into()
+        }))
+    );
+    assert_eq!(numbered.full_reads.get(), 1);
 }

@@ -7,6 +7,27 @@ pub mod payload;
 use serde_json::Value;
 use std::fmt;
 
+/// A request's verified identity, read lazily: a cache hit needs only the user id, and
+/// the host may read one claim much more cheaply than all of them.
+pub trait Identity {
+    /// The claim at `path` (from the root of the claims) if the host can tell cheaply
+    /// that it is a non-blank string fit for XML; `None` means "unknown": the plugin
+    /// reads [`Identity::claims`] instead.
+    fn string_claim(&self, _path: &[String]) -> Option<String> {
+        None
+    }
+
+    /// Every verified claim; `None`: no authenticated user.
+    fn claims(&self) -> Option<Value>;
+}
+
+/// Claims already at hand (tests, or a host that decodes them anyway).
+impl Identity for Option<&Value> {
+    fn claims(&self) -> Option<Value> {
+        self.cloned()
+    }
+}
+
 /// How a destination finds the user id (SAP order: `SystemUser`, `userIdSource`, then
 /// the claim implied by `nameIdFormat`).
 #[derive(Debug, Clone, PartialEq, Eq)]

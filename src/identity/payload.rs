@@ -5,7 +5,12 @@
 //! arrives as protobuf, with every claim's JSON type intact. (Deeper property paths
 //! come back in a flattened encoding where an 8-byte string and a number look alike.)
 //! Decoding it here gives the plugin the claims exactly as the token carried them.
+//!
+//! A cache hit needs only the user id, and decoding every claim costs more than the rest
+//! of the hit. [`string_claim_from_property`] reads one claim from a deeper path instead,
+//! and takes it only where that encoding cannot be anything but a string.
 
+use crate::saml::canonical::is_xml_text;
 use prost::Message;
 use prost_types::value::Kind;
 use serde_json::{Map, Number, Value};
@@ -26,6 +31,24 @@ pub fn claims_from_metadata(metadata: &[u8], filter: &str, key: &str) -> Option<
         Some(Kind::StructValue(payload)) => Some(struct_to_json(payload, 0)),
         _ => None,
     }
+}
+
+/// One claim read as the property `metadata.filter_metadata.<filter>.<key>.<claim...>`,
+/// if it is certainly a string that can name a user; `None`: unknown, read the claims.
+///
+/// Envoy hands a leaf over as its raw bytes, whatever its type: a string as itself, a
+/// number as the 8 bytes of a double, a boolean as 1 byte, `null` as an error, an object
+/// or a list in a binary form full of bytes that XML forbids (Envoy 1.40: a 32-bit count
+/// and 32-bit lengths, then NUL-terminated items; older releases: protobuf, whose tag
+/// bytes are below 0x20). So a value is taken only if it is XML text, not blank, and
+/// neither 1 nor 8 bytes long: nothing but a string looks like that. Everything refused
+/// here goes the exact way (the decoded claims), which also names the error.
+pub fn string_claim_from_property(bytes: Vec<u8>) -> Option<String> {
+    if matches!(bytes.len(), 1 | 8) {
+        return None;
+    }
+    let value = String::from_utf8(bytes).ok()?;
+    (!value.trim().is_empty() && is_xml_text(&value)).then_some(value)
 }
 
 /// Claims nested deeper than this are dropped (protects the stack on hostile input).
@@ -118,5 +141,47 @@ mod tests {
         assert!(claims_from_metadata(&bytes, "other", "payload").is_none());
         assert!(claims_from_metadata(&bytes, "envoy.filters.http.jwt_authn", "x").is_none());
         assert!(claims_from_metadata(&[0xff, 0xff, 0xff], "a", "b").is_none());
+    }
+
+    /// What Envoy's property serializer makes of each JSON type (see
+    /// `string_claim_from_property`): only real strings come through.
+    #[test]
+    fn takes_a_property_as_a_claim_only_when_it_is_certainly_a_string() {
+        let take = |bytes: &[u8]| string_claim_from_property(bytes.to_vec());
+        assert_eq!(take(b"alice").as_deref(), Some("alice"));
+        assert_eq!(take("ä.b@x".as_bytes()).as_deref(), Some("ä.b@x"));
+        // A number: 8 bytes, here ones that read as "bobsmith".
+        let number = f64::from_le_bytes(*b"bobsmith");
+        assert_eq!(take(&number.to_le_bytes()), None);
+        assert_eq!(take(b"P0001234"), None, "8-byte strings go the exact way");
+        assert_eq!(take(&[1]), None, "a boolean");
+        assert_eq!(take(b"x"), None);
+        assert_eq!(take(b""), None);
+        assert_eq!(take(b"  \t "), None, "blank");
+        assert_eq!(take(b"a\x01b"), None, "not XML text");
+        assert_eq!(take(&[0xc3, 0x28, 0x41]), None, "not UTF-8");
+        // Objects and lists as Envoy 1.40 sends them (seen: `["alice"]`, `{"name":"alice"}`).
+        assert_eq!(take(b"\x01\0\0\0\x05\0\0\0\0\0\0\0alice\0\0"), None);
+        assert_eq!(take(b"\x01\0\0\0\x04\0\0\0\x05\0\0\0name\0alice\0"), None);
+        assert_eq!(take(&[0; 4]), None, "empty");
+        // As older releases send them: protobuf `Struct` and `ListValue`.
+        let object = Struct {
+            fields: [("name".to_string(), v(Kind::StringValue("alice".repeat(9))))].into(),
+        };
+        assert_eq!(take(&object.encode_to_vec()), None);
+        for value in [
+            Kind::StringValue("alice".repeat(9)),
+            Kind::NumberValue(f64::from_le_bytes(*b"alicealc")),
+            Kind::BoolValue(false),
+            Kind::NullValue(0),
+            Kind::StructValue(Struct::default()),
+            Kind::ListValue(ListValue::default()),
+            Kind::StructValue(object.clone()),
+        ] {
+            let list = ListValue {
+                values: vec![v(value.clone())],
+            };
+            assert_eq!(take(&list.encode_to_vec()), None, "{value:?}");
+        }
     }
 }

@@ -4,6 +4,8 @@ server error, never a request upstream without the user's own token."""
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 from signxml import XMLVerifier
 
@@ -90,3 +92,25 @@ def test_unrepresentable_or_non_string_user_ids_get_401(client, case):
     assert headers["www-authenticate"] == "Bearer"
     assert body["error"] == "unauthorized" and body["error_description"]
     assert len(client.token_requests()) == before, "no exchange for a refused user"
+
+
+def test_a_number_whose_bytes_spell_a_cached_user_is_not_that_user(client):
+    """Envoy hands a claim read on its own as raw bytes: the number below as the 8 bytes
+    "bobsmith". The plugin must not take it for Bob, whose token is cached."""
+    user = "bobsmith"
+    status, _, body = client.gateway("/hello", client.jwt(user))
+    assert status == 200 and body["user"] == user, body
+    number = struct.unpack("<d", user.encode())[0]
+    before = len(client.token_requests())
+    status, _, body = client.gateway("/hello", client.jwt("placeholder", user_name=number))
+    assert status == 401, body
+    assert "not a string" in body["error_description"]
+    assert len(client.token_requests()) == before
+
+
+@pytest.mark.parametrize("user", ["b", "P0001234"])
+def test_user_ids_as_long_as_a_boolean_or_a_number_still_propagate(client, user):
+    for _ in range(2):  # the exchange, then the cache hit
+        status, _, body = client.gateway("/hello", client.jwt(user))
+        assert status == 200, body
+        assert body["user"] == user and body["token_valid"] is True
