@@ -32,12 +32,20 @@ MINIMAL_WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "examples" / "min
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 UPSTREAM_PORT = 18100
 VARIANT_PORTS = {"plain": 18010, "minimal_wasm": 18011, "credential_injector": 18012, "lua": 18013,
-                 "jwt_only": 18014, "jwt_minimal_identity": 18016, "principal_propagation": 18015}
+                 "jwt_only": 18014, "jwt_minimal": 18017, "jwt_minimal_identity": 18016, "principal_propagation": 18015}
 # The minimal filter behind `jwt_authn`, without and with one host call repeated (see
 # `MINIMAL_PROBE` in examples/minimal_filter.rs): what each call of a cache hit costs.
 PROBE_CALLS = ("metadata", "claim", "route", "header", "clock", "metric", "shared_data")
 PROBE_REPEAT = 50  # examples/minimal_filter.rs
 PROBE_PORTS = {"probe_none": 18040, **{f"probe_{call}": 18041 + i for i, call in enumerate(PROBE_CALLS)}}
+# Filters behind `jwt_authn`, each STACK_COPIES times in one chain: what one more instance
+# costs once the request's first Wasm filter has paid the runtime's fixed cost.
+STACK_COPIES = 10
+STACKED = {"stacked_minimal": "jwt_minimal", "stacked_minimal_identity": "jwt_minimal_identity",
+           "stacked_plugin": "principal_propagation"}
+STACK_PORTS = {"jwt_only": VARIANT_PORTS["jwt_only"], **{name: 18050 + i for i, name in enumerate(STACKED)}}
+# Filters whose cost is what they add to `jwt_only` (a peer's is what it adds to `plain`).
+BEHIND_JWT = ("jwt_minimal", "jwt_minimal_identity", "principal_propagation")
 BENCH_PORTS = stack.Ports(listener=18001, admin=18099, idp=18200, token=18210, echo=18220)
 
 
@@ -63,9 +71,15 @@ def listener(name: str, port: int, filters: list[dict], route: dict) -> dict:
 
 
 def jwt_filter(ports: stack.Ports) -> dict:
+    """The demo's `jwt_authn`, with its cache of verified JWTs (see the README): without
+    it every request verifies the JWT's RS256 signature anew, which made `jwt_only` cost
+    about 70 µs over `plain` (20–35 µs with it), and its noise swamped the filters behind it."""
     config = stack.envoy_config(ports, "demo", config_override={})
     chain = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-    return chain["typed_config"]["http_filters"][0]
+    jwt = chain["typed_config"]["http_filters"][0]
+    for provider in jwt["typed_config"]["providers"].values():
+        provider["jwt_cache_config"] = {"jwt_cache_size": 100}
+    return jwt
 
 
 def bootstrap(ports: stack.Ports) -> dict:
@@ -105,6 +119,7 @@ def bootstrap(ports: stack.Ports) -> dict:
             },
         }],
         "jwt_only": [jwt_filter(ports)],
+        "jwt_minimal": [jwt_filter(ports), {"name": "envoy.filters.http.wasm", "typed_config": minimal}],
         "jwt_minimal_identity": [jwt_filter(ports), {"name": "envoy.filters.http.wasm", "typed_config": identity}],
         "principal_propagation": [jwt_filter(ports),
                                   {"name": "envoy.filters.http.wasm", "typed_config": stack.wasm_filter(plugin)}],
@@ -114,7 +129,10 @@ def bootstrap(ports: stack.Ports) -> dict:
         probe["config"]["name"] = probe["config"]["root_id"] = probe["config"]["vm_config"]["vm_id"] = f"probe_{call}"
         probe["config"]["vm_config"]["environment_variables"] = {"key_values": {"MINIMAL_PROBE": call}}
         variants[f"probe_{call}"] = [jwt_filter(ports), {"name": "envoy.filters.http.wasm", "typed_config": probe}]
-    listener_ports = {**VARIANT_PORTS, **PROBE_PORTS}
+    for name, single in STACKED.items():
+        jwt, wasm = variants[single]
+        variants[name] = [jwt] + [json.loads(json.dumps(wasm)) for _ in range(STACK_COPIES)]
+    listener_ports = {**VARIANT_PORTS, **PROBE_PORTS, **STACK_PORTS}
     listeners = [listener(name, listener_ports[name], filters, to_upstream) for name, filters in variants.items()]
     listeners.append(listener("upstream", UPSTREAM_PORT, [], {
         "match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}))
@@ -297,6 +315,10 @@ def main() -> int:
         for port in PROBE_PORTS.values():
             assert wrk(port, jwt, 1)["errors"] == 0
         probes = cpu_per_request(gateway, jwt, args.rounds, 2, PROBE_PORTS)
+        print(f"filters stacked {STACK_COPIES} deep (same Envoy)...", flush=True)
+        for port in STACK_PORTS.values():
+            assert wrk(port, jwt, 1)["errors"] == 0
+        stacked = cpu_per_request(gateway, jwt, args.rounds, 2, STACK_PORTS)
     print("wake-up delay (2 workers)...", flush=True)
     wake = wake_up()
     print("head-of-line blocking (2 workers)...", flush=True)
@@ -310,20 +332,27 @@ def main() -> int:
     openssl_ms = statistics.median(signing_v8["openssl rsa2048"])
     print("a cache hit's own work in V8 (Node)...", flush=True)
     hit_steps = node_example("hit_bench").strip()
+    print("a cache hit's whole Wasm side in V8 (Node, an in-memory host)...", flush=True)
+    hit_wasm = subprocess.run(["taskset", "-c", "1", "node", "--no-warnings", str(ROOT / "bench" / "hit_host.mjs"),
+                               str(args.rounds)], capture_output=True, text=True, check=True).stdout.strip()
 
     rounds = range(args.rounds)
     host_calls = {call: [(probes[f"probe_{call}"][r] - probes["probe_none"][r]) / PROBE_REPEAT for r in rounds]
                   for call in PROBE_CALLS}
     added = {name: [cpu[name][r] - cpu["plain"][r] for r in rounds] for name in cpu if name != "plain"}
     # Filters behind jwt_authn: their own cost is what they add to `jwt_only`.
-    for name in ("jwt_minimal_identity", "principal_propagation"):
+    for name in BEHIND_JWT:
         added[name] = [cpu[name][r] - cpu["jwt_only"][r] for r in rounds]
     ours = added["principal_propagation"]
     ratio = {peer: [ours[r] / added[peer][r] for r in rounds if added[peer][r] > 0]
-             for peer in ("minimal_wasm", "jwt_minimal_identity", "credential_injector", "lua")}
+             for peer in ("minimal_wasm", "jwt_minimal", "jwt_minimal_identity", "credential_injector", "lua")}
+    per_copy = {name: [(stacked[name][r] - stacked["jwt_only"][r]) / STACK_COPIES for r in rounds] for name in STACKED}
+    stacked_ratio = {peer: [per_copy["stacked_plugin"][r] / per_copy[peer][r] for r in rounds if per_copy[peer][r] > 0]
+                     for peer in ("stacked_minimal", "stacked_minimal_identity")}
     hol = [workers["p99_rsa_ms"][r] / workers["p99_base_ms"][r] for r in rounds]
     hol_ec = [workers["p99_ec_ms"][r] / workers["p99_base_ms"][r] for r in rounds]
     hol_cached = [workers["p99_cached_ms"][r] / workers["p99_base_ms"][r] for r in rounds]
+    hol_burnt = [workers["p99_burnt_ms"][r] / workers["p99_base_ms"][r] for r in rounds]
     signing_ms = workers["quiet_signing_us"].get("50", float("nan")) / 1000
     signing_ec_ms = workers["quiet_signing_ec_us"].get("50", float("nan")) / 1000
 
@@ -340,8 +369,10 @@ def main() -> int:
         "Variants (one listener each, same Envoy, 1 worker, upstream = a direct-response listener of the same "
         "Envoy): `plain` (router only), `minimal_wasm` (proxy-wasm filter reading one header and one shared-data "
         "key holding an 800-byte token and setting a header to it, `examples/minimal_filter.rs`), `credential_injector` (native, one static "
-        "credential), `lua` (sets a header), `jwt_only` (`jwt_authn`), `principal_propagation` (`jwt_authn` + "
-        "this plugin, every request a cache hit), `jwt_minimal_identity` (`jwt_authn` + the minimal filter "
+        "credential), `lua` (sets a header), `jwt_only` (`jwt_authn`, with its cache of verified JWTs), "
+        "`principal_propagation` (`jwt_authn` + this plugin, every request a cache hit), `jwt_minimal` "
+        "(`jwt_authn` + the minimal filter: the reference in the plugin's place, on the same requests), "
+        "`jwt_minimal_identity` (`jwt_authn` + the minimal filter "
         "also reading the two properties the plugin reads on every cache hit: the user's claim from the "
         "request's dynamic metadata, where `jwt_authn` put the verified JWT payload, and the route's metadata). The cost of a filter behind `jwt_authn` "
         "is `variant − jwt_only`; a peer's is `peer − plain`.",
@@ -353,7 +384,7 @@ def main() -> int:
     ]
     for name in VARIANT_PORTS:
         extra = summary(added[name]) if name in added else "—"
-        if name in ("jwt_minimal_identity", "principal_propagation"):
+        if name in BEHIND_JWT:
             extra += " (over `jwt_only`)"
         lines.append(f"| {name} | {summary(cpu[name])} | {extra} |")
     lines += [
@@ -363,12 +394,14 @@ def main() -> int:
         "| ratio | median (min–max) | goal |",
         "| --- | --- | --- |",
         f"| plugin added CPU / minimal proxy-wasm filter added CPU | {summary(ratio['minimal_wasm'])} | ≤ 1.2 |",
+        f"| the same, the minimal filter in the plugin's place (behind `jwt_authn`, same requests) | {summary(ratio['jwt_minimal'])} | ≤ 1.2 |",
         f"| plugin added CPU / the minimal filter's when it also reads the user's claim and the route's metadata (both behind `jwt_authn`) | {summary(ratio['jwt_minimal_identity'])} | — |",
         f"| plugin added CPU / credential_injector added CPU | {summary(ratio['credential_injector'])} | — |",
         f"| plugin added CPU / Lua added CPU | {summary(ratio['lua'])} | — |",
         f"| cache-hit p99 with 50 new users/s / without (2 workers; new users signed with RSA-2048) | {summary(hol)} | ≤ 1.5 |",
         f"| the same, new users signed with ECDSA P-256 | {summary(hol_ec)} | ≤ 1.5 |",
         f"| the same, the 50 arrivals/s being users with cached tokens (the arrival traffic alone, no cold path) | {summary(hol_cached)} | — |",
+        f"| control: cached users' arrivals plus {workers['burst_ms']:.1f} ms of busy CPU per arrival in another process (a signature's CPU, spent off the gateway's threads) | {summary(hol_burnt)} | — |",
         "",
         "A ratio to a peer leaves out the rounds in which that peer's added CPU was not above zero (within "
         "the noise of plain proxying): " + ", ".join(f"{peer} {len(ratio[peer])} of {args.rounds} rounds counted"
@@ -387,6 +420,35 @@ def main() -> int:
         "| host call | µs per call, median (min–max) |",
         "| --- | --- |",
         *[f"| {call} | {summary(host_calls[call])} |" for call in PROBE_CALLS],
+        "",
+        f"## One more filter instance ({STACK_COPIES} deep)",
+        "",
+        f"A single Wasm filter's added CPU is mostly a fixed cost per request that more instances on the same "
+        f"request do not pay again: here the minimal filter adds {statistics.median(added['jwt_minimal']):.1f} µs "
+        f"alone but {statistics.median(per_copy['stacked_minimal']):.1f} µs per copy in a stack (likely the first "
+        f"crossing into V8 on a request finding code and data cold in the CPU's caches). To see what the filters "
+        f"themselves do, each is stacked {STACK_COPIES} times behind `jwt_authn` in one chain (the plugin's copies all hit the "
+        f"cache; the last one's header stands), in the same Envoy after the rounds above ({args.rounds} rounds "
+        f"of 2 s per variant, A B C C B A): µs per copy = (stack − `jwt_only`) / {STACK_COPIES}. Copies after "
+        "the first run warm, so this leaves out the fixed cost and any cold-cache cost of a larger module.",
+        "",
+        "| filter | µs per copy, median (min–max) |",
+        "| --- | --- |",
+        *[f"| {STACKED[name]} | {summary(per_copy[name])} |" for name in STACKED],
+        f"| plugin / minimal filter, per copy | {summary(stacked_ratio['stacked_minimal'])} |",
+        f"| plugin / minimal filter reading the claim and the route, per copy | "
+        f"{summary(stacked_ratio['stacked_minimal_identity'])} |",
+        "",
+        "## A cache hit's whole Wasm side in V8",
+        "",
+        "`bench/hit_host.mjs` runs each request's callbacks (context create, request headers, response "
+        "headers, done, log, delete) in Node against an in-memory proxy-wasm host, alternating the modules, "
+        "pinned to one core. Its host calls are JavaScript lookups, far cheaper than Envoy's, so this is "
+        "what each module does per request: the SDK's dispatch, its own code and the crossings.",
+        "",
+        "```",
+        hit_wasm,
+        "```",
         "",
         "## Cross-worker exchange and signing (2 workers)",
         "",
@@ -444,7 +506,8 @@ def main() -> int:
         head_of_line.__doc__.split("\n\n", 1)[1].strip(),
         "",
         f"Cache-hit p99 (ms): without new users {summary(workers['p99_base_ms'])}; with 50 arrivals/s of "
-        f"cached users {summary(workers['p99_cached_ms'])}; of new users signed with RSA-2048 "
+        f"cached users {summary(workers['p99_cached_ms'])}, the same with busy CPU in another process "
+        f"{summary(workers['p99_burnt_ms'])}; of new users signed with RSA-2048 "
         f"{summary(workers['p99_rsa_ms'])}, with P-256 {summary(workers['p99_ec_ms'])} "
         f"({workers['new_users']} new users, {workers['errors']} errors).",
         "",
@@ -483,7 +546,8 @@ def main() -> int:
         "## Raw rounds",
         "",
         "```json",
-        json.dumps({"cpu_us_per_request": cpu, "head_of_line": workers, "wake_us": wake,
+        json.dumps({"cpu_us_per_request": cpu, "probe_cpu_us_per_request": probes,
+                    "stacked_cpu_us_per_request": stacked, "head_of_line": workers, "wake_us": wake,
                     "openssl_rsa2048_sign_ms": openssl_ms, "signing_v8_ms": signing_v8, "memory": mem},
                    indent=1),
         "```",
