@@ -4,8 +4,11 @@
 // the minimal filter (examples/minimal_filter.rs), alternately, and prints the median
 // µs per request of each. The host's own work here is a few JavaScript lookups, far
 // cheaper than Envoy's, so the difference is what the module itself does per request:
-// the SDK's dispatch, the Rust code and the crossings into and out of Wasm.
-//   node bench/hit_host.mjs [rounds] [requests-per-round]
+// the SDK's dispatch, the Rust code and the crossings into and out of Wasm. With
+// COLD_BYTES=<n> in the environment it writes over n bytes between two requests, so that
+// each request starts with the module's code and data out of the CPU's private caches
+// (a tenth of the requests per round then).
+//   [COLD_BYTES=n] node bench/hit_host.mjs [rounds] [requests-per-round]
 import { readFileSync } from "node:fs";
 import { WASI } from "node:wasi";
 import { argv } from "node:process";
@@ -179,12 +182,22 @@ const identity = load("target/wasm32-wasip1/release/examples/minimal_filter.wasm
 for (const m of [minimal, identity]) for (let i = 0; i < 2; i++) { const r = m.request(); m.finish(r.id); }
 
 const variants = { principal_propagation: plugin, minimal_wasm: minimal, minimal_identity: identity };
+// Cold: between two requests, write over a buffer larger than the CPU's private caches,
+// as Envoy's own work between two requests does; only the request itself is timed.
+const polluter = new Uint8Array(Number(process.env.COLD_BYTES || 0));
 const times = Object.fromEntries(Object.keys(variants).map((k) => [k, []]));
 for (let r = 0; r < rounds; r++) {
   for (const [name, v] of Object.entries(variants)) {
-    const start = process.hrtime.bigint();
-    for (let i = 0; i < perRound; i++) { const { id } = v.request(); v.finish(id); }
-    times[name].push(Number(process.hrtime.bigint() - start) / 1000 / perRound);
+    let spent = 0n;
+    const n = polluter.length ? perRound / 10 : perRound;
+    for (let i = 0; i < n; i++) {
+      if (polluter.length) polluter.fill(i & 0xff);
+      const start = process.hrtime.bigint();
+      const { id } = v.request();
+      v.finish(id);
+      spent += process.hrtime.bigint() - start;
+    }
+    times[name].push(Number(spent) / 1000 / n);
   }
 }
 if (plugin.state.calls.length !== 1) throw new Error(`${plugin.state.calls.length} callouts: hits went to the token service`);
