@@ -6,14 +6,17 @@
 
 pub mod cache;
 pub mod config;
+pub mod coordination;
 pub mod error;
 pub mod exchange;
 #[cfg(all(target_arch = "wasm32", target_os = "wasi"))]
 pub mod filter;
 pub mod flow;
+pub mod host;
 pub mod http_url;
 pub mod identity;
 pub mod keys;
+pub mod metrics;
 pub mod oauth;
 pub mod saml;
 #[cfg(test)]

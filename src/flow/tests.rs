@@ -774,3 +774,185 @@ fn all_claims_are_read_only_for_an_exchange_never_for_a_plain_hit() {
     );
     assert_eq!(numbered.full_reads.get(), 1);
 }
+
+// ---- Issue 13: reproductions of the defects found by reading (fail before the fix) ----
+
+/// A configuration of two destinations with the given callout timeouts (seconds).
+fn two_destinations(first_s: u64, second_s: u64) -> Rc<PluginConfig> {
+    let mut a = destination_json("slow-target");
+    a["tokenServiceURL.SocketReadTimeoutInSeconds"] = json!(first_s.to_string());
+    let mut b = destination_json("quick-target");
+    b["tokenServiceURL.SocketReadTimeoutInSeconds"] = json!(second_s.to_string());
+    Rc::new(parse(&config_json(vec![a, b])).unwrap())
+}
+
+#[test]
+fn repro_a_callout_that_never_answers_is_ended_and_the_user_starts_afresh() {
+    let (mut w, h, c) = (Worker::new(), host(), config());
+    assert_eq!(w.on_request(&h, &c, 1, 0, &Some(&alice())), Decision::Wait);
+    w.on_wake(&h);
+    assert_eq!(h.dispatched.borrow().len(), 1);
+    // The host drops the callout (its root context was torn down): no response ever.
+    let timeout_ns = c.destinations[0].token_service.timeout_ms * 1_000_000;
+    h.now_ns.set(T0 + timeout_ns + SECOND);
+    w.on_tick(&h);
+    assert_eq!(
+        *h.failed.borrow(),
+        vec![(1, Failure::Timeout)],
+        "the waiter is answered within the timeout plus a second"
+    );
+    assert_eq!(w.on_request(&h, &c, 2, 0, &Some(&alice())), Decision::Wait);
+    w.on_wake(&h);
+    assert_eq!(
+        h.dispatched.borrow().len(),
+        2,
+        "a fresh exchange, not a join"
+    );
+}
+
+#[test]
+fn repro_a_lost_wake_is_made_up_by_the_tick() {
+    let (mut w, h, c) = (Worker::new(), host(), config());
+    // The wake for alice's exchange is requested but never delivered.
+    assert_eq!(w.on_request(&h, &c, 1, 0, &Some(&alice())), Decision::Wait);
+    assert_eq!(w.on_request(&h, &c, 2, 0, &Some(&bob())), Decision::Wait);
+    h.now_ns.set(T0 + SECOND);
+    w.on_tick(&h);
+    assert_eq!(h.dispatched.borrow().len(), 2, "both exchanges started");
+}
+
+#[test]
+fn repro_users_whose_locks_share_a_stripe_do_not_wait_for_each_other() {
+    // alice's destination waits 600 s for its token service, the other one 1 s.
+    let c = two_destinations(600, 1);
+    let alice_key = CacheKey::new(&c.destinations[0].cache_namespace, "alice", c.cache_slots);
+    let other = (0..1_000_000)
+        .map(|i| format!("user{i}"))
+        .find(|u| {
+            let k = CacheKey::new(&c.destinations[1].cache_namespace, u, c.cache_slots);
+            k.lock_stripe() == alice_key.lock_stripe() && k.slot != alice_key.slot
+        })
+        .unwrap();
+    let h = host();
+    let (mut w1, mut w2) = (Worker::new(), Worker::new());
+    w1.on_request(&h, &c, 1, 0, &Some(&alice()));
+    w1.on_wake(&h);
+    assert_eq!(h.dispatched.borrow().len(), 1);
+    let claims = json!({ "user_name": other });
+    assert_eq!(w2.on_request(&h, &c, 2, 1, &Some(&claims)), Decision::Wait);
+    w2.on_wake(&h);
+    assert_eq!(
+        h.dispatched.borrow().len(),
+        2,
+        "another user's exchange does not wait behind alice's"
+    );
+}
+
+#[test]
+fn repro_a_holder_that_comes_back_late_neither_duplicates_nor_releases_the_new_lock() {
+    // Rejections are not held, so nothing but the lock keeps w3 from exchanging.
+    let mut config = config_json(vec![destination_json("d")]);
+    config["failedExchangeHoldSeconds"] = json!(0);
+    let (h, c) = (host(), Rc::new(parse(&config).unwrap()));
+    let (mut w1, mut w2, mut w3) = (Worker::new(), Worker::new(), Worker::new());
+    w1.on_request(&h, &c, 1, 0, &Some(&alice()));
+    w1.on_wake(&h);
+    assert_eq!(h.dispatched.borrow().len(), 1);
+    // w1's callout overruns the lock's deadline; w2 takes over and exchanges.
+    h.now_ns.set(T0 + 13 * SECOND);
+    w2.on_request(&h, &c, 2, 0, &Some(&alice()));
+    w2.on_wake(&h);
+    assert_eq!(
+        h.dispatched.borrow().len(),
+        2,
+        "w2 took over the abandoned lock"
+    );
+    // w1's answer arrives late: it must not free the lock w2 now holds.
+    w1.on_token_response(&h, 101, Some(400), br#"{"error":"invalid_grant"}"#);
+    w3.on_request(&h, &c, 3, 0, &Some(&alice()));
+    w3.on_wake(&h);
+    assert_eq!(
+        h.dispatched.borrow().len(),
+        2,
+        "w3 joins w2's exchange instead of starting a third"
+    );
+}
+
+#[test]
+fn repro_a_holder_whose_signing_overran_the_lock_does_not_exchange_as_well() {
+    let (h, c) = (host(), config());
+    let (mut w1, mut w2) = (Worker::new(), Worker::new());
+    h.clock_step_ns.set(100_000);
+    w1.on_request(&h, &c, 1, 0, &Some(&alice()));
+    w1.on_wake(&h);
+    assert!(w1.signing(), "signing is under way, the lock taken");
+    // A signing backlog: w1 does not get to its slices until the lock's deadline passed.
+    h.now_ns.set(T0 + 13 * SECOND);
+    w2.on_request(&h, &c, 2, 0, &Some(&alice()));
+    w2.on_wake(&h);
+    while w2.signing() {
+        w2.on_slice(&h);
+    }
+    assert_eq!(h.dispatched.borrow().len(), 1, "w2 exchanges");
+    while w1.signing() {
+        w1.on_slice(&h);
+    }
+    assert_eq!(
+        h.dispatched.borrow().len(),
+        1,
+        "w1, no longer the holder, joins instead of exchanging too"
+    );
+}
+
+#[test]
+fn repro_new_users_beyond_the_admission_cap_are_refused_at_once_without_signing() {
+    let mut config = config_json(vec![destination_json("d")]);
+    config["maxExchangesPerWorker"] = json!(8);
+    let c = Rc::new(parse(&config).expect("maxExchangesPerWorker is a setting"));
+    let (mut w, h) = (Worker::new(), host());
+    for id in 0..20u32 {
+        let claims = json!({ "user_name": format!("u{id}") });
+        let decision = w.on_request(&h, &c, id, 0, &Some(&claims));
+        if id < 8 {
+            assert_eq!(decision, Decision::Wait);
+        } else {
+            assert!(matches!(
+                decision,
+                Decision::Fail(Failure::Unavailable { .. })
+            ));
+        }
+    }
+    assert_eq!(w.in_flight(), 8);
+}
+
+#[test]
+fn repro_a_refresh_too_short_lived_to_cache_is_not_retried_every_half_second() {
+    let (mut w, h, c) = (Worker::new(), host(), config());
+    first_exchange_for_alice(&mut w, &h, &c);
+    let times = alice_token_times(&c);
+    h.now_ns.set(times.refresh_at_ms * 1_000_000);
+    w.on_request(&h, &c, 2, 0, &Some(&alice()));
+    w.on_wake(&h);
+    assert_eq!(h.dispatched.borrow().len(), 2, "the refresh");
+    w.on_token_response(
+        &h,
+        102,
+        Some(200),
+        br#"{"access_token":"short","token_type":"bearer","expires_in":20}"#,
+    );
+    // The old token still serves; no refresh every 500 ms until it runs out.
+    for step in 1..=10 {
+        h.now_ns
+            .set(times.refresh_at_ms * 1_000_000 + step * FAILURE_BACKOFF_MS * 1_000_000);
+        assert_eq!(
+            w.on_request(&h, &c, 10 + step as u32, 0, &Some(&alice())),
+            Decision::Forward("Bearer tok-1".into())
+        );
+        w.on_wake(&h);
+    }
+    assert_eq!(
+        h.dispatched.borrow().len(),
+        2,
+        "no retry of a successful refresh"
+    );
+}
