@@ -137,6 +137,13 @@ def test_destinations(ports: Ports) -> list[dict]:
             "/oauth/token/slow",
             **{"tokenServiceURL.queries.delay": "1.5", "tokenServiceURL.SocketReadTimeoutInSeconds": "1"},
         ),
+        # Answers after 2 s, within its 3 s timeout: exchanges in flight for a while.
+        destination(
+            ports,
+            "swap",
+            "/oauth/token/slow",
+            **{"tokenServiceURL.queries.delay": "2", "tokenServiceURL.SocketReadTimeoutInSeconds": "3"},
+        ),
         destination(ports, "down", tokenServiceCluster="token_service_down"),
         destination(ports, "wrong-audience", audience="https://someone-else.example"),
         destination(ports, "short", **{"tokenServiceURL.queries.expires_in": "33"}),
@@ -203,8 +210,9 @@ def route(prefix: str, destination_name: str | None = None) -> dict:
     return r
 
 
-def wasm_filter(plugin: dict) -> dict:
-    """The Wasm HTTP filter running the plugin with configuration `plugin`."""
+def wasm_filter(plugin: dict, vm_configuration: str = "") -> dict:
+    """The Wasm HTTP filter running the plugin with configuration `plugin`. Another
+    `vm_configuration` makes Envoy start new VMs (as a code update does)."""
     return {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
         "config": {
@@ -217,6 +225,7 @@ def wasm_filter(plugin: dict) -> dict:
             },
             "vm_config": {
                 "vm_id": "principal_propagation",
+                "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": vm_configuration},
                 "runtime": "envoy.wasm.runtime.v8",
                 "code": {"local": {"filename": str(WASM)}},
                 "environment_variables": {
@@ -228,7 +237,7 @@ def wasm_filter(plugin: dict) -> dict:
     }
 
 
-def write_plugin_file(path: Path, plugin: dict) -> None:
+def write_plugin_file(path: Path, plugin: dict, vm_configuration: str = "") -> None:
     """Writes the plugin's filter configuration where Envoy watches it (extension config
     discovery from the filesystem). The rename makes the update atomic."""
     response = {
@@ -236,7 +245,7 @@ def write_plugin_file(path: Path, plugin: dict) -> None:
         "resources": [{
             "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
             "name": "principal_propagation",
-            "typed_config": wasm_filter(plugin),
+            "typed_config": wasm_filter(plugin, vm_configuration),
         }],
     }
     tmp = path.with_suffix(".tmp")

@@ -4,9 +4,10 @@
 //! (`fuzz/fuzz_targets/*.rs`) and by `tests/fuzz_corpus.rs`, which replays the saved
 //! corpus and every crash found on the stable toolchain inside `make test`.
 
-use principal_propagation::cache::{self, CacheKey, Entry};
+use principal_propagation::cache::{CacheKey, Entry};
 use principal_propagation::config::PluginConfig;
-use principal_propagation::flow::Notice;
+use principal_propagation::coordination::notice::Message;
+use principal_propagation::coordination::slot;
 use principal_propagation::http_url::HttpUrl;
 use principal_propagation::identity::{self, attributes, payload, UserIdRule};
 use principal_propagation::keys::SigningKey;
@@ -181,21 +182,28 @@ pub fn token_response(data: &[u8]) {
     );
 }
 
-/// Shared data and queue messages as another VM (or anything) left them: a slot decodes
-/// to nothing or to an entry of this key that encodes back to itself; a lock or a
-/// worker notice decodes or not, and a notice encodes back to the same bytes.
+/// Shared data and queue messages as another VM (or anything) left them: a slot (lock
+/// and entry) or an entry decodes to nothing or to an entry of this key that encodes back
+/// to itself; a worker message decodes or not, and a notice encodes back to the same bytes.
 pub fn cache_entry(data: &[u8]) {
-    let _ = cache::lock_deadline(data);
-    if let Some(notice) = Notice::decode(data) {
+    if let Some(Message::Notice(notice)) = Message::decode(data) {
         assert_eq!(notice.encode().as_slice(), data);
     }
     let key = CacheKey::new("namespace", "user", 100_000);
-    let mut owned = data.to_vec();
-    if owned.len() > key.id.len() {
-        owned[1..=key.id.len()].copy_from_slice(&key.id); // past the id check, into the rest
+    let id_len = key.id.len();
+    // Past the id checks (of an entry, and of an entry after a slot's lock), into the rest.
+    let mut as_entry = data.to_vec();
+    if as_entry.len() > id_len {
+        as_entry[1..=id_len].copy_from_slice(&key.id);
     }
-    for bytes in [data, owned.as_slice()] {
-        if let Some(entry) = Entry::decode(bytes, &key) {
+    let mut as_slot = data.to_vec();
+    if as_slot.len() > slot::LOCK_LEN + id_len {
+        as_slot[0] = slot::FORMAT;
+        as_slot[slot::LOCK_LEN + 1..=slot::LOCK_LEN + id_len].copy_from_slice(&key.id);
+    }
+    for bytes in [data, as_entry.as_slice(), as_slot.as_slice()] {
+        let entries = [Entry::decode(bytes, &key), slot::entry_in(bytes, &key)];
+        for entry in entries.into_iter().flatten() {
             assert!(Entry::decode(&entry.encode(&key), &key) == Some(entry));
         }
     }

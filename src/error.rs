@@ -6,6 +6,8 @@ use serde_json::json;
 
 /// Seconds a client is asked to wait before retrying after a token service failure.
 pub const RETRY_AFTER_SECONDS: u32 = 5;
+/// Seconds a client is asked to wait when the gateway itself is busy.
+pub const OVERLOADED_RETRY_AFTER_SECONDS: u32 = 1;
 
 /// Why a request cannot be forwarded with a token.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +24,9 @@ pub enum Failure {
     Unavailable { reason: &'static str },
     /// The token service did not answer within the configured timeout.
     Timeout,
+    /// The gateway is too busy to exchange now (its cap of exchanges in flight, or an
+    /// exchange that could not start in time).
+    Overloaded { reason: &'static str },
     /// A fault of the gateway itself (for example no randomness for the assertion ID).
     Internal { reason: &'static str },
 }
@@ -64,6 +69,11 @@ impl Failure {
                 "gateway_timeout",
                 "token service did not answer in time".to_string(),
             ),
+            Failure::Overloaded { reason } => (
+                503,
+                "temporarily_unavailable",
+                format!("the gateway is busy: {reason}; retry shortly"),
+            ),
             Failure::Internal { reason } => (500, "server_error", reason.to_string()),
         }
     }
@@ -77,9 +87,12 @@ impl Failure {
     pub fn reply(&self) -> LocalReply {
         let (status, error, description) = self.parts();
         let mut headers = vec![("content-type", "application/json".to_string())];
-        match status {
-            401 => headers.push(("www-authenticate", "Bearer".to_string())),
-            503 | 504 => headers.push(("retry-after", RETRY_AFTER_SECONDS.to_string())),
+        match (status, self) {
+            (401, _) => headers.push(("www-authenticate", "Bearer".to_string())),
+            (_, Failure::Overloaded { .. }) => {
+                headers.push(("retry-after", OVERLOADED_RETRY_AFTER_SECONDS.to_string()))
+            }
+            (503 | 504, _) => headers.push(("retry-after", RETRY_AFTER_SECONDS.to_string())),
             _ => {}
         }
         LocalReply {
@@ -117,6 +130,10 @@ mod tests {
         .reply();
         assert_eq!((r.status, r.headers[1].0), (503, "retry-after"));
         assert_eq!(Failure::Timeout.reply().status, 504);
+        let r = Failure::Overloaded { reason: "busy" }.reply();
+        assert_eq!(r.status, 503);
+        assert!(r.headers.contains(&("retry-after", "1".into())));
+        assert!(r.body.contains("temporarily_unavailable"));
         let body: serde_json::Value = serde_json::from_str(&Failure::Timeout.reply().body).unwrap();
         assert_eq!(body["error"], "gateway_timeout");
     }

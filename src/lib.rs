@@ -7,8 +7,8 @@
 pub mod cache;
 pub mod config;
 pub mod coordination;
+pub mod credentials;
 pub mod error;
-pub mod exchange;
 #[cfg(all(target_arch = "wasm32", target_os = "wasi"))]
 pub mod filter;
 pub mod flow;

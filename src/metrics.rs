@@ -37,7 +37,7 @@ pub enum Metric {
     SigningEcMicros,
     /// Microseconds from a result being stored to a waiting worker picking it up.
     WakeMicros,
-    /// Worker queues registered and alive (each worker sets it in turn).
+    /// VMs with a live queue: one per worker, and the main thread's (each sets it in turn).
     WorkersRegistered,
     /// A worker VM's linear memory in bytes (each worker sets it in turn).
     WasmMemoryBytes,

@@ -37,3 +37,32 @@ pub fn no_env(_: &str) -> Option<String> {
 pub fn parse(config: &Value) -> Result<PluginConfig, crate::config::ConfigError> {
     PluginConfig::parse(config.to_string().as_bytes(), &no_env)
 }
+
+/// Shared data as Envoy keeps it, in memory: compare-and-swap checked only for keys that
+/// exist, and an empty value read back as no value (the SDK cannot tell them apart).
+#[derive(Default)]
+pub struct MemoryShared {
+    pub map: std::cell::RefCell<std::collections::HashMap<String, (Vec<u8>, u32)>>,
+    pub reads: std::cell::Cell<u32>,
+}
+
+impl crate::host::SharedData for MemoryShared {
+    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.reads.set(self.reads.get() + 1);
+        self.map
+            .borrow()
+            .get(key)
+            .filter(|(value, _)| !value.is_empty())
+            .cloned()
+    }
+
+    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+        let mut map = self.map.borrow_mut();
+        let version = map.get(key).map_or(0, |(_, v)| *v);
+        if cas.is_some_and(|c| map.contains_key(key) && c != version) {
+            return false;
+        }
+        map.insert(key.into(), (value.to_vec(), version + 1));
+        true
+    }
+}

@@ -5,7 +5,7 @@
 mod common;
 
 use principal_propagation::config::PluginConfig;
-use principal_propagation::exchange;
+use principal_propagation::credentials::saml_bearer;
 use principal_propagation::oauth::token_request;
 use principal_propagation::time::xs_date_time;
 use wasm_bindgen_test::wasm_bindgen_test;
@@ -62,7 +62,7 @@ fn configuration_and_token_request_work_in_wasm() {
     let config =
         PluginConfig::parse(config.to_string().as_bytes(), &env).expect("valid configuration");
     let destination = &config.destinations[0];
-    let signed = exchange::start(&config, destination, "alice", &[], 1_795_323_921_000, "_a1")
+    let signed = saml_bearer::start(&config, destination, "alice", &[], 1_795_323_921_000, "_a1")
         .expect("assertion")
         .finish()
         .expect("signature");

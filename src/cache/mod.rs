@@ -1,11 +1,11 @@
-//! Token cache policy and the shared-data layout of its entries.
+//! Token cache policy and the encoding of its entries.
 //!
-//! Entries live in the host's shared data: one map for all workers of a VM, which has
-//! no expiry and cannot delete keys. So the cache is a fixed table of slots: a user's
-//! entry goes to slot `hash(destination, user) mod slots`, and the entry carries the
-//! full hash so a slot taken over by another user is never mistaken for one's own.
-//! The number of keys, and so the memory, is bounded by the slot count however many
-//! users come and go. Keys are hashes: user ids never become shared-data keys.
+//! Entries live in the host's shared data (see [`crate::coordination::slot`]): one map for
+//! all workers of a VM, which has no expiry and cannot delete keys. So the cache is a fixed
+//! table of slots: a user's entry goes to slot `hash(destination, user) mod slots`, and the
+//! entry carries the full hash so a slot taken over by another user is never mistaken for
+//! one's own. The number of keys, and so the memory, is bounded by the slot count however
+//! many users come and go. Keys are hashes: user ids never become shared-data keys.
 //!
 //! A token is served only until its expiry minus a margin (less a per-user jitter, so
 //! users who logged in together do not all expire together), and refreshed ahead of
@@ -13,16 +13,8 @@
 
 use sha2::{Digest, Sha256};
 
-/// Prefix of the shared-data keys holding entries.
-pub const ENTRY_PREFIX: &str = "principal-propagation/token/";
-/// Prefix of the shared-data keys holding exchange locks.
-pub const LOCK_PREFIX: &str = "principal-propagation/lock/";
 /// Smallest default reuse margin before expiry.
 pub const MIN_MARGIN_MS: u64 = 30_000;
-/// Number of exchange locks. Locks are created up front (see [`lock_key`]): a key that
-/// does not exist yet cannot be guarded by compare-and-swap, so creating one while
-/// exchanges run could let two workers take it.
-pub const LOCK_STRIPES: u64 = 4096;
 /// Length of the identity hash stored in entries.
 pub const ID_LEN: usize = 20;
 
@@ -51,21 +43,6 @@ impl CacheKey {
             id,
             slot: u64::from_be_bytes(slot_bytes) % slots.max(1),
         }
-    }
-
-    /// Shared-data key of the slot's entry.
-    pub fn entry_key(&self) -> String {
-        format!("{ENTRY_PREFIX}{}", self.slot)
-    }
-
-    /// The exchange lock guarding this key's slot (one lock serves many slots).
-    pub fn lock_stripe(&self) -> u64 {
-        self.slot % LOCK_STRIPES
-    }
-
-    /// Shared-data key of the exchange lock.
-    pub fn lock_key(&self) -> String {
-        lock_key(self.lock_stripe())
     }
 
     /// A number in [0, 1) fixed for this key: spreads expiry across users.
@@ -218,29 +195,6 @@ impl Entry {
     }
 }
 
-/// Shared-data key of lock `stripe`.
-pub fn lock_key(stripe: u64) -> String {
-    format!("{LOCK_PREFIX}{stripe}")
-}
-
-/// An exchange lock: who holds a slot's exchange and until when (after that deadline
-/// the holder is presumed gone and another worker may take over).
-pub fn encode_lock(key: &CacheKey, deadline_ms: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(8 + ID_LEN);
-    out.extend_from_slice(&deadline_ms.to_be_bytes());
-    out.extend_from_slice(&key.id);
-    out
-}
-
-/// A released lock: deadline 0. (Not an empty value: hosts may report an empty value
-/// as a missing key, and a missing key cannot be guarded by compare-and-swap.)
-pub const FREE_LOCK: [u8; 8] = [0; 8];
-
-/// The deadline of a lock (0 when released); `None` when unreadable.
-pub fn lock_deadline(bytes: &[u8]) -> Option<u64> {
-    Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,7 +203,6 @@ mod tests {
     fn keys_hide_user_ids_stay_in_their_table_and_separate_destinations() {
         let a = CacheKey::new("ns1", "alice", 1000);
         assert!(a.slot < 1000);
-        assert!(!a.entry_key().contains("alice"));
         assert_ne!(a.id, CacheKey::new("ns2", "alice", 1000).id);
         assert_ne!(
             CacheKey::new("ns1", "a\u{0}b", 10).id,
@@ -325,8 +278,5 @@ mod tests {
         assert_eq!(Entry::decode(b"", &key), None);
         assert_eq!(Entry::decode(&t.encode(&key)[..HEADER], &key), None);
         assert!(!format!("{t:?}").contains("tok"));
-        assert_eq!(lock_deadline(&encode_lock(&key, 77)), Some(77));
-        assert_eq!(lock_deadline(b""), None);
-        assert_eq!(lock_deadline(&FREE_LOCK), Some(0));
     }
 }

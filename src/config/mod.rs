@@ -21,8 +21,16 @@ pub const DEFAULT_CACHE_SLOTS: u64 = 100_000;
 /// `payload_in_metadata` key used by Istio's RequestAuthentication.
 pub const DEFAULT_PAYLOAD_KEY: &str = "payload";
 
-const TOP_LEVEL: [&str; 12] = [
+/// Default cap on a worker's exchanges in flight.
+pub const DEFAULT_MAX_EXCHANGES_PER_WORKER: u64 = 256;
+/// Default number of tokens a worker keeps its own copy of.
+pub const DEFAULT_WORKER_CACHE_ENTRIES: u64 = 1024;
+
+const TOP_LEVEL: [&str; 15] = [
     "tokenCacheSlots",
+    "maxExchangesPerWorker",
+    "maxSigningSharePercent",
+    "workerCacheEntries",
     "trustMetadataPath",
     "destinations",
     "defaultDestination",
@@ -55,6 +63,13 @@ pub struct PluginConfig {
     pub failure_hold_ms: u64,
     /// Size of the shared token table: at most this many users' tokens are cached.
     pub cache_slots: u64,
+    /// Exchanges a worker runs or waits for at once; a new user beyond it is refused at
+    /// once (503) rather than growing memory and the signing backlog.
+    pub max_exchanges_per_worker: usize,
+    /// The share of a worker's time signing may take (percent).
+    pub signing_share_percent: u64,
+    /// Tokens each worker keeps its own copy of (0: none; every hit reads shared data).
+    pub worker_cache_entries: usize,
     /// Path under which the gateway answers with its SAML IdP metadata and
     /// certificates (`<path>`, `<path>/<key>`, `<path>/<key>/active.pem`, ...).
     pub trust_metadata_path: Option<String>,
@@ -134,6 +149,21 @@ impl PluginConfig {
             },
             failure_hold_ms: top.integer("failedExchangeHoldSeconds", 0..=3600, 5)? * 1000,
             cache_slots: top.integer("tokenCacheSlots", 1..=10_000_000, DEFAULT_CACHE_SLOTS)?,
+            max_exchanges_per_worker: top.integer(
+                "maxExchangesPerWorker",
+                1..=100_000,
+                DEFAULT_MAX_EXCHANGES_PER_WORKER,
+            )? as usize,
+            signing_share_percent: top.integer(
+                "maxSigningSharePercent",
+                5..=100,
+                crate::flow::scheduler::DEFAULT_SHARE_PERCENT,
+            )?,
+            worker_cache_entries: top.integer(
+                "workerCacheEntries",
+                0..=1_000_000,
+                DEFAULT_WORKER_CACHE_ENTRIES,
+            )? as usize,
             trust_metadata_path: match top.string("trustMetadataPath")? {
                 Some(path)
                     if path.starts_with('/')
@@ -156,6 +186,24 @@ impl PluginConfig {
     /// The destination with `name`, if configured.
     pub fn destination(&self, name: &str) -> Option<&Destination> {
         self.destinations.iter().find(|d| d.name == name)
+    }
+
+    /// The destination a request propagates to, from the name its route's metadata gives
+    /// (`None`: the route names none, so the default destination, if any): `Ok(None)`
+    /// means the plugin does not apply; `Err` carries the unknown name (the request is
+    /// refused: a route that names a destination must never pass without a token).
+    pub fn route_destination(&self, named: Option<&[u8]>) -> Result<Option<usize>, String> {
+        match named {
+            None => Ok(self.default_destination),
+            Some(bytes) => {
+                let name = String::from_utf8_lossy(bytes);
+                self.destinations
+                    .iter()
+                    .position(|d| d.name == name)
+                    .map(Some)
+                    .ok_or_else(|| name.into_owned())
+            }
+        }
     }
 }
 

@@ -13,3 +13,4 @@
 
 pub mod notice;
 pub mod registry;
+pub mod slot;

@@ -1,63 +1,39 @@
-//! [`Host`] over Envoy's proxy-wasm ABI.
+//! The core's host traits ([`crate::host`]) over Envoy's proxy-wasm ABI: translation only.
 
 use crate::config::PluginConfig;
 use crate::error::Failure;
-use crate::flow::{Host, Level, Metric, Notice};
+use crate::host::{Callouts, Clock, Level, Queues, Random, Requests, SharedData, Telemetry};
+use crate::metrics::{Kind, Metric};
 use crate::oauth::token_request::TokenRequest;
 use crate::trust::expiry;
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{LogLevel, MetricType};
+use proxy_wasm::types::{LogLevel, MapType, MetricType};
 use sha2::{Digest, Sha256};
-use std::rc::Rc;
-
-/// Shared-data key listing every worker's queue (u32 tokens, big-endian), newest last.
-const REGISTRY_KEY: &str = "principal-propagation/workers";
-/// Registry length kept: VMs replaced by a code update leave stale entries behind.
-const REGISTRY_MAX: usize = 64;
-
-thread_local! {
-    static QUEUE_NAME: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
-}
-
-/// Adds `queue` to the registry (compare-and-swap, a few tries).
-fn announce(queue: u32) {
-    for _ in 0..8 {
-        let (current, cas) = match hostcalls::get_shared_data(REGISTRY_KEY) {
-            Ok((value, cas)) => (value.unwrap_or_default(), cas),
-            Err(_) => return,
-        };
-        let mut queues = decode_queues(&current);
-        if queues.contains(&queue) {
-            return;
-        }
-        queues.push(queue);
-        let skip = queues.len().saturating_sub(REGISTRY_MAX);
-        let encoded: Vec<u8> = queues[skip..]
-            .iter()
-            .flat_map(|q| q.to_be_bytes())
-            .collect();
-        if hostcalls::set_shared_data(REGISTRY_KEY, Some(&encoded), cas).is_ok() {
-            return;
-        }
-    }
-}
-
-fn registered_queues() -> Vec<u32> {
-    match hostcalls::get_shared_data(REGISTRY_KEY) {
-        Ok((Some(value), _)) => decode_queues(&value),
-        _ => Vec::new(),
-    }
-}
-
-fn decode_queues(bytes: &[u8]) -> Vec<u32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
+use std::time::{Duration, UNIX_EPOCH};
 
 /// Shared-data key remembering the last day expiry notices were logged.
 const EXPIRY_MARKER_KEY: &str = "principal-propagation/expiry-notices";
+
+#[link(wasm_import_module = "wasi_snapshot_preview1")]
+extern "C" {
+    /// WASI `random_get`; Envoy provides it to wasip1 modules.
+    fn random_get(buf: *mut u8, len: usize) -> u16;
+}
+
+thread_local! {
+    /// Metric ids of this VM, defined once from [`Metric::ALL`].
+    static METRICS: Vec<Option<u32>> = Metric::ALL
+        .iter()
+        .map(|metric| {
+            let kind = match metric.kind() {
+                Kind::Counter => MetricType::Counter,
+                Kind::Histogram => MetricType::Histogram,
+                Kind::Gauge => MetricType::Gauge,
+            };
+            hostcalls::define_metric(kind, metric.name()).ok()
+        })
+        .collect();
+}
 
 /// Stats names allow letters, digits, `_` and `-`; anything else becomes `_`.
 fn metric_safe(name: &str) -> String {
@@ -71,90 +47,32 @@ fn metric_safe(name: &str) -> String {
         })
         .collect()
 }
-use std::time::{Duration, UNIX_EPOCH};
 
-#[link(wasm_import_module = "wasi_snapshot_preview1")]
-extern "C" {
-    /// WASI `random_get`; Envoy provides it to wasip1 modules.
-    fn random_get(buf: *mut u8, len: usize) -> u16;
-}
-
-/// Metric ids, defined once per worker; Envoy shows them as `wasmcustom.<name>`.
-pub struct Metrics {
-    cache_hit: Option<u32>,
-    cache_miss: Option<u32>,
-    exchange_ok: Option<u32>,
-    exchange_rejected: Option<u32>,
-    exchange_failed: Option<u32>,
-    signing_us: Option<u32>,
-    signing_ec_us: Option<u32>,
-    wake_us: Option<u32>,
-    joined_remote: Option<u32>,
-    refresh: Option<u32>,
-}
-
-impl Metrics {
-    pub fn define() -> Self {
-        let counter = |name| hostcalls::define_metric(MetricType::Counter, name).ok();
-        let histogram = |name| hostcalls::define_metric(MetricType::Histogram, name).ok();
-        Metrics {
-            cache_hit: counter("principal_propagation.cache_hit"),
-            cache_miss: counter("principal_propagation.cache_miss"),
-            exchange_ok: counter("principal_propagation.token_exchange.ok"),
-            exchange_rejected: counter("principal_propagation.token_exchange.rejected"),
-            exchange_failed: counter("principal_propagation.token_exchange.failed"),
-            joined_remote: counter("principal_propagation.joined_other_worker"),
-            refresh: counter("principal_propagation.refresh_ahead"),
-            signing_us: histogram("principal_propagation.signing_us"),
-            signing_ec_us: histogram("principal_propagation.signing_ec_us"),
-            wake_us: histogram("principal_propagation.wake_us"),
-        }
-    }
-}
-
-/// The host as seen from one worker.
-pub struct EnvoyHost {
-    queue: Option<u32>,
-    metrics: Option<Rc<Metrics>>,
-}
+/// The host as seen from one worker VM.
+pub struct EnvoyHost;
 
 impl EnvoyHost {
-    pub fn new(queue: Option<u32>, metrics: Option<Rc<Metrics>>) -> Self {
-        EnvoyHost { queue, metrics }
+    /// Registers the VM's queue under `name` for the current root context (the last root
+    /// to register a name receives its messages).
+    pub fn register_queue(name: &str) -> Option<u32> {
+        hostcalls::register_shared_queue(name).ok()
     }
 
-    /// Registers this VM's queue (a random name chosen once per VM, so each worker
-    /// has its own) and announces it in the shared registry of worker queues.
-    pub fn register_worker_queue() -> Option<u32> {
-        let name = QUEUE_NAME.with(|name| {
-            name.borrow_mut()
-                .get_or_insert_with(|| {
-                    let mut random = [0u8; 8];
-                    let suffix: String = if fill(&mut random) {
-                        random.iter().map(|b| format!("{b:02x}")).collect()
-                    } else {
-                        String::new()
-                    };
-                    format!("principal-propagation/worker/{suffix}")
-                })
-                .clone()
-        });
-        let queue = hostcalls::register_shared_queue(&name).ok()?;
-        announce(queue);
-        Some(queue)
+    /// Every message waiting in `queue`.
+    pub fn drain_queue(queue: u32) -> Vec<Vec<u8>> {
+        let mut messages = Vec::new();
+        while let Ok(Some(message)) = hostcalls::dequeue_shared_queue(queue) {
+            messages.push(message);
+        }
+        messages
     }
 
     /// Sets the gauge `wasm_memory_bytes` to this VM's linear memory (Wasm memory only
     /// grows; the plugin's caches live in shared data, so this stays flat once warm).
-    /// Every worker's VM reports it in turn: they run the same code on the same traffic.
     pub fn report_wasm_memory(&self) {
         const PAGE_BYTES: u64 = 64 * 1024;
         let bytes = core::arch::wasm32::memory_size::<0>() as u64 * PAGE_BYTES;
-        if let Ok(id) =
-            hostcalls::define_metric(MetricType::Gauge, "principal_propagation.wasm_memory_bytes")
-        {
-            let _ = hostcalls::record_metric(id, bytes);
-        }
+        self.record(Metric::WasmMemoryBytes, bytes);
     }
 
     /// Logs due expiry notices once a day across all workers, and sets the
@@ -219,23 +137,23 @@ impl EnvoyHost {
     }
 }
 
-fn fill(buf: &mut [u8]) -> bool {
-    // SAFETY: the host writes exactly `buf.len()` bytes into `buf`.
-    unsafe { random_get(buf.as_mut_ptr(), buf.len()) == 0 }
-}
-
-impl Host for EnvoyHost {
+impl Clock for EnvoyHost {
     fn now_ns(&self) -> u64 {
         hostcalls::get_current_time()
             .ok()
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_nanos() as u64)
     }
+}
 
+impl Random for EnvoyHost {
     fn fill_random(&self, buf: &mut [u8]) -> bool {
-        fill(buf)
+        // SAFETY: the host writes exactly `buf.len()` bytes into `buf`.
+        unsafe { random_get(buf.as_mut_ptr(), buf.len()) == 0 }
     }
+}
 
+impl SharedData for EnvoyHost {
     fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
         match hostcalls::get_shared_data(key) {
             Ok((Some(value), cas)) => Some((value, cas.unwrap_or(0))),
@@ -246,8 +164,19 @@ impl Host for EnvoyHost {
     fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
         hostcalls::set_shared_data(key, Some(value), cas).is_ok()
     }
+}
 
-    fn dispatch(&self, request: &TokenRequest) -> Option<u32> {
+impl Queues for EnvoyHost {
+    fn enqueue(&self, queue: u32, message: &[u8]) -> bool {
+        hostcalls::enqueue_shared_queue(queue, Some(message)).is_ok()
+    }
+}
+
+impl Callouts for EnvoyHost {
+    fn dispatch(&self, owner: u32, request: &TokenRequest) -> Option<u32> {
+        // The callout belongs to the effective context's root: make it `owner` (the root
+        // whose callback this is; resuming requests may have switched the context).
+        hostcalls::set_effective_context(owner).ok()?;
         let headers: Vec<(&str, &str)> = request
             .headers
             .iter()
@@ -262,25 +191,15 @@ impl Host for EnvoyHost {
         )
         .ok()
     }
+}
 
-    fn wake(&self) -> bool {
-        self.queue
-            .is_some_and(|queue| hostcalls::enqueue_shared_queue(queue, Some(b"w")).is_ok())
-    }
-
-    fn notify_all(&self, notice: &Notice) {
-        let message = notice.encode();
-        for queue in registered_queues() {
-            let _ = hostcalls::enqueue_shared_queue(queue, Some(&message));
-        }
-    }
-
+impl Requests for EnvoyHost {
     fn resume(&self, request_id: u32, authorization: &str) -> bool {
         if hostcalls::set_effective_context(request_id).is_err() {
             return false;
         }
         let _ = hostcalls::set_map_value(
-            proxy_wasm::types::MapType::HttpRequestHeaders,
+            MapType::HttpRequestHeaders,
             "authorization",
             Some(authorization),
         );
@@ -294,7 +213,9 @@ impl Host for EnvoyHost {
         self.send_reply(failure);
         true
     }
+}
 
+impl Telemetry for EnvoyHost {
     fn log(&self, level: Level, message: &str) {
         let level = match level {
             Level::Debug => LogLevel::Debug,
@@ -305,30 +226,13 @@ impl Host for EnvoyHost {
         let _ = hostcalls::log(level, &format!("principal-propagation: {message}"));
     }
 
-    fn count(&self, metric: Metric, amount: u64) {
-        let Some(m) = &self.metrics else { return };
-        let id = match metric {
-            Metric::CacheHit => m.cache_hit,
-            Metric::CacheMiss => m.cache_miss,
-            Metric::ExchangeOk => m.exchange_ok,
-            Metric::ExchangeRejected => m.exchange_rejected,
-            Metric::ExchangeFailed => m.exchange_failed,
-            Metric::JoinedRemote => m.joined_remote,
-            Metric::Refresh => m.refresh,
-            Metric::SigningMicros | Metric::SigningEcMicros | Metric::WakeMicros => {
-                let histogram = match metric {
-                    Metric::SigningMicros => m.signing_us,
-                    Metric::SigningEcMicros => m.signing_ec_us,
-                    _ => m.wake_us,
-                };
-                if let Some(id) = histogram {
-                    let _ = hostcalls::record_metric(id, amount);
-                }
-                return;
-            }
+    fn record(&self, metric: Metric, amount: u64) {
+        let Some(id) = METRICS.with(|ids| ids.get(metric.index()).copied().flatten()) else {
+            return;
         };
-        if let Some(id) = id {
-            let _ = hostcalls::increment_metric(id, amount as i64);
-        }
+        let _ = match metric.kind() {
+            Kind::Counter => hostcalls::increment_metric(id, amount as i64),
+            Kind::Histogram | Kind::Gauge => hostcalls::record_metric(id, amount),
+        };
     }
 }

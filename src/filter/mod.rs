@@ -1,19 +1,22 @@
 //! The thin proxy-wasm layer: Envoy's root and HTTP contexts around [`crate::flow`].
 //!
-//! Root contexts (one per configuration and worker) own the configuration and every
-//! token callout, and drive the worker's [`Worker`] (one per VM, i.e. per Envoy
-//! worker); HTTP contexts read the route's destination and
-//! the verified JWT payload, ask the worker, and forward, pause or answer.
+//! It only translates: it reads headers and properties, hands them to the core, and
+//! carries out what the core decides (forward, pause, answer; the tick period; which root
+//! registers the queue). One [`Worker`] per VM (per Envoy worker) is shared by all root
+//! contexts of the VM, so exchanges survive a configuration update.
 
 mod envoy_host;
 
 use crate::config::PluginConfig;
-use crate::flow::{Decision, Host, Level, Notice, Worker};
+use crate::coordination::registry;
+use crate::error::Failure;
+use crate::flow::{Decision, Worker};
+use crate::host::{Clock, Level, Telemetry};
 use crate::http_url::append_query;
 use crate::identity::payload::{claims_from_metadata, string_claim_from_property};
 use crate::identity::Identity;
-use crate::trust::download::answer;
-use envoy_host::{EnvoyHost, Metrics};
+use crate::trust::download;
+use envoy_host::EnvoyHost;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -31,18 +34,14 @@ pub const ROUTE_METADATA_PATH: [&str; 5] = [
     "destination",
 ];
 
-/// How often a worker looks for results it may have missed (see [`Worker::on_tick`]).
-const TICK_PERIOD: Duration = Duration::from_secs(1);
-/// The tick while the worker signs assertions: a slice of signing a millisecond (see
-/// [`Worker::on_slice`]); the worker's other requests are served in between.
-const SIGNING_TICK_PERIOD: Duration = Duration::from_millis(1);
 /// How often certificate expiry is looked at (notices are logged once a day).
 const CERTIFICATE_CHECK_MS: u64 = 3_600_000;
 
 thread_local! {
-    /// One [`Worker`] per VM (that is, per Envoy worker thread), shared by all root
-    /// contexts of the VM, so exchanges survive a configuration update.
+    /// One [`Worker`] per VM (that is, per Envoy worker thread).
     static WORKER: Rc<RefCell<Worker>> = Rc::new(RefCell::new(Worker::new()));
+    /// The VM's queue name, chosen once (at random, see [`registry::queue_name`]).
+    static QUEUE_NAME: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
 proxy_wasm::main! {{
@@ -52,10 +51,9 @@ proxy_wasm::main! {{
             context_id,
             config: None,
             queue: None,
-            metrics: None,
             certificates_checked_ms: 0,
-            second_ticked_ms: 0,
-            signing_ticks: false,
+            tick_ms: 0,
+            retiring: false,
         })
     });
 }}
@@ -64,42 +62,61 @@ proxy_wasm::main! {{
 struct PluginRoot {
     context_id: u32,
     config: Option<Rc<PluginConfig>>,
-    /// The VM's queue (wake-ups and notices from other workers).
     queue: Option<u32>,
-    metrics: Option<Rc<Metrics>>,
     certificates_checked_ms: u64,
-    /// When the once-a-second duties of [`RootContext::on_tick`] last ran (host ms).
-    second_ticked_ms: u64,
-    /// Whether the tick runs at [`SIGNING_TICK_PERIOD`].
-    signing_ticks: bool,
+    /// The tick period this root's timer runs at (ms; 0: off).
+    tick_ms: u64,
+    /// Envoy shuts this root down; it waits for its callouts' answers.
+    retiring: bool,
 }
 
 impl PluginRoot {
-    fn host(&self) -> EnvoyHost {
-        EnvoyHost::new(self.queue, self.metrics.clone())
+    /// Runs `f` on the VM's worker, then makes this root the effective context again (the
+    /// worker may have switched to requests' contexts to resume them), re-registers the
+    /// queue if this root now drives without owning it, and sets the tick period the
+    /// worker asks for.
+    fn with_worker<R>(&mut self, f: impl FnOnce(&mut Worker, &EnvoyHost) -> R) -> Option<R> {
+        let host = EnvoyHost;
+        let root = self.context_id;
+        let result = WORKER.with(|worker| {
+            let mut worker = worker.try_borrow_mut().ok()?;
+            let result = f(&mut worker, &host);
+            let _ = hostcalls::set_effective_context(root);
+            if worker.needs_queue(root) {
+                if let Some(queue) = QUEUE_NAME
+                    .with(|name| name.borrow().clone())
+                    .and_then(|name| EnvoyHost::register_queue(&name))
+                {
+                    self.queue = Some(queue);
+                    worker.queue_registered(&host, root);
+                }
+            }
+            let period = if self.retiring {
+                0
+            } else {
+                worker.tick_period_ms(root)
+            };
+            Some((result, period))
+        });
+        let _ = hostcalls::set_effective_context(root);
+        let (result, period) = result?;
+        if period != self.tick_ms {
+            self.tick_ms = period;
+            self.set_tick_period(Duration::from_millis(period));
+        }
+        Some(result)
     }
 
-    /// Runs `f` on the VM's worker, then makes this root the effective context again
-    /// (the worker may have switched to requests' contexts to resume them) and paces
-    /// the tick: every millisecond while the worker signs, every second otherwise.
-    fn with_worker(&mut self, f: impl FnOnce(&mut Worker, &EnvoyHost)) {
-        let host = self.host();
-        let signing = WORKER.with(|worker| match worker.try_borrow_mut() {
-            Ok(mut worker) => {
-                f(&mut worker, &host);
-                worker.signing()
+    /// The VM's queue: its name chosen at random once per VM, registered for this root.
+    fn register_queue(&self, host: &EnvoyHost) -> Option<u32> {
+        let name = QUEUE_NAME.with(|name| {
+            let mut name = name.borrow_mut();
+            if name.is_none() {
+                *name = registry::queue_name(host);
             }
-            Err(_) => self.signing_ticks,
-        });
-        let _ = hostcalls::set_effective_context(self.context_id);
-        if signing != self.signing_ticks {
-            self.signing_ticks = signing;
-            self.set_tick_period(if signing {
-                SIGNING_TICK_PERIOD
-            } else {
-                TICK_PERIOD
-            });
-        }
+            name.clone()
+        })?;
+        EnvoyHost::register_queue(&name)
     }
 }
 
@@ -131,32 +148,53 @@ impl Context for PluginRoot {
             };
             (status, body)
         };
-        self.with_worker(|worker, host| worker.on_token_response(host, token_id, status, &body));
+        let root = self.context_id;
+        let drained = self.with_worker(|worker, host| {
+            worker.on_callout_response(host, root, token_id, status, &body);
+            worker.root_drained(root)
+        });
+        if self.retiring && drained == Some(true) {
+            self.done();
+        }
+    }
+
+    /// Envoy shuts this root down (its configuration was replaced and its requests are
+    /// done). Its callouts would be cancelled without an answer, so it stays until they
+    /// have answered.
+    fn on_done(&mut self) -> bool {
+        self.retiring = true;
+        let root = self.context_id;
+        let done = self
+            .with_worker(|worker, _| worker.root_done(root))
+            .unwrap_or(true);
+        self.set_tick_period(Duration::ZERO);
+        self.tick_ms = 0;
+        done
     }
 }
 
 impl RootContext for PluginRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
+        let host = EnvoyHost;
         let bytes = self.get_plugin_configuration().unwrap_or_default();
         let env = |name: &str| std::env::var(name).ok();
         let config = match PluginConfig::parse(&bytes, &env) {
             Ok(config) => Rc::new(config),
             Err(e) => {
-                self.host().log(Level::Error, &e.to_string());
+                host.log(Level::Error, &e.to_string());
                 return false;
             }
         };
-        if self.metrics.is_none() {
-            self.metrics = Some(Rc::new(Metrics::define()));
-        }
         // Every root registers the VM's queue: the newest one receives its messages.
-        self.queue = EnvoyHost::register_worker_queue();
-        if self.queue.is_none() {
-            self.host()
-                .log(Level::Error, "cannot register the worker queue");
+        let Some(queue) = self.register_queue(&host) else {
+            host.log(
+                Level::Error,
+                "cannot register the worker queue (is WASI random_get available?)",
+            );
             return false;
-        }
-        self.host().log(
+        };
+        self.queue = Some(queue);
+        host.log(
             Level::Info,
             &format!(
                 "configured {} destination(s), {} signing key(s)",
@@ -164,22 +202,30 @@ impl RootContext for PluginRoot {
                 config.keys.len()
             ),
         );
-        let host = self.host();
-        crate::flow::create_locks(&host);
+        let root = self.context_id;
+        let configured = Rc::clone(&config);
+        if self
+            .with_worker(|worker, host| worker.configure(host, root, queue, &configured))
+            .is_none()
+        {
+            host.log(Level::Error, "worker busy while configuring");
+            return false;
+        }
         host.check_certificates(&config);
-        self.certificates_checked_ms = host.now_ns() / 1_000_000;
-        self.set_tick_period(TICK_PERIOD);
+        self.certificates_checked_ms = host.now_ms();
         self.config = Some(config);
         true
     }
 
     fn on_tick(&mut self) {
-        let host = self.host();
-        let now_ms = host.now_ns() / 1_000_000;
-        let second = now_ms.saturating_sub(self.second_ticked_ms) >= TICK_PERIOD.as_millis() as u64;
-        if second {
-            self.second_ticked_ms = now_ms;
+        let root = self.context_id;
+        let Some(tick) = self.with_worker(|worker, host| worker.on_tick(host, root)) else {
+            return;
+        };
+        if tick.second {
+            let host = EnvoyHost;
             host.report_wasm_memory();
+            let now_ms = host.now_ms();
             if now_ms.saturating_sub(self.certificates_checked_ms) >= CERTIFICATE_CHECK_MS {
                 if let Some(config) = &self.config {
                     host.check_certificates(config);
@@ -187,31 +233,12 @@ impl RootContext for PluginRoot {
                 self.certificates_checked_ms = now_ms;
             }
         }
-        self.with_worker(|worker, host| {
-            worker.on_slice(host);
-            if second && worker.waits_elsewhere() {
-                worker.on_tick(host);
-            }
-        });
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {
-        let mut wake = false;
-        let mut notices = Vec::new();
-        while let Ok(Some(message)) = hostcalls::dequeue_shared_queue(queue_id) {
-            match Notice::decode(&message) {
-                Some(notice) => notices.push(notice),
-                None => wake = true,
-            }
-        }
-        self.with_worker(|worker, host| {
-            for notice in &notices {
-                worker.on_notice(host, notice);
-            }
-            if wake {
-                worker.on_wake(host);
-            }
-        });
+        let messages = EnvoyHost::drain_queue(queue_id);
+        let root = self.context_id;
+        self.with_worker(|worker, host| worker.on_messages(host, root, &messages));
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -220,7 +247,6 @@ impl RootContext for PluginRoot {
             context_id,
             config,
             worker: WORKER.with(Rc::clone),
-            host: self.host(),
             waiting: false,
         }))
     }
@@ -268,38 +294,20 @@ struct PluginRequest {
     context_id: u32,
     config: Rc<PluginConfig>,
     worker: Rc<RefCell<Worker>>,
-    host: EnvoyHost,
     waiting: bool,
 }
 
 impl PluginRequest {
-    /// The destination index for this route; `Err` answers the request, `Ok(None)`
-    /// means the plugin does not apply.
-    fn destination(&self, config: &PluginConfig) -> Result<Option<usize>, ()> {
-        match hostcalls::get_property(ROUTE_METADATA_PATH.to_vec()) {
-            Ok(Some(bytes)) => {
-                let name = String::from_utf8_lossy(&bytes);
-                match config.destinations.iter().position(|d| d.name == name) {
-                    Some(index) => Ok(Some(index)),
-                    None => {
-                        self.host.log(
-                            Level::Error,
-                            &format!("route names unknown destination {name:?}"),
-                        );
-                        Err(())
-                    }
-                }
-            }
-            _ => Ok(config.default_destination),
-        }
-    }
-
     /// Answers a request for the gateway's IdP metadata or certificates; false if the
-    /// path is not one of those.
-    fn answer_trust_download(&self, config: &PluginConfig, prefix: &str) -> bool {
+    /// request is not one of those. Only requests without an authenticated user get here,
+    /// so a cache hit never reads `:path` for it.
+    fn answer_trust_download(&self, config: &PluginConfig) -> bool {
+        let Some(prefix) = &config.trust_metadata_path else {
+            return false;
+        };
         let path = self.get_http_request_header(":path").unwrap_or_default();
-        if !path.starts_with(prefix) {
-            return false; // the common case: one header read, nothing else
+        if !path.starts_with(prefix.as_str()) {
+            return false;
         }
         let scheme = self
             .get_http_request_header(":scheme")
@@ -307,22 +315,21 @@ impl PluginRequest {
         let authority = self
             .get_http_request_header(":authority")
             .unwrap_or_default();
-        let Some(download) = answer(config, &path, &format!("{scheme}://{authority}")) else {
+        let method = self.get_http_request_header(":method").unwrap_or_default();
+        let Some(reply) =
+            download::respond(config, &method, &path, &format!("{scheme}://{authority}"))
+        else {
             return false;
         };
-        let method = self.get_http_request_header(":method").unwrap_or_default();
-        if method != "GET" && method != "HEAD" {
-            self.send_http_response(405, vec![("allow", "GET, HEAD")], None);
-            return true;
+        let mut headers = vec![
+            ("content-type", reply.content_type),
+            ("cache-control", "no-cache"),
+        ];
+        if reply.status == 405 {
+            headers.push(("allow", "GET, HEAD"));
         }
-        self.send_http_response(
-            download.status,
-            vec![
-                ("content-type", download.content_type),
-                ("cache-control", "no-cache"),
-            ],
-            Some(download.body.as_bytes()),
-        );
+        let body = (!reply.body.is_empty()).then_some(reply.body.as_bytes());
+        self.send_http_response(reply.status, headers, body);
         true
     }
 
@@ -359,16 +366,25 @@ impl Context for PluginRequest {
 impl HttpContext for PluginRequest {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         let config = Rc::clone(&self.config);
-        if let Some(prefix) = &config.trust_metadata_path {
-            if self.answer_trust_download(&config, prefix) {
-                return Action::Pause;
-            }
-        }
-        let destination = match self.destination(&config) {
+        let host = EnvoyHost;
+        let named = hostcalls::get_property(ROUTE_METADATA_PATH.to_vec())
+            .ok()
+            .flatten();
+        let destination = match config.route_destination(named.as_deref()) {
             Ok(Some(index)) => index,
-            Ok(None) => return Action::Continue,
-            Err(()) => {
-                self.host.send_reply(&crate::error::Failure::Internal {
+            Ok(None) => {
+                return if self.answer_trust_download(&config) {
+                    Action::Pause
+                } else {
+                    Action::Continue
+                };
+            }
+            Err(name) => {
+                host.log(
+                    Level::Error,
+                    &format!("route names unknown destination {name:?}"),
+                );
+                host.send_reply(&Failure::Internal {
                     reason: "the route names an unknown destination",
                 });
                 return Action::Pause;
@@ -376,14 +392,14 @@ impl HttpContext for PluginRequest {
         };
         let identity = JwtMetadata { config: &config };
         let Ok(mut worker) = self.worker.try_borrow_mut() else {
-            self.host.send_reply(&crate::error::Failure::Internal {
+            host.send_reply(&Failure::Internal {
                 reason: "worker busy",
             });
             return Action::Pause;
         };
-        let decision =
-            worker.on_request(&self.host, &config, self.context_id, destination, &identity);
+        let decision = worker.on_request(&host, &config, self.context_id, destination, &identity);
         drop(worker);
+        let _ = hostcalls::set_effective_context(self.context_id);
         match decision {
             // The caller's credentials never reach the backend: replaced here, removed
             // while waiting (the worker sets the token on resume), never forwarded on failure.
@@ -398,8 +414,11 @@ impl HttpContext for PluginRequest {
                 self.waiting = true;
                 Action::Pause
             }
+            Decision::Fail(Failure::NotAuthenticated) if self.answer_trust_download(&config) => {
+                Action::Pause
+            }
             Decision::Fail(failure) => {
-                self.host.send_reply(&failure);
+                host.send_reply(&failure);
                 Action::Pause
             }
         }

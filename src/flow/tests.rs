@@ -1,66 +1,100 @@
+use super::exchanges::{RESPONSE_GRACE_MS, SIGNING_LOCK_MS, WAITER_GRACE_MS};
+use super::scheduler::{
+    IDLE_SIGNING_SLICES, MAX_SIGNING_SLICES, SIGNING_SLICE_US, SIGNING_WAIT_STEP_MS,
+};
 use super::*;
+use crate::cache::{self, CacheKey};
+use crate::coordination::notice::WAKE;
+use crate::host::{Callouts, Clock, Level, Queues, Random, Requests, SharedData, Telemetry};
+use crate::identity::{self, Identity};
+use crate::oauth::token_request::TokenRequest;
 use crate::testing::{config_json, destination_json, parse};
-use serde_json::json;
+use serde_json::{json, Value};
 use std::cell::{Cell, RefCell};
+use std::rc::Rc;
 
-/// An in-memory host that records what the flow asks of it. Several workers may share
-/// one (shared data is per VM set, as in Envoy); notices are delivered by the test.
+/// An in-memory host that records what the engine asks of it. Several workers may share
+/// one (shared data and queues are per VM set, as in Envoy); queued messages are delivered
+/// by the test ([`deliver`]), so a test can also lose them.
 #[derive(Default)]
 struct FakeHost {
     now_ns: Cell<u64>,
     /// How far the clock moves on every reading (0: it stands still).
     clock_step_ns: Cell<u64>,
-    shared: RefCell<HashMap<String, (Vec<u8>, u32)>>,
-    dispatched: RefCell<Vec<TokenRequest>>,
-    wakes: Cell<u32>,
-    notices: RefCell<Vec<Notice>>,
+    shared: crate::testing::MemoryShared,
+    /// Every callout: its owner root and request (callout token = 101 + index).
+    dispatched: RefCell<Vec<(u32, TokenRequest)>>,
+    queues: RefCell<HashMap<u32, Vec<Vec<u8>>>>,
     resumed: RefCell<Vec<(u32, String)>>,
     failed: RefCell<Vec<(u32, Failure)>>,
     gone: RefCell<Vec<u32>>,
     refuse_dispatch: Cell<bool>,
-    refuse_wake: Cell<bool>,
-    counter: Cell<u8>,
+    /// Messages are accepted and vanish (a lost wake-up or notice).
+    lose_messages: Cell<bool>,
+    no_randomness: Cell<bool>,
+    random_counter: Cell<u64>,
     logs: RefCell<Vec<String>>,
+    metrics: RefCell<HashMap<Metric, u64>>,
+    /// Sums of histogram samples.
+    sums: RefCell<HashMap<Metric, u64>>,
 }
 
-impl Host for FakeHost {
+impl Clock for FakeHost {
     fn now_ns(&self) -> u64 {
         self.now_ns
             .set(self.now_ns.get() + self.clock_step_ns.get());
         self.now_ns.get()
     }
+}
+
+impl Random for FakeHost {
     fn fill_random(&self, buf: &mut [u8]) -> bool {
-        self.counter.set(self.counter.get() + 1);
-        buf.fill(self.counter.get());
-        true
+        for chunk in buf.chunks_mut(8) {
+            self.random_counter.set(self.random_counter.get() + 1);
+            let bytes = self
+                .random_counter
+                .get()
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                .to_be_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+        !self.no_randomness.get()
     }
+}
+
+impl SharedData for FakeHost {
     fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-        self.shared.borrow().get(key).cloned()
+        self.shared.shared_get(key)
     }
     fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
-        let mut shared = self.shared.borrow_mut();
-        let version = shared.get(key).map_or(0, |(_, v)| *v);
-        // As in Envoy: the CAS is checked only when the key exists.
-        if cas.is_some_and(|c| shared.contains_key(key) && c != version) {
-            return false;
+        self.shared.shared_set(key, value, cas)
+    }
+}
+
+impl Queues for FakeHost {
+    fn enqueue(&self, queue: u32, message: &[u8]) -> bool {
+        if !self.lose_messages.get() {
+            self.queues
+                .borrow_mut()
+                .entry(queue)
+                .or_default()
+                .push(message.to_vec());
         }
-        shared.insert(key.into(), (value.to_vec(), version + 1));
         true
     }
-    fn dispatch(&self, request: &TokenRequest) -> Option<u32> {
+}
+
+impl Callouts for FakeHost {
+    fn dispatch(&self, owner: u32, request: &TokenRequest) -> Option<u32> {
         if self.refuse_dispatch.get() {
             return None;
         }
-        self.dispatched.borrow_mut().push(request.clone());
+        self.dispatched.borrow_mut().push((owner, request.clone()));
         Some(100 + self.dispatched.borrow().len() as u32)
     }
-    fn wake(&self) -> bool {
-        self.wakes.set(self.wakes.get() + 1);
-        !self.refuse_wake.get()
-    }
-    fn notify_all(&self, notice: &Notice) {
-        self.notices.borrow_mut().push(*notice);
-    }
+}
+
+impl Requests for FakeHost {
     fn resume(&self, id: u32, authorization: &str) -> bool {
         if self.gone.borrow().contains(&id) {
             return false;
@@ -72,24 +106,74 @@ impl Host for FakeHost {
         self.failed.borrow_mut().push((id, failure.clone()));
         true
     }
+}
+
+impl Telemetry for FakeHost {
     fn log(&self, _: Level, message: &str) {
         self.logs.borrow_mut().push(message.into());
     }
-    fn count(&self, _: Metric, _: u64) {}
+    fn record(&self, metric: Metric, amount: u64) {
+        let mut metrics = self.metrics.borrow_mut();
+        let value = metrics.entry(metric).or_default();
+        match metric.kind() {
+            crate::metrics::Kind::Gauge => *value = amount,
+            crate::metrics::Kind::Counter => *value += amount,
+            crate::metrics::Kind::Histogram => {
+                *value += 1; // samples recorded
+                *self.sums.borrow_mut().entry(metric).or_default() += amount;
+            }
+        }
+    }
+}
+
+impl FakeHost {
+    fn dispatches(&self) -> usize {
+        self.dispatched.borrow().len()
+    }
+
+    fn metric(&self, metric: Metric) -> u64 {
+        self.metrics.borrow().get(&metric).copied().unwrap_or(0)
+    }
 }
 
 const T0: u64 = 1_795_323_921_000_000_000;
 const SECOND: u64 = 1_000_000_000;
+const MS: u64 = 1_000_000;
 const OK: &[u8] = br#"{"access_token":"tok-1","token_type":"bearer","expires_in":3600}"#;
 
 fn config() -> Rc<PluginConfig> {
     Rc::new(parse(&config_json(vec![destination_json("d")])).unwrap())
 }
 
+fn config_with(settings: Value) -> Rc<PluginConfig> {
+    let mut c = config_json(vec![destination_json("d")]);
+    for (k, v) in settings.as_object().unwrap() {
+        c[k] = v.clone();
+    }
+    Rc::new(parse(&c).unwrap())
+}
+
 fn host() -> FakeHost {
     let h = FakeHost::default();
     h.now_ns.set(T0);
     h
+}
+
+/// Worker `n`: its root context is `n` and its queue `1000 + n`.
+fn worker(h: &FakeHost, c: &PluginConfig, n: u32) -> Worker {
+    let mut w = Worker::new();
+    w.configure(h, n, 1000 + n, c);
+    w
+}
+
+/// Delivers what waits in worker `n`'s queue (wake-ups and notices), as Envoy does.
+fn deliver(h: &FakeHost, w: &mut Worker, n: u32) {
+    let messages = h
+        .queues
+        .borrow_mut()
+        .remove(&(1000 + n))
+        .unwrap_or_default();
+    w.on_messages(h, n, &messages);
 }
 
 fn alice() -> Value {
@@ -100,34 +184,39 @@ fn bob() -> Value {
     json!({"user_name": "bob"})
 }
 
+fn user(name: &str) -> Value {
+    json!({ "user_name": name })
+}
+
 fn form_of(request: &TokenRequest) -> HashMap<String, String> {
     form_urlencoded::parse(&request.body).into_owned().collect()
 }
 
+fn assertion_of(request: &TokenRequest) -> String {
+    use base64::Engine;
+    let xml = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(&form_of(request)["assertion"])
+        .unwrap();
+    String::from_utf8(xml).unwrap()
+}
+
 /// The callout token of the exchange whose assertion names `user`.
 fn callout_for(h: &FakeHost, user: &str) -> u32 {
-    use base64::Engine;
     let position = h
         .dispatched
         .borrow()
         .iter()
-        .position(|r| {
-            let xml = base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(&form_of(r)["assertion"])
-                .unwrap();
-            String::from_utf8(xml)
-                .unwrap()
-                .contains(&format!(">{user}<"))
-        })
+        .position(|(_, r)| assertion_of(r).contains(&format!(">{user}<")))
         .unwrap();
     101 + position as u32
 }
 
-/// Alice's first request: queued, dispatched and answered with [`OK`] (callout 101).
+/// Alice's first request on worker 1: queued, dispatched and answered with [`OK`]
+/// (callout 101).
 fn first_exchange_for_alice(w: &mut Worker, h: &FakeHost, c: &Rc<PluginConfig>) {
     assert_eq!(w.on_request(h, c, 1, 0, &Some(&alice())), Decision::Wait);
-    w.on_wake(h);
-    w.on_token_response(h, 101, Some(200), OK);
+    deliver(h, w, 1);
+    w.on_callout_response(h, 1, 101, Some(200), OK);
 }
 
 /// Reuse and refresh times of the token [`first_exchange_for_alice`] cached.
@@ -136,27 +225,34 @@ fn alice_token_times(c: &PluginConfig) -> cache::TokenTimes {
     cache::token_times(T0 / 1_000_000, 3_600_000, None, key.jitter())
 }
 
-/// Delivers the notices sent so far to `worker`.
-fn deliver(h: &FakeHost, worker: &mut Worker) {
-    for notice in h.notices.borrow().clone() {
-        worker.on_notice(h, &notice);
+/// Runs worker `n`'s ticks until it stops signing (bounded).
+fn sign_to_the_end(h: &FakeHost, w: &mut Worker, n: u32) {
+    for _ in 0..10_000 {
+        if !w.signing() {
+            return;
+        }
+        h.now_ns.set(h.now_ns.get() + MS);
+        w.on_tick(h, n);
     }
+    panic!("signing never ended");
 }
 
 #[test]
 fn concurrent_requests_of_one_user_share_one_exchange() {
-    let (mut w, h, c) = (Worker::new(), host(), config());
+    let (h, c) = (host(), config());
+    let mut w = worker(&h, &c, 1);
     for id in 1..=5 {
         assert_eq!(w.on_request(&h, &c, id, 0, &Some(&alice())), Decision::Wait);
     }
-    assert_eq!(h.wakes.get(), 1);
-    assert!(
-        h.dispatched.borrow().is_empty(),
-        "dispatch waits for the worker callback"
+    assert_eq!(
+        h.queues.borrow()[&1001],
+        vec![WAKE.to_vec()],
+        "one wake-up for all"
     );
-    w.on_wake(&h);
-    assert_eq!(h.dispatched.borrow().len(), 1);
-    w.on_token_response(&h, 101, Some(200), OK);
+    assert_eq!(h.dispatches(), 0, "dispatch waits for the worker callback");
+    deliver(&h, &mut w, 1);
+    assert_eq!(h.dispatches(), 1);
+    w.on_callout_response(&h, 1, 101, Some(200), OK);
     let resumed = h.resumed.borrow();
     assert_eq!(resumed.len(), 5);
     assert!(resumed.iter().all(|(_, a)| a == "Bearer tok-1"));
@@ -166,36 +262,35 @@ fn concurrent_requests_of_one_user_share_one_exchange() {
 #[test]
 fn workers_share_one_exchange_through_the_lock_and_the_notice() {
     let (h, c) = (host(), config());
-    let (mut w1, mut w2) = (Worker::new(), Worker::new());
+    let (mut w1, mut w2) = (worker(&h, &c, 1), worker(&h, &c, 2));
     w1.on_request(&h, &c, 1, 0, &Some(&alice()));
     w2.on_request(&h, &c, 2, 0, &Some(&alice()));
     w2.on_request(&h, &c, 3, 0, &Some(&alice()));
-    w1.on_wake(&h);
-    w2.on_wake(&h);
-    assert_eq!(
-        h.dispatched.borrow().len(),
-        1,
-        "the second worker found the lock taken"
-    );
+    deliver(&h, &mut w1, 1);
+    deliver(&h, &mut w2, 2);
+    assert_eq!(h.dispatches(), 1, "the second worker found the lock taken");
     assert!(w2.waits_elsewhere());
-    w1.on_token_response(&h, 101, Some(200), OK);
+    w1.on_callout_response(&h, 1, 101, Some(200), OK);
     assert_eq!(h.resumed.borrow().len(), 1);
-    deliver(&h, &mut w2);
+    deliver(&h, &mut w2, 2);
     assert_eq!(h.resumed.borrow().len(), 3);
     assert!(h.resumed.borrow().iter().all(|(_, a)| a == "Bearer tok-1"));
     assert_eq!((w1.in_flight(), w2.in_flight()), (0, 0));
+    w2.flush_metrics(&h);
+    assert_eq!(h.metric(Metric::JoinedRemote), 2);
+    assert_eq!(h.metric(Metric::WakeMicros), 1, "one wake-up measured");
 }
 
 #[test]
 fn a_failed_exchange_reaches_waiters_on_every_worker_and_is_retried_after_backoff() {
     let (h, c) = (host(), config());
-    let (mut w1, mut w2) = (Worker::new(), Worker::new());
+    let (mut w1, mut w2) = (worker(&h, &c, 1), worker(&h, &c, 2));
     w1.on_request(&h, &c, 1, 0, &Some(&alice()));
     w2.on_request(&h, &c, 2, 0, &Some(&alice()));
-    w1.on_wake(&h);
-    w2.on_wake(&h);
-    w1.on_token_response(&h, 101, Some(504), b"upstream request timeout");
-    deliver(&h, &mut w2);
+    deliver(&h, &mut w1, 1);
+    deliver(&h, &mut w2, 2);
+    w1.on_callout_response(&h, 1, 101, Some(504), b"upstream request timeout");
+    deliver(&h, &mut w2, 2);
     assert_eq!(
         *h.failed.borrow(),
         vec![(1, Failure::Timeout), (2, Failure::Timeout)]
@@ -205,87 +300,90 @@ fn a_failed_exchange_reaches_waiters_on_every_worker_and_is_retried_after_backof
         w2.on_request(&h, &c, 3, 0, &Some(&alice())),
         Decision::Fail(Failure::Timeout)
     );
-    h.now_ns.set(T0 + FAILURE_BACKOFF_MS * 1_000_000);
+    h.now_ns.set(T0 + FAILURE_BACKOFF_MS * MS);
     assert_eq!(w2.on_request(&h, &c, 4, 0, &Some(&alice())), Decision::Wait);
-    w2.on_wake(&h);
-    assert_eq!(h.dispatched.borrow().len(), 2);
+    deliver(&h, &mut w2, 2);
+    assert_eq!(h.dispatches(), 2);
+    w1.flush_metrics(&h);
+    assert_eq!(h.metric(Metric::ExchangeFailed), 1);
 }
 
 #[test]
 fn a_vanished_lock_holder_is_taken_over_after_its_deadline() {
     let (h, c) = (host(), config());
-    let (mut w1, mut w2) = (Worker::new(), Worker::new());
+    let (mut w1, mut w2) = (worker(&h, &c, 1), worker(&h, &c, 2));
     w1.on_request(&h, &c, 1, 0, &Some(&alice()));
     w2.on_request(&h, &c, 2, 0, &Some(&alice()));
-    w1.on_wake(&h);
-    w2.on_wake(&h);
-    drop(w1); // its callout never answers
-    w2.on_tick(&h);
-    assert_eq!(
-        h.dispatched.borrow().len(),
-        1,
-        "still within the holder's deadline"
-    );
-    h.now_ns.set(T0 + 13 * SECOND); // 10 s timeout + 2 s grace
-    w2.on_tick(&h);
-    assert_eq!(h.dispatched.borrow().len(), 2);
-    w2.on_token_response(&h, 102, Some(200), OK);
+    deliver(&h, &mut w1, 1);
+    deliver(&h, &mut w2, 2);
+    drop(w1); // its VM is gone: its callout never answers, it never releases the lock
+    h.now_ns.set(T0 + SECOND);
+    w2.on_tick(&h, 2);
+    assert_eq!(h.dispatches(), 1, "still within the holder's deadline");
+    let timeout_ms = c.destinations[0].token_service.timeout_ms;
+    h.now_ns.set(T0 + (timeout_ms + RESPONSE_GRACE_MS) * MS);
+    w2.on_tick(&h, 2);
+    assert_eq!(h.dispatches(), 2);
+    w2.on_callout_response(&h, 2, 102, Some(200), OK);
     assert_eq!(*h.resumed.borrow(), vec![(2, "Bearer tok-1".to_string())]);
 }
 
 #[test]
-fn a_lost_notice_is_made_up_by_the_tick() {
+fn a_lost_notice_is_made_up_by_the_sweep() {
     let (h, c) = (host(), config());
-    let (mut w1, mut w2) = (Worker::new(), Worker::new());
+    let (mut w1, mut w2) = (worker(&h, &c, 1), worker(&h, &c, 2));
     w1.on_request(&h, &c, 1, 0, &Some(&alice()));
     w2.on_request(&h, &c, 2, 0, &Some(&alice()));
-    w1.on_wake(&h);
-    w2.on_wake(&h);
-    w1.on_token_response(&h, 101, Some(200), OK);
-    w2.on_tick(&h);
+    deliver(&h, &mut w1, 1);
+    deliver(&h, &mut w2, 2);
+    h.lose_messages.set(true);
+    w1.on_callout_response(&h, 1, 101, Some(200), OK);
+    assert!(
+        h.queues.borrow().get(&1002).is_none(),
+        "the notice was lost"
+    );
+    h.now_ns.set(T0 + pacing::SWEEP_MS * MS);
+    w2.on_tick(&h, 2);
     assert_eq!(h.resumed.borrow().len(), 2);
 }
 
 #[test]
 fn cached_token_serves_until_the_margin_then_a_new_exchange_runs() {
-    let (mut w, h, c) = (Worker::new(), host(), config());
+    let (h, c) = (host(), config());
+    let mut w = worker(&h, &c, 1);
     first_exchange_for_alice(&mut w, &h, &c);
     assert_eq!(
         w.on_request(&h, &c, 2, 0, &Some(&alice())),
         Decision::Forward("Bearer tok-1".into())
     );
     let times = alice_token_times(&c);
-    h.now_ns.set(times.reuse_until_ms * 1_000_000 - 1);
+    h.now_ns.set(times.reuse_until_ms * MS - 1);
     assert_eq!(
         w.on_request(&h, &c, 3, 0, &Some(&alice())),
         Decision::Forward("Bearer tok-1".into())
     );
-    h.now_ns.set(times.reuse_until_ms * 1_000_000);
+    h.now_ns.set(times.reuse_until_ms * MS);
     assert_eq!(w.on_request(&h, &c, 4, 0, &Some(&alice())), Decision::Wait);
 }
 
 #[test]
 fn tokens_are_refreshed_ahead_in_the_background_without_making_anyone_wait() {
-    let (mut w, h, c) = (Worker::new(), host(), config());
+    let (h, c) = (host(), config());
+    let mut w = worker(&h, &c, 1);
     first_exchange_for_alice(&mut w, &h, &c);
     let times = alice_token_times(&c);
-    h.now_ns.set(times.refresh_at_ms * 1_000_000);
-    assert_eq!(
-        w.on_request(&h, &c, 2, 0, &Some(&alice())),
-        Decision::Forward("Bearer tok-1".into())
-    );
-    assert_eq!(
-        w.on_request(&h, &c, 3, 0, &Some(&alice())),
-        Decision::Forward("Bearer tok-1".into())
-    );
-    w.on_wake(&h);
-    assert_eq!(
-        h.dispatched.borrow().len(),
-        2,
-        "one refresh, not one per request"
-    );
-    w.on_token_response(
+    h.now_ns.set(times.refresh_at_ms * MS);
+    for id in 2..=3 {
+        assert_eq!(
+            w.on_request(&h, &c, id, 0, &Some(&alice())),
+            Decision::Forward("Bearer tok-1".into())
+        );
+    }
+    deliver(&h, &mut w, 1);
+    assert_eq!(h.dispatches(), 2, "one refresh, not one per request");
+    w.on_callout_response(
         &h,
+        1,
         102,
         Some(200),
         br#"{"access_token":"tok-2","token_type":"bearer","expires_in":3600}"#,
@@ -295,53 +393,49 @@ fn tokens_are_refreshed_ahead_in_the_background_without_making_anyone_wait() {
         Decision::Forward("Bearer tok-2".into())
     );
     assert_eq!(w.in_flight(), 0);
+    w.flush_metrics(&h);
+    assert_eq!(h.metric(Metric::Refresh), 1);
 }
 
 #[test]
 fn a_failed_refresh_keeps_the_token_and_backs_off() {
-    let (mut w, h, c) = (Worker::new(), host(), config());
+    let (h, c) = (host(), config());
+    let mut w = worker(&h, &c, 1);
     first_exchange_for_alice(&mut w, &h, &c);
     let times = alice_token_times(&c);
-    h.now_ns.set(times.refresh_at_ms * 1_000_000);
+    h.now_ns.set(times.refresh_at_ms * MS);
     w.on_request(&h, &c, 2, 0, &Some(&alice()));
-    w.on_wake(&h);
-    w.on_token_response(&h, 102, Some(503), b"down");
+    deliver(&h, &mut w, 1);
+    w.on_callout_response(&h, 1, 102, Some(503), b"down");
     assert_eq!(
         w.on_request(&h, &c, 3, 0, &Some(&alice())),
         Decision::Forward("Bearer tok-1".into())
     );
-    w.on_wake(&h);
-    assert_eq!(
-        h.dispatched.borrow().len(),
-        2,
-        "no new refresh within the backoff"
-    );
+    deliver(&h, &mut w, 1);
+    assert_eq!(h.dispatches(), 2, "no new refresh within the backoff");
     h.now_ns
-        .set(times.refresh_at_ms * 1_000_000 + FAILURE_BACKOFF_MS * 1_000_000);
+        .set(times.refresh_at_ms * MS + FAILURE_BACKOFF_MS * MS);
     w.on_request(&h, &c, 4, 0, &Some(&alice()));
-    w.on_wake(&h);
-    assert_eq!(h.dispatched.borrow().len(), 3);
+    deliver(&h, &mut w, 1);
+    assert_eq!(h.dispatches(), 3);
 }
 
 #[test]
 fn every_exchange_gets_a_fresh_assertion_id() {
-    let (mut w, h, c) = (Worker::new(), host(), config());
+    let (h, c) = (host(), config());
+    let mut w = worker(&h, &c, 1);
     w.on_request(&h, &c, 1, 0, &Some(&alice()));
-    w.on_wake(&h);
-    w.on_token_response(&h, 101, Some(503), b"down");
+    deliver(&h, &mut w, 1);
+    w.on_callout_response(&h, 1, 101, Some(503), b"down");
     h.now_ns.set(T0 + 2 * SECOND);
     w.on_request(&h, &c, 2, 0, &Some(&alice()));
-    w.on_wake(&h);
+    deliver(&h, &mut w, 1);
     let ids: Vec<String> = h
         .dispatched
         .borrow()
         .iter()
-        .map(|r| {
-            use base64::Engine;
-            let xml = base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(&form_of(r)["assertion"])
-                .unwrap();
-            let xml = String::from_utf8(xml).unwrap();
+        .map(|(_, r)| {
+            let xml = assertion_of(r);
             let start = xml.find(" ID=\"").unwrap() + 5;
             xml[start..start + 33].to_string()
         })
@@ -352,14 +446,15 @@ fn every_exchange_gets_a_fresh_assertion_id() {
 
 #[test]
 fn users_and_failures_are_kept_apart() {
-    let (mut w, h, c) = (Worker::new(), host(), config());
+    let (h, c) = (host(), config());
+    let mut w = worker(&h, &c, 1);
     w.on_request(&h, &c, 1, 0, &Some(&alice()));
     w.on_request(&h, &c, 2, 0, &Some(&bob()));
-    w.on_wake(&h);
-    assert_eq!(h.dispatched.borrow().len(), 2);
+    deliver(&h, &mut w, 1);
+    assert_eq!(h.dispatches(), 2);
     let (bob_call, alice_call) = (callout_for(&h, "bob"), callout_for(&h, "alice"));
-    w.on_token_response(&h, bob_call, Some(400), br#"{"error":"invalid_grant"}"#);
-    w.on_token_response(&h, alice_call, Some(200), OK);
+    w.on_callout_response(&h, 1, bob_call, Some(400), br#"{"error":"invalid_grant"}"#);
+    w.on_callout_response(&h, 1, alice_call, Some(200), OK);
     assert_eq!(
         *h.failed.borrow(),
         vec![(
@@ -380,30 +475,24 @@ fn users_and_failures_are_kept_apart() {
     h.now_ns.set(T0 + 5 * SECOND);
     assert_eq!(w.on_request(&h, &c, 4, 0, &Some(&bob())), Decision::Wait);
     assert!(h.logs.borrow().iter().all(|l| !l.contains("tok-1")));
-}
-
-#[test]
-fn locks_are_created_up_front_and_never_overwritten() {
-    let h = host();
-    create_locks(&h);
-    assert_eq!(h.shared.borrow().len(), cache::LOCK_STRIPES as usize);
-    let key = cache::lock_key(7);
-    h.shared_set(&key, &[1; 28], None);
-    create_locks(&h);
-    assert_eq!(h.shared.borrow()[&key].0, vec![1; 28]);
+    assert!(h
+        .logs
+        .borrow()
+        .iter()
+        .any(|l| l.contains("\"bob\"") && l.contains("invalid_grant")));
 }
 
 #[test]
 fn a_slot_taken_by_another_user_is_a_miss_not_their_token() {
-    let mut config = config_json(vec![destination_json("d")]);
-    config["tokenCacheSlots"] = json!(1);
-    let c = Rc::new(parse(&config).unwrap());
-    let (mut w, h) = (Worker::new(), host());
+    let c = config_with(json!({"tokenCacheSlots": 1, "workerCacheEntries": 0}));
+    let h = host();
+    let mut w = worker(&h, &c, 1);
     first_exchange_for_alice(&mut w, &h, &c);
     assert_eq!(w.on_request(&h, &c, 2, 0, &Some(&bob())), Decision::Wait);
-    w.on_wake(&h);
-    w.on_token_response(
+    deliver(&h, &mut w, 1);
+    w.on_callout_response(
         &h,
+        1,
         102,
         Some(200),
         br#"{"access_token":"tok-bob","token_type":"bearer","expires_in":3600}"#,
@@ -412,14 +501,14 @@ fn a_slot_taken_by_another_user_is_a_miss_not_their_token() {
         h.resumed.borrow().last().unwrap(),
         &(2, "Bearer tok-bob".to_string())
     );
-    assert_eq!(
-        h.shared
-            .borrow()
-            .keys()
-            .filter(|k| k.starts_with(cache::ENTRY_PREFIX))
-            .count(),
-        1
-    );
+    let slots = h
+        .shared
+        .map
+        .borrow()
+        .keys()
+        .filter(|k| k.starts_with(crate::coordination::slot::SLOT_PREFIX))
+        .count();
+    assert_eq!(slots, 1);
     assert_eq!(
         w.on_request(&h, &c, 3, 0, &Some(&alice())),
         Decision::Wait,
@@ -429,7 +518,8 @@ fn a_slot_taken_by_another_user_is_a_miss_not_their_token() {
 
 #[test]
 fn unusable_users_are_refused_before_any_exchange() {
-    let (mut w, h, c) = (Worker::new(), host(), config());
+    let (h, c) = (host(), config());
+    let mut w = worker(&h, &c, 1);
     assert_eq!(
         w.on_request(&h, &c, 1, 0, &None),
         Decision::Fail(Failure::NotAuthenticated)
@@ -442,46 +532,51 @@ fn unusable_users_are_refused_before_any_exchange() {
         w.on_request(&h, &c, 3, 0, &Some(&json!({"user_name": "a\u{1}"}))),
         Decision::Fail(Failure::UserIdNotXml)
     );
-    assert_eq!(h.wakes.get(), 0);
+    assert!(h.queues.borrow().is_empty());
 }
 
 #[test]
 fn a_refused_callout_fails_its_waiters_and_frees_the_lock() {
-    let (mut w, h, c) = (Worker::new(), host(), config());
+    let (h, c) = (host(), config());
+    let mut w = worker(&h, &c, 1);
     h.refuse_dispatch.set(true);
     w.on_request(&h, &c, 1, 0, &Some(&alice()));
-    w.on_wake(&h);
+    deliver(&h, &mut w, 1);
     assert!(matches!(
         h.failed.borrow()[0],
         (1, Failure::Unavailable { .. })
     ));
     assert_eq!(w.in_flight(), 0);
     h.refuse_dispatch.set(false);
+    h.now_ns.set(T0 + FAILURE_BACKOFF_MS * MS);
     w.on_request(&h, &c, 2, 0, &Some(&alice()));
-    w.on_wake(&h);
-    assert_eq!(h.dispatched.borrow().len(), 1, "the lock was released");
+    deliver(&h, &mut w, 1);
+    assert_eq!(h.dispatches(), 1, "the lock was released");
 }
 
 #[test]
 fn requests_that_went_away_are_skipped_and_the_rest_still_resume() {
-    let (mut w, h, c) = (Worker::new(), host(), config());
+    let (h, c) = (host(), config());
+    let mut w = worker(&h, &c, 1);
     for id in 1..=3 {
         w.on_request(&h, &c, id, 0, &Some(&alice()));
     }
     w.forget_request(1);
     h.gone.borrow_mut().push(2);
-    w.on_wake(&h);
-    w.on_token_response(&h, 101, Some(200), OK);
+    deliver(&h, &mut w, 1);
+    w.on_callout_response(&h, 1, 101, Some(200), OK);
     assert_eq!(*h.resumed.borrow(), vec![(3, "Bearer tok-1".to_string())]);
 }
 
 #[test]
 fn short_lived_tokens_serve_their_waiters_but_are_not_cached() {
-    let (mut w, h, c) = (Worker::new(), host(), config());
+    let (h, c) = (host(), config());
+    let mut w = worker(&h, &c, 1);
     w.on_request(&h, &c, 1, 0, &Some(&alice()));
-    w.on_wake(&h);
-    w.on_token_response(
+    deliver(&h, &mut w, 1);
+    w.on_callout_response(
         &h,
+        1,
         101,
         Some(200),
         br#"{"access_token":"t","token_type":"bearer","expires_in":20}"#,
@@ -491,34 +586,40 @@ fn short_lived_tokens_serve_their_waiters_but_are_not_cached() {
 }
 
 #[test]
-fn a_host_that_cannot_schedule_the_exchange_fails_the_request_closed() {
-    let (mut w, h, c) = (Worker::new(), host(), config());
-    h.refuse_wake.set(true);
+fn an_unconfigured_worker_or_no_randomness_fails_the_request_closed() {
+    let (h, c) = (host(), config());
+    let mut bare = Worker::new();
     assert!(matches!(
-        w.on_request(&h, &c, 1, 0, &Some(&alice())),
+        bare.on_request(&h, &c, 1, 0, &Some(&alice())),
         Decision::Fail(Failure::Internal { .. })
     ));
-    assert_eq!(w.in_flight(), 0);
-    h.refuse_wake.set(false);
-    assert_eq!(w.on_request(&h, &c, 2, 0, &Some(&alice())), Decision::Wait);
+    assert_eq!(bare.in_flight(), 0);
+    let mut w = worker(&h, &c, 1);
+    h.no_randomness.set(true);
+    assert!(matches!(
+        w.on_request(&h, &c, 2, 0, &Some(&alice())),
+        Decision::Fail(Failure::Internal { .. })
+    ));
+    h.no_randomness.set(false);
+    assert_eq!(w.on_request(&h, &c, 3, 0, &Some(&alice())), Decision::Wait);
     assert_eq!(w.in_flight(), 1);
 }
 
 #[test]
 fn a_callout_without_response_is_a_timeout_only_once_its_timeout_has_passed() {
-    let timeout_ns = config().destinations[0].token_service.timeout_ms * 1_000_000;
+    let timeout_ns = config().destinations[0].token_service.timeout_ms * MS;
     for (elapsed_ns, expected) in [
         (SECOND, "reset"),
-        (timeout_ns / 10 * 9 - 1_000_000, "reset"),
+        (timeout_ns / 10 * 9 - MS, "reset"),
         (timeout_ns / 10 * 9, "timeout"),
         (timeout_ns, "timeout"),
-        (timeout_ns + SECOND, "timeout"),
     ] {
-        let (mut w, h, c) = (Worker::new(), host(), config());
+        let (h, c) = (host(), config());
+        let mut w = worker(&h, &c, 1);
         w.on_request(&h, &c, 1, 0, &Some(&alice()));
-        w.on_wake(&h);
+        deliver(&h, &mut w, 1);
         h.now_ns.set(T0 + elapsed_ns);
-        w.on_token_response(&h, 101, None, b"");
+        w.on_callout_response(&h, 1, 101, None, b"");
         let failed = h.failed.borrow();
         match expected {
             "timeout" => assert_eq!(failed[0], (1, Failure::Timeout)),
@@ -557,25 +658,26 @@ fn unusable_answers_are_never_cached_and_a_healed_service_is_used_after_the_back
         ),
     ];
     for (status, body) in answers {
-        let (mut w, h, c) = (Worker::new(), host(), config());
+        let (h, c) = (host(), config());
+        let mut w = worker(&h, &c, 1);
         w.on_request(&h, &c, 1, 0, &Some(&alice()));
-        w.on_wake(&h);
-        w.on_token_response(&h, 101, status, body);
+        deliver(&h, &mut w, 1);
+        w.on_callout_response(&h, 1, 101, status, body);
         assert!(h.resumed.borrow().is_empty());
         let reply = h.failed.borrow()[0].1.reply();
         assert_eq!(reply.status, 503, "{body:?}");
         assert!(!reply.body.contains("bad"));
         // Held for the backoff (no exchange), then tried again.
-        h.now_ns.set(T0 + (FAILURE_BACKOFF_MS - 1) * 1_000_000);
+        h.now_ns.set(T0 + (FAILURE_BACKOFF_MS - 1) * MS);
         assert!(matches!(
             w.on_request(&h, &c, 2, 0, &Some(&alice())),
             Decision::Fail(Failure::Unavailable { .. })
         ));
-        h.now_ns.set(T0 + FAILURE_BACKOFF_MS * 1_000_000);
+        h.now_ns.set(T0 + FAILURE_BACKOFF_MS * MS);
         assert_eq!(w.on_request(&h, &c, 3, 0, &Some(&alice())), Decision::Wait);
-        w.on_wake(&h);
-        assert_eq!(h.dispatched.borrow().len(), 2);
-        w.on_token_response(&h, 102, Some(200), OK);
+        deliver(&h, &mut w, 1);
+        assert_eq!(h.dispatches(), 2);
+        w.on_callout_response(&h, 1, 102, Some(200), OK);
         assert_eq!(*h.resumed.borrow(), vec![(3, "Bearer tok-1".to_string())]);
         assert_eq!(
             w.on_request(&h, &c, 4, 0, &Some(&alice())),
@@ -587,39 +689,41 @@ fn unusable_answers_are_never_cached_and_a_healed_service_is_used_after_the_back
 #[test]
 fn rsa_signing_runs_in_short_slices_while_the_lock_is_held() {
     let (h, c) = (host(), config());
-    let (mut w1, mut w2) = (Worker::new(), Worker::new());
-    // 100 µs per clock reading, that is per 4 windows: a 250 µs slice is 3 readings.
+    let (mut w1, mut w2) = (worker(&h, &c, 1), worker(&h, &c, 2));
+    // 100 µs per clock reading, that is per 4 units: a 250 µs slice is 3 readings.
     h.clock_step_ns.set(100_000);
     assert_eq!(w1.on_request(&h, &c, 1, 0, &Some(&alice())), Decision::Wait);
-    w1.on_wake(&h);
+    deliver(&h, &mut w1, 1);
     assert!(
         w1.signing(),
         "the first slice did not finish a 2048-bit signature"
     );
-    assert!(h.dispatched.borrow().is_empty());
+    assert_eq!(h.dispatches(), 0);
     // Meanwhile: the same user joins here, and another worker waits for the lock.
     assert_eq!(w1.on_request(&h, &c, 2, 0, &Some(&alice())), Decision::Wait);
     assert_eq!(w2.on_request(&h, &c, 3, 0, &Some(&alice())), Decision::Wait);
-    w2.on_wake(&h);
+    deliver(&h, &mut w2, 2);
     assert!(!w2.signing(), "w2 does not sign: w1 holds the lock");
     let mut slices = 1;
     while w1.signing() && slices < 1_000 {
         // A busy worker: a request (unauthenticated: answered at once) between slices.
         w1.on_request(&h, &c, 900, 0, &None);
+        h.now_ns.set(h.now_ns.get() + MS);
         let before = h.now_ns.get();
-        w1.on_slice(&h);
+        w1.slice(&h, 1);
         let spent_us = (h.now_ns.get() - before) / 1000;
+        // (The last slice also dispatches, at 100 µs a clock reading here.)
         assert!(
-            spent_us <= SIGNING_SLICE_US + 300,
+            spent_us <= SIGNING_SLICE_US + 300 || !w1.signing(),
             "a slice took {spent_us} µs"
         );
         slices += 1;
     }
-    // 518 windows; 8 to 12 a slice (the fake clock also moves on the slice's own reads)
+    // 518 units; 8 to 12 a slice (the fake clock also moves on the slice's own reads)
     // and 4 by each request.
     assert!((30..=45).contains(&slices), "{slices} slices");
-    assert_eq!(h.dispatched.borrow().len(), 1);
-    w1.on_token_response(&h, 101, Some(200), OK);
+    assert_eq!(h.dispatches(), 1);
+    w1.on_callout_response(&h, 1, 101, Some(200), OK);
     assert_eq!(
         *h.resumed.borrow(),
         vec![
@@ -627,38 +731,41 @@ fn rsa_signing_runs_in_short_slices_while_the_lock_is_held() {
             (2, "Bearer tok-1".to_string())
         ]
     );
-    deliver(&h, &mut w2);
+    deliver(&h, &mut w2, 2);
     assert_eq!(h.resumed.borrow().len(), 3);
-    assert_eq!(h.dispatched.borrow().len(), 1, "one exchange for all");
+    assert_eq!(h.dispatches(), 1, "one exchange for all");
+    w1.flush_metrics(&h);
+    assert_eq!(h.metric(Metric::SigningMicros), 1, "one signature recorded");
 }
 
 #[test]
 fn the_slice_grows_only_when_a_signature_has_waited() {
     let (h, c) = (host(), config());
-    let mut w = Worker::new();
+    let mut w = worker(&h, &c, 1);
     h.clock_step_ns.set(100_000);
     // On a busy worker (a request since the last slice).
     let slice_us = |w: &mut Worker| {
         w.on_request(&h, &c, 900, 0, &None);
         let before = h.now_ns.get();
-        w.on_slice(&h);
+        w.slice(&h, 1);
         (h.now_ns.get() - before) / 1000
     };
     for id in 1..=6 {
-        w.on_request(
-            &h,
-            &c,
-            id,
-            0,
-            &Some(&json!({ "user_name": format!("u{id}") })),
-        );
+        w.on_request(&h, &c, id, 0, &Some(&user(&format!("u{id}"))));
     }
-    w.on_wake(&h);
+    deliver(&h, &mut w, 1);
+    let signing_since = h.now_ns.get();
     let spent = slice_us(&mut w);
     assert!(spent <= SIGNING_SLICE_US + 300, "fresh: {spent} µs");
-    // The host was busy: the oldest signature has waited 250 ms, then 10 s.
-    for (waited_ms, slices) in [(SIGNING_WAIT_STEP_MS, 2), (10_000, MAX_SIGNING_SLICES)] {
-        h.now_ns.set(T0 + waited_ms * 1_000_000);
+    // The host was busy: the oldest signature has waited 250 ms, then 1.75 s (within the
+    // signing lock's deadline).
+    let long_wait_ms = (MAX_SIGNING_SLICES - 1) * SIGNING_WAIT_STEP_MS;
+    assert!(long_wait_ms < SIGNING_LOCK_MS);
+    for (waited_ms, slices) in [
+        (SIGNING_WAIT_STEP_MS, 2),
+        (long_wait_ms, MAX_SIGNING_SLICES),
+    ] {
+        h.now_ns.set(signing_since + waited_ms * MS);
         let spent = slice_us(&mut w);
         let grown = slices * SIGNING_SLICE_US;
         assert!(
@@ -666,53 +773,73 @@ fn the_slice_grows_only_when_a_signature_has_waited() {
             "waited {waited_ms} ms: {spent} µs"
         );
     }
-    while w.signing() {
-        w.on_slice(&h);
-    }
-    assert_eq!(h.dispatched.borrow().len(), 6);
+    sign_to_the_end(&h, &mut w, 1);
+    assert_eq!(h.dispatches(), 6);
 }
 
 #[test]
 fn an_idle_worker_signs_in_larger_slices() {
     let (h, c) = (host(), config());
-    let mut w = Worker::new();
+    let mut w = worker(&h, &c, 1);
     h.clock_step_ns.set(100_000);
     w.on_request(&h, &c, 1, 0, &Some(&alice()));
-    w.on_wake(&h); // counts the request: this slice is a busy one
+    deliver(&h, &mut w, 1); // counts the request: this slice is a busy one
+    h.now_ns.set(h.now_ns.get() + MS);
     let before = h.now_ns.get();
-    w.on_slice(&h);
+    w.slice(&h, 1);
     let spent = (h.now_ns.get() - before) / 1000;
     let idle = IDLE_SIGNING_SLICES * SIGNING_SLICE_US;
     assert!((idle..=idle + 300).contains(&spent), "{spent} µs");
 }
 
 #[test]
+fn signing_never_takes_more_than_its_share_of_the_worker() {
+    // A wave of new users on an idle worker: signing as fast as the budget allows.
+    for share in [50u64, 25] {
+        let c =
+            config_with(json!({ "maxSigningSharePercent": share, "maxExchangesPerWorker": 1000 }));
+        let h = host();
+        let mut w = worker(&h, &c, 1);
+        h.clock_step_ns.set(20_000);
+        for id in 1..=300 {
+            w.on_request(&h, &c, id, 0, &Some(&user(&format!("u{id}"))));
+        }
+        let started = h.now_ns.get();
+        deliver(&h, &mut w, 1);
+        for _ in 0..400 {
+            h.now_ns.set(h.now_ns.get() + MS); // the worker's other work meanwhile
+            w.on_tick(&h, 1);
+        }
+        assert!(w.signing(), "more to sign than the time allowed");
+        let signing_us = h.sums.borrow()[&Metric::SigningMicros];
+        let percent = signing_us * 1000 * 100 / (h.now_ns.get() - started);
+        assert!(percent <= share + 2, "{percent}% with a {share}% share");
+        assert!(percent + 10 >= share, "{percent}%: the share is used");
+    }
+}
+
+#[test]
 fn requests_help_a_signature_under_way_and_leave_the_dispatch_to_the_worker() {
     let (h, c) = (host(), config());
-    let mut w = Worker::new();
+    let mut w = worker(&h, &c, 1);
     h.clock_step_ns.set(100_000);
     assert_eq!(w.on_request(&h, &c, 1, 0, &Some(&alice())), Decision::Wait);
-    w.on_wake(&h);
+    deliver(&h, &mut w, 1);
     assert!(w.signing());
     // The clock stands still from here: only requests can move the signature on.
     h.clock_step_ns.set(0);
-    let wakes = h.wakes.get();
     let mut requests = 0;
-    while h.wakes.get() == wakes && requests < 1_000 {
+    while h.queues.borrow().get(&1001).is_none() && requests < 1_000 {
         requests += 1;
         w.on_request(&h, &c, 1_000 + requests, 0, &Some(&alice()));
     }
-    // 4 windows a request; the first slice had done some already.
+    // 4 units a request; the first slice had done some already.
     assert!((60..=130).contains(&requests), "{requests} requests");
-    assert!(
-        h.dispatched.borrow().is_empty(),
-        "a request does not own the callout"
-    );
-    assert!(w.signing(), "the tick goes on until it is dispatched");
-    w.on_wake(&h);
-    assert_eq!(h.dispatched.borrow().len(), 1);
+    assert_eq!(h.dispatches(), 0, "a request does not own the callout");
+    deliver(&h, &mut w, 1);
+    assert_eq!(h.dispatches(), 1);
     assert!(!w.signing());
-    w.on_token_response(&h, 101, Some(200), OK);
+    w.on_callout_response(&h, 1, 101, Some(200), OK);
     assert_eq!(h.resumed.borrow().len() as u32, 1 + requests);
 }
 
@@ -739,7 +866,8 @@ impl Identity for CheapClaims {
 
 #[test]
 fn all_claims_are_read_only_for_an_exchange_never_for_a_plain_hit() {
-    let (mut w, h, c) = (Worker::new(), host(), config());
+    let (h, c) = (host(), config());
+    let mut w = worker(&h, &c, 1);
     let alice = CheapClaims {
         claims: alice(),
         full_reads: Cell::new(0),
@@ -748,19 +876,18 @@ fn all_claims_are_read_only_for_an_exchange_never_for_a_plain_hit() {
     assert_eq!(alice.full_reads.get(), 1, "the assertion's attributes");
     assert_eq!(w.on_request(&h, &c, 2, 0, &alice), Decision::Wait);
     assert_eq!(alice.full_reads.get(), 1, "joining an exchange needs none");
-    w.on_wake(&h);
-    w.on_token_response(&h, 101, Some(200), OK);
+    deliver(&h, &mut w, 1);
+    w.on_callout_response(&h, 1, 101, Some(200), OK);
     let hit = Decision::Forward("Bearer tok-1".into());
     assert_eq!(w.on_request(&h, &c, 3, 0, &alice), hit);
     assert_eq!(alice.full_reads.get(), 1, "a hit needs only the user id");
     // The same answer as from the decoded claims.
     assert_eq!(w.on_request(&h, &c, 4, 0, &Some(&alice.claims)), hit);
-    h.now_ns
-        .set(alice_token_times(&c).refresh_at_ms * 1_000_000);
+    h.now_ns.set(alice_token_times(&c).refresh_at_ms * MS);
     assert_eq!(w.on_request(&h, &c, 5, 0, &alice), hit);
     assert_eq!(alice.full_reads.get(), 2, "the refresh's attributes");
-    w.on_wake(&h);
-    assert_eq!(h.dispatched.borrow().len(), 2);
+    deliver(&h, &mut w, 1);
+    assert_eq!(h.dispatches(), 2);
     // A claim the host cannot read cheaply goes the exact way, error included.
     let numbered = CheapClaims {
         claims: json!({"user_name": 5}),
@@ -775,7 +902,63 @@ fn all_claims_are_read_only_for_an_exchange_never_for_a_plain_hit() {
     assert_eq!(numbered.full_reads.get(), 1);
 }
 
-// ---- Issue 13: reproductions of the defects found by reading (fail before the fix) ----
+#[test]
+fn a_hit_is_served_from_the_workers_copy_without_reading_shared_data() {
+    let (h, c) = (host(), config());
+    let mut w = worker(&h, &c, 1);
+    first_exchange_for_alice(&mut w, &h, &c);
+    let reads = h.shared.reads.get();
+    for id in 2..=10 {
+        assert_eq!(
+            w.on_request(&h, &c, id, 0, &Some(&alice())),
+            Decision::Forward("Bearer tok-1".into())
+        );
+    }
+    assert_eq!(h.shared.reads.get(), reads, "no shared-data read on a hit");
+    w.flush_metrics(&h);
+    assert_eq!(h.metric(Metric::CacheHit), 9);
+    // Switched off, every hit reads the slot.
+    let c = config_with(json!({"workerCacheEntries": 0}));
+    let h = host();
+    let mut w = worker(&h, &c, 1);
+    first_exchange_for_alice(&mut w, &h, &c);
+    let reads = h.shared.reads.get();
+    w.on_request(&h, &c, 2, 0, &Some(&alice()));
+    assert_eq!(h.shared.reads.get(), reads + 1);
+}
+
+#[test]
+fn another_workers_exchange_drops_this_workers_copy() {
+    let (h, c) = (host(), config());
+    let (mut w1, mut w2) = (worker(&h, &c, 1), worker(&h, &c, 2));
+    first_exchange_for_alice(&mut w1, &h, &c);
+    let hit = |w: &mut Worker, id| w.on_request(&h, &c, id, 0, &Some(&alice()));
+    assert_eq!(hit(&mut w2, 2), Decision::Forward("Bearer tok-1".into()));
+    deliver(&h, &mut w2, 2); // the first exchange's notice
+    assert_eq!(
+        hit(&mut w2, 3),
+        Decision::Forward("Bearer tok-1".into()),
+        "copied"
+    );
+    // w1 refreshes; w2's copy must not outlive the notice. (Both renew their registry
+    // entries on the tick, as they do every two seconds.)
+    h.now_ns.set(alice_token_times(&c).refresh_at_ms * MS);
+    w1.on_tick(&h, 1);
+    w2.on_tick(&h, 2);
+    assert_eq!(hit(&mut w1, 4), Decision::Forward("Bearer tok-1".into()));
+    deliver(&h, &mut w1, 1);
+    w1.on_callout_response(
+        &h,
+        1,
+        102,
+        Some(200),
+        br#"{"access_token":"tok-2","token_type":"bearer","expires_in":3600}"#,
+    );
+    deliver(&h, &mut w2, 2);
+    assert_eq!(hit(&mut w2, 5), Decision::Forward("Bearer tok-2".into()));
+}
+
+// ---- Issue 13: the defects found by reading, reproduced (they failed before the fix) ----
 
 /// A configuration of two destinations with the given callout timeouts (seconds).
 fn two_destinations(first_s: u64, second_s: u64) -> Rc<PluginConfig> {
@@ -788,61 +971,65 @@ fn two_destinations(first_s: u64, second_s: u64) -> Rc<PluginConfig> {
 
 #[test]
 fn repro_a_callout_that_never_answers_is_ended_and_the_user_starts_afresh() {
-    let (mut w, h, c) = (Worker::new(), host(), config());
+    let (h, c) = (host(), config());
+    let mut w = worker(&h, &c, 1);
     assert_eq!(w.on_request(&h, &c, 1, 0, &Some(&alice())), Decision::Wait);
-    w.on_wake(&h);
-    assert_eq!(h.dispatched.borrow().len(), 1);
+    deliver(&h, &mut w, 1);
+    assert_eq!(h.dispatches(), 1);
     // The host drops the callout (its root context was torn down): no response ever.
-    let timeout_ns = c.destinations[0].token_service.timeout_ms * 1_000_000;
+    let timeout_ns = c.destinations[0].token_service.timeout_ms * MS;
     h.now_ns.set(T0 + timeout_ns + SECOND);
-    w.on_tick(&h);
+    w.on_tick(&h, 1);
     assert_eq!(
         *h.failed.borrow(),
         vec![(1, Failure::Timeout)],
         "the waiter is answered within the timeout plus a second"
     );
     assert_eq!(w.on_request(&h, &c, 2, 0, &Some(&alice())), Decision::Wait);
-    w.on_wake(&h);
-    assert_eq!(
-        h.dispatched.borrow().len(),
-        2,
-        "a fresh exchange, not a join"
-    );
+    deliver(&h, &mut w, 1);
+    assert_eq!(h.dispatches(), 2, "a fresh exchange, not a join");
+    w.flush_metrics(&h);
+    assert_eq!(h.metric(Metric::DeadlinePassed), 1);
 }
 
 #[test]
 fn repro_a_lost_wake_is_made_up_by_the_tick() {
-    let (mut w, h, c) = (Worker::new(), host(), config());
-    // The wake for alice's exchange is requested but never delivered.
+    let (h, c) = (host(), config());
+    let mut w = worker(&h, &c, 1);
+    // The wake-ups for alice's and bob's exchanges are lost.
+    h.lose_messages.set(true);
     assert_eq!(w.on_request(&h, &c, 1, 0, &Some(&alice())), Decision::Wait);
     assert_eq!(w.on_request(&h, &c, 2, 0, &Some(&bob())), Decision::Wait);
-    h.now_ns.set(T0 + SECOND);
-    w.on_tick(&h);
-    assert_eq!(h.dispatched.borrow().len(), 2, "both exchanges started");
+    h.now_ns.set(T0 + pacing::SWEEP_MS * MS);
+    w.on_tick(&h, 1);
+    assert_eq!(h.dispatches(), 2, "both exchanges started");
 }
 
 #[test]
 fn repro_users_whose_locks_share_a_stripe_do_not_wait_for_each_other() {
-    // alice's destination waits 600 s for its token service, the other one 1 s.
+    // alice's destination waits 600 s for its token service, the other one 1 s. Under the
+    // old 4096 lock stripes, `user<i>` shared alice's stripe.
     let c = two_destinations(600, 1);
     let alice_key = CacheKey::new(&c.destinations[0].cache_namespace, "alice", c.cache_slots);
     let other = (0..1_000_000)
         .map(|i| format!("user{i}"))
         .find(|u| {
             let k = CacheKey::new(&c.destinations[1].cache_namespace, u, c.cache_slots);
-            k.lock_stripe() == alice_key.lock_stripe() && k.slot != alice_key.slot
+            k.slot % 4096 == alice_key.slot % 4096 && k.slot != alice_key.slot
         })
         .unwrap();
     let h = host();
-    let (mut w1, mut w2) = (Worker::new(), Worker::new());
+    let (mut w1, mut w2) = (worker(&h, &c, 1), worker(&h, &c, 2));
     w1.on_request(&h, &c, 1, 0, &Some(&alice()));
-    w1.on_wake(&h);
-    assert_eq!(h.dispatched.borrow().len(), 1);
-    let claims = json!({ "user_name": other });
-    assert_eq!(w2.on_request(&h, &c, 2, 1, &Some(&claims)), Decision::Wait);
-    w2.on_wake(&h);
+    deliver(&h, &mut w1, 1);
+    assert_eq!(h.dispatches(), 1);
     assert_eq!(
-        h.dispatched.borrow().len(),
+        w2.on_request(&h, &c, 2, 1, &Some(&user(&other))),
+        Decision::Wait
+    );
+    deliver(&h, &mut w2, 2);
+    assert_eq!(
+        h.dispatches(),
         2,
         "another user's exchange does not wait behind alice's"
     );
@@ -851,91 +1038,100 @@ fn repro_users_whose_locks_share_a_stripe_do_not_wait_for_each_other() {
 #[test]
 fn repro_a_holder_that_comes_back_late_neither_duplicates_nor_releases_the_new_lock() {
     // Rejections are not held, so nothing but the lock keeps w3 from exchanging.
-    let mut config = config_json(vec![destination_json("d")]);
-    config["failedExchangeHoldSeconds"] = json!(0);
-    let (h, c) = (host(), Rc::new(parse(&config).unwrap()));
-    let (mut w1, mut w2, mut w3) = (Worker::new(), Worker::new(), Worker::new());
+    let (h, c) = (host(), config_with(json!({"failedExchangeHoldSeconds": 0})));
+    let (mut w1, mut w2, mut w3) = (worker(&h, &c, 1), worker(&h, &c, 2), worker(&h, &c, 3));
     w1.on_request(&h, &c, 1, 0, &Some(&alice()));
-    w1.on_wake(&h);
-    assert_eq!(h.dispatched.borrow().len(), 1);
-    // w1's callout overruns the lock's deadline; w2 takes over and exchanges.
-    h.now_ns.set(T0 + 13 * SECOND);
+    deliver(&h, &mut w1, 1);
+    assert_eq!(h.dispatches(), 1);
+    // w1's callout overruns the lock's deadline (w1 is stuck: no tick ends it); w2 takes
+    // over and exchanges.
+    let timeout_ms = c.destinations[0].token_service.timeout_ms;
+    h.now_ns.set(T0 + (timeout_ms + RESPONSE_GRACE_MS + 1) * MS);
     w2.on_request(&h, &c, 2, 0, &Some(&alice()));
-    w2.on_wake(&h);
-    assert_eq!(
-        h.dispatched.borrow().len(),
-        2,
-        "w2 took over the abandoned lock"
-    );
+    deliver(&h, &mut w2, 2);
+    assert_eq!(h.dispatches(), 2, "w2 took over the abandoned lock");
     // w1's answer arrives late: it must not free the lock w2 now holds.
-    w1.on_token_response(&h, 101, Some(400), br#"{"error":"invalid_grant"}"#);
+    w1.on_callout_response(&h, 1, 101, Some(400), br#"{"error":"invalid_grant"}"#);
     w3.on_request(&h, &c, 3, 0, &Some(&alice()));
-    w3.on_wake(&h);
+    deliver(&h, &mut w3, 3);
     assert_eq!(
-        h.dispatched.borrow().len(),
+        h.dispatches(),
         2,
         "w3 joins w2's exchange instead of starting a third"
     );
+    assert!(w3.waits_elsewhere());
 }
 
 #[test]
 fn repro_a_holder_whose_signing_overran_the_lock_does_not_exchange_as_well() {
     let (h, c) = (host(), config());
-    let (mut w1, mut w2) = (Worker::new(), Worker::new());
+    let (mut w1, mut w2) = (worker(&h, &c, 1), worker(&h, &c, 2));
     h.clock_step_ns.set(100_000);
     w1.on_request(&h, &c, 1, 0, &Some(&alice()));
-    w1.on_wake(&h);
+    deliver(&h, &mut w1, 1);
     assert!(w1.signing(), "signing is under way, the lock taken");
     // A signing backlog: w1 does not get to its slices until the lock's deadline passed.
-    h.now_ns.set(T0 + 13 * SECOND);
+    h.now_ns.set(T0 + (SIGNING_LOCK_MS + 1) * MS);
     w2.on_request(&h, &c, 2, 0, &Some(&alice()));
-    w2.on_wake(&h);
-    while w2.signing() {
-        w2.on_slice(&h);
-    }
-    assert_eq!(h.dispatched.borrow().len(), 1, "w2 exchanges");
+    deliver(&h, &mut w2, 2);
+    sign_to_the_end(&h, &mut w2, 2);
+    assert_eq!(h.dispatches(), 1, "w2 exchanges");
+    // w1's signature finishes (its slices, not its sweep, came first).
     while w1.signing() {
-        w1.on_slice(&h);
+        w1.on_request(&h, &c, 900, 0, &None);
+        w1.on_messages(&h, 1, &[]);
+        w1.slice(&h, 1);
     }
+    w1.on_messages(&h, 1, &[WAKE.to_vec()]);
     assert_eq!(
-        h.dispatched.borrow().len(),
+        h.dispatches(),
         1,
         "w1, no longer the holder, joins instead of exchanging too"
     );
+    assert!(w1.waits_elsewhere());
 }
 
 #[test]
 fn repro_new_users_beyond_the_admission_cap_are_refused_at_once_without_signing() {
-    let mut config = config_json(vec![destination_json("d")]);
-    config["maxExchangesPerWorker"] = json!(8);
-    let c = Rc::new(parse(&config).expect("maxExchangesPerWorker is a setting"));
-    let (mut w, h) = (Worker::new(), host());
+    let c = config_with(json!({"maxExchangesPerWorker": 8}));
+    let h = host();
+    let mut w = worker(&h, &c, 1);
     for id in 0..20u32 {
-        let claims = json!({ "user_name": format!("u{id}") });
-        let decision = w.on_request(&h, &c, id, 0, &Some(&claims));
+        let decision = w.on_request(&h, &c, id, 0, &Some(&user(&format!("u{id}"))));
         if id < 8 {
             assert_eq!(decision, Decision::Wait);
         } else {
-            assert!(matches!(
-                decision,
-                Decision::Fail(Failure::Unavailable { .. })
-            ));
+            let Decision::Fail(failure) = decision else {
+                panic!("{id} admitted")
+            };
+            let reply = failure.reply();
+            assert_eq!(reply.status, 503);
+            assert!(reply.headers.iter().any(|(k, _)| *k == "retry-after"));
         }
     }
     assert_eq!(w.in_flight(), 8);
+    // Cached users are never refused, and a user already waiting may join.
+    assert_eq!(
+        w.on_request(&h, &c, 99, 0, &Some(&user("u3"))),
+        Decision::Wait
+    );
+    w.flush_metrics(&h);
+    assert_eq!(h.metric(Metric::AdmissionRefused), 12);
 }
 
 #[test]
 fn repro_a_refresh_too_short_lived_to_cache_is_not_retried_every_half_second() {
-    let (mut w, h, c) = (Worker::new(), host(), config());
+    let (h, c) = (host(), config());
+    let mut w = worker(&h, &c, 1);
     first_exchange_for_alice(&mut w, &h, &c);
     let times = alice_token_times(&c);
-    h.now_ns.set(times.refresh_at_ms * 1_000_000);
+    h.now_ns.set(times.refresh_at_ms * MS);
     w.on_request(&h, &c, 2, 0, &Some(&alice()));
-    w.on_wake(&h);
-    assert_eq!(h.dispatched.borrow().len(), 2, "the refresh");
-    w.on_token_response(
+    deliver(&h, &mut w, 1);
+    assert_eq!(h.dispatches(), 2, "the refresh");
+    w.on_callout_response(
         &h,
+        1,
         102,
         Some(200),
         br#"{"access_token":"short","token_type":"bearer","expires_in":20}"#,
@@ -943,16 +1139,148 @@ fn repro_a_refresh_too_short_lived_to_cache_is_not_retried_every_half_second() {
     // The old token still serves; no refresh every 500 ms until it runs out.
     for step in 1..=10 {
         h.now_ns
-            .set(times.refresh_at_ms * 1_000_000 + step * FAILURE_BACKOFF_MS * 1_000_000);
+            .set(times.refresh_at_ms * MS + step * FAILURE_BACKOFF_MS * MS);
         assert_eq!(
             w.on_request(&h, &c, 10 + step as u32, 0, &Some(&alice())),
             Decision::Forward("Bearer tok-1".into())
         );
-        w.on_wake(&h);
+        deliver(&h, &mut w, 1);
     }
-    assert_eq!(
-        h.dispatched.borrow().len(),
+    assert_eq!(h.dispatches(), 2, "no retry of a successful refresh");
+}
+
+// ---- The explicit states and their deadlines ----
+
+#[test]
+fn every_waiter_is_answered_within_its_destinations_timeout_whatever_the_state() {
+    // A worker that never gets to sign (its slices never come): the waiters get 503 at
+    // their deadline, the lock is released and the next request starts afresh.
+    let (h, c) = (host(), config());
+    let mut w = worker(&h, &c, 1);
+    w.on_request(&h, &c, 1, 0, &Some(&alice()));
+    h.clock_step_ns.set(100_000);
+    deliver(&h, &mut w, 1);
+    h.clock_step_ns.set(0);
+    let timeout_ms = c.destinations[0].token_service.timeout_ms;
+    // A request joins later; it waits its own full time.
+    h.now_ns.set(T0 + SECOND);
+    w.on_request(&h, &c, 2, 0, &Some(&alice()));
+    assert!(w.signing());
+    // Past the signing lock's deadline: the exchange ends, both waiters are answered.
+    h.now_ns.set(T0 + SIGNING_LOCK_MS * MS + SECOND);
+    w.sweep(&h, 1);
+    let failed = h.failed.borrow().clone();
+    assert_eq!(failed.len(), 2);
+    assert!(failed.iter().all(|(_, f)| f.reply().status == 503));
+    assert!(SIGNING_LOCK_MS < timeout_ms + WAITER_GRACE_MS);
+    assert_eq!(w.in_flight(), 0);
+    assert_eq!(w.on_request(&h, &c, 3, 0, &Some(&alice())), Decision::Wait);
+    deliver(&h, &mut w, 1);
+    assert_eq!(h.dispatches(), 1, "afresh: the lock was released");
+}
+
+#[test]
+fn waiters_on_another_worker_are_answered_at_their_own_deadline() {
+    let (h, c) = (host(), config());
+    let (mut w1, mut w2) = (worker(&h, &c, 1), worker(&h, &c, 2));
+    w1.on_request(&h, &c, 1, 0, &Some(&alice()));
+    deliver(&h, &mut w1, 1);
+    w2.on_request(&h, &c, 2, 0, &Some(&alice()));
+    deliver(&h, &mut w2, 2);
+    assert!(w2.waits_elsewhere());
+    let timeout_ms = c.destinations[0].token_service.timeout_ms;
+    h.now_ns.set(T0 + (timeout_ms + WAITER_GRACE_MS) * MS);
+    w2.on_tick(&h, 2);
+    assert_eq!(*h.failed.borrow(), vec![(2, Failure::Timeout)]);
+    assert_eq!(w2.in_flight(), 0, "nobody waits for it any more");
+}
+
+#[test]
+fn only_the_driving_root_dispatches_and_a_retiring_root_is_kept_for_its_callouts() {
+    let (h, c) = (host(), config());
+    let mut w = worker(&h, &c, 1);
+    w.on_request(&h, &c, 1, 0, &Some(&alice()));
+    deliver(&h, &mut w, 1);
+    assert_eq!(h.dispatched.borrow()[0].0, 1, "owned by root 1");
+    // A configuration update: root 2 drives from now on.
+    w.configure(&h, 2, 1001, &c);
+    assert_eq!(w.tick_period_ms(1), pacing::IDLE_ROOT_TICK_MS);
+    assert_eq!(w.tick_period_ms(2), pacing::SWEEP_MS);
+    // Root 1 is shut down while its callout is out: it must stay for the answer.
+    assert!(!w.root_done(1));
+    assert!(!w.root_drained(1));
+    w.on_request(&h, &c, 2, 0, &Some(&bob()));
+    w.on_tick(&h, 1); // the old root's tick does nothing
+    assert_eq!(h.dispatches(), 1);
+    deliver(&h, &mut w, 2);
+    assert_eq!(h.dispatched.borrow()[1].0, 2, "bob's callout is root 2's");
+    w.on_callout_response(&h, 1, 101, Some(200), OK);
+    assert_eq!(*h.resumed.borrow(), vec![(1, "Bearer tok-1".to_string())]);
+    assert!(w.root_drained(1), "answered: root 1 may go");
+    // Root 3 takes over while bob's callout (root 2's) is out; root 1, without callouts
+    // now, and root 2, once answered, may go.
+    w.configure(&h, 3, 1001, &c);
+    assert!(!w.root_done(2));
+    w.on_callout_response(&h, 2, 102, Some(200), OK);
+    assert!(w.root_drained(2));
+    w.configure(&h, 4, 1001, &c);
+    assert!(w.root_done(3), "no callouts: it goes at once");
+}
+
+#[test]
+fn a_callout_readied_under_an_old_root_is_dispatched_by_the_driver() {
+    let (h, c) = (host(), config());
+    let mut w = worker(&h, &c, 1);
+    w.configure(&h, 2, 1001, &c); // root 2 drives
+    h.clock_step_ns.set(100_000);
+    w.on_request(&h, &c, 1, 0, &Some(&alice()));
+    // The wake-up reaches root 1 (registered the queue before): it signs but may not
+    // dispatch.
+    w.on_messages(&h, 1, &[WAKE.to_vec()]);
+    while w.signing() {
+        w.slice(&h, 1);
+    }
+    assert_eq!(h.dispatches(), 0);
+    w.on_messages(&h, 2, &[WAKE.to_vec()]);
+    assert_eq!(h.dispatched.borrow()[0].0, 2);
+}
+
+#[test]
+fn two_identities_in_one_slot_exchange_at_once_and_count_a_collision() {
+    let c = config_with(json!({"tokenCacheSlots": 1}));
+    let h = host();
+    let (mut w1, mut w2) = (worker(&h, &c, 1), worker(&h, &c, 2));
+    w1.on_request(&h, &c, 1, 0, &Some(&alice()));
+    deliver(&h, &mut w1, 1);
+    w2.on_request(&h, &c, 2, 0, &Some(&bob()));
+    deliver(&h, &mut w2, 2);
+    assert_eq!(h.dispatches(), 2, "bob does not wait for alice");
+    w2.on_callout_response(
+        &h,
         2,
-        "no retry of a successful refresh"
+        102,
+        Some(200),
+        br#"{"access_token":"tok-bob","token_type":"bearer","expires_in":3600}"#,
+    );
+    w1.on_callout_response(&h, 1, 101, Some(200), OK);
+    assert_eq!(h.resumed.borrow().len(), 2);
+    w2.flush_metrics(&h);
+    assert_eq!(h.metric(Metric::LockCollision), 1);
+    // Alice's lock was not freed by bob, and was freed by alice.
+    let alice = CacheKey::new(&c.destinations[0].cache_namespace, "alice", 1);
+    assert_eq!(crate::coordination::slot::lock_of(&h, &alice), None);
+}
+
+#[test]
+fn the_registry_heartbeat_and_gauge_run_on_the_tick() {
+    let (h, c) = (host(), config());
+    let (mut w1, _w2) = (worker(&h, &c, 1), worker(&h, &c, 2));
+    h.now_ns
+        .set(T0 + crate::coordination::registry::HEARTBEAT_MS * MS);
+    w1.on_tick(&h, 1);
+    assert_eq!(h.metric(Metric::WorkersRegistered), 2);
+    assert_eq!(
+        crate::coordination::registry::live_queues(&h),
+        vec![1002, 1001]
     );
 }

@@ -11,6 +11,27 @@ pub struct Download {
     pub body: String,
 }
 
+/// The answer to a request with `method` for `path`, if it asks for trust material
+/// (see [`answer`]): only `GET` and `HEAD` are answered, anything else gets 405 (the
+/// reply then carries `Allow: GET, HEAD`).
+pub fn respond(
+    config: &PluginConfig,
+    method: &str,
+    path: &str,
+    base_url: &str,
+) -> Option<Download> {
+    let download = answer(config, path, base_url)?;
+    Some(if method == "GET" || method == "HEAD" {
+        download
+    } else {
+        Download {
+            status: 405,
+            content_type: "text/plain",
+            body: String::new(),
+        }
+    })
+}
+
 /// The answer for `path` if it lies under the configured metadata path, else `None`
 /// (the request is not for us). `base_url` (scheme and authority) makes the metadata's
 /// `SingleSignOnService` location absolute.

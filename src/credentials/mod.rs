@@ -1,0 +1,4 @@
+//! The credential kinds: how each kind of destination propagates the user, as a
+//! [`crate::flow::recipe::Recipe`] the exchange engine runs.
+
+pub mod saml_bearer;

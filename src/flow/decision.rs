@@ -1,0 +1,180 @@
+//! A request's decision: forward with the cached token, wait for the user's exchange, or
+//! answer at once.
+//!
+//! A cache hit costs as little as the host allows: the user id is one claim read as one
+//! property (all claims are read only for an exchange, which needs the assertion's
+//! attributes, or when the claim might not be a string); the token comes from the
+//! worker's own copy when it has one, else from the shared slot.
+
+use super::exchanges::NewExchange;
+use super::outcome::failure_of;
+use super::{bearer, Decision, Worker};
+use crate::cache::{CacheKey, Entry};
+use crate::config::{Destination, PluginConfig};
+use crate::coordination::slot;
+use crate::credentials::saml_bearer::SamlBearer;
+use crate::error::Failure;
+use crate::host::Host;
+use crate::identity::{self, attributes, Identity, UserIdRule};
+use crate::metrics::Metric;
+use crate::saml::assertion::Attribute;
+use crate::saml::canonical::is_xml_text;
+use serde_json::Value;
+use std::rc::Rc;
+
+impl Worker {
+    /// Decides a request for `config.destinations[destination]` from the user's verified
+    /// `identity`.
+    pub fn on_request(
+        &mut self,
+        host: &dyn Host,
+        config: &Rc<PluginConfig>,
+        request_id: u32,
+        destination: usize,
+        identity: &dyn Identity,
+    ) -> Decision {
+        self.scheduler.note_request();
+        self.help_sign(host);
+        let Some(dest) = config.destinations.get(destination) else {
+            return Decision::Fail(Failure::Internal {
+                reason: "unknown destination",
+            });
+        };
+        let mut claims = None;
+        let fast_user_id = match &dest.user_id {
+            UserIdRule::Claim { path, .. } => identity.string_claim(path),
+            UserIdRule::SystemUser(_) => None,
+        };
+        let user_id = match fast_user_id {
+            Some(user_id) => user_id,
+            None => {
+                let Some(all) = identity.claims() else {
+                    return Decision::Fail(Failure::NotAuthenticated);
+                };
+                match identity::user_id(&dest.user_id, claims.insert(all)) {
+                    Ok(user_id) => user_id,
+                    Err(e) => return Decision::Fail(Failure::UserId(e)),
+                }
+            }
+        };
+        if !is_xml_text(&user_id) {
+            return Decision::Fail(Failure::UserIdNotXml);
+        }
+        let now_ms = host.now_ms();
+        if let Some(token) = self.hot.get(&dest.cache_namespace, &user_id, now_ms) {
+            self.counters.add(Metric::CacheHit, 1);
+            return Decision::Forward(bearer(token));
+        }
+        let mut attributes = || {
+            let claims = claims.take().or_else(|| identity.claims())?;
+            Some(attributes_of(&claims, dest))
+        };
+        let key = CacheKey::new(&dest.cache_namespace, &user_id, config.cache_slots);
+        match slot::read_entry(host, &key).and_then(|e| e.live_at(now_ms)) {
+            Some(Entry::Token {
+                access_token,
+                times,
+            }) => {
+                self.counters.add(Metric::CacheHit, 1);
+                if now_ms < times.refresh_at_ms {
+                    self.hot.put(
+                        &dest.cache_namespace,
+                        &user_id,
+                        key.id,
+                        &access_token,
+                        times,
+                    );
+                } else if !self.exchanges.contains_key(&key.id)
+                    && self.exchanges.len() < config.max_exchanges_per_worker
+                {
+                    // Refresh in the background; this request goes on with the current token.
+                    if let Some(attributes) = attributes() {
+                        let refresh = self.new_exchange(
+                            config,
+                            destination,
+                            dest,
+                            key,
+                            user_id,
+                            attributes,
+                            None,
+                        );
+                        if self.queue(host, refresh) {
+                            self.counters.add(Metric::Refresh, 1);
+                        }
+                    }
+                }
+                return Decision::Forward(bearer(&access_token));
+            }
+            Some(entry) => return Decision::Fail(failure_of(entry)),
+            None => self.counters.add(Metric::CacheMiss, 1),
+        }
+        if self.join(&key.id, request_id, now_ms) {
+            return Decision::Wait;
+        }
+        if self.exchanges.len() >= config.max_exchanges_per_worker {
+            self.counters.add(Metric::AdmissionRefused, 1);
+            return Decision::Fail(Failure::Overloaded {
+                reason: "too many new users at once",
+            });
+        }
+        let Some(attributes) = attributes() else {
+            return Decision::Fail(Failure::NotAuthenticated);
+        };
+        let exchange = self.new_exchange(
+            config,
+            destination,
+            dest,
+            key,
+            user_id,
+            attributes,
+            Some(request_id),
+        );
+        if self.queue(host, exchange) {
+            Decision::Wait
+        } else {
+            Decision::Fail(Failure::Internal {
+                reason: "cannot schedule the token exchange",
+            })
+        }
+    }
+
+    /// The exchange for `user_id` at `dest`, by the destination's credential kind.
+    #[allow(clippy::too_many_arguments)]
+    fn new_exchange(
+        &self,
+        config: &Rc<PluginConfig>,
+        destination: usize,
+        dest: &Destination,
+        key: CacheKey,
+        user_id: String,
+        attributes: Vec<Attribute>,
+        waiter: Option<u32>,
+    ) -> NewExchange {
+        NewExchange {
+            key,
+            recipe: Box::new(SamlBearer::new(
+                Rc::clone(config),
+                destination,
+                user_id.clone(),
+                attributes,
+            )),
+            config: Rc::clone(config),
+            waiter,
+            timeout_ms: dest.token_service.timeout_ms,
+            namespace: Rc::from(dest.cache_namespace.as_str()),
+            user_id,
+        }
+    }
+}
+
+/// SAML attributes for the assertion; values XML cannot carry are left out.
+fn attributes_of(claims: &Value, dest: &Destination) -> Vec<Attribute> {
+    attributes::from_claims(
+        claims,
+        dest.skip_user_attributes_prefix,
+        dest.skip_user_uuid,
+    )
+    .into_iter()
+    .filter(|a| is_xml_text(&a.name) && a.values.iter().all(|v| is_xml_text(v)))
+    .collect()
+}
