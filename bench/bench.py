@@ -327,6 +327,9 @@ def main() -> int:
     print("head-of-line blocking (2 workers)...", flush=True)
     import head_of_line  # noqa: E402
     workers = head_of_line.measure(args.rounds, args.seconds)
+    print("a flood of new users (1 worker)...", flush=True)
+    import flood  # noqa: E402
+    flooding = flood.measure(args.rounds)
     print(f"memory with {args.memory_users} distinct users, then {args.memory_churn} more (2 workers)...", flush=True)
     import memory  # noqa: E402
     mem = memory.measure([args.memory_users, args.memory_churn])
@@ -421,9 +424,11 @@ def main() -> int:
         f"{PROBE_REPEAT} times per request (`MINIMAL_PROBE`), in the same Envoy after the rounds above "
         f"({args.rounds} rounds of 2 s per variant, A B C C B A): µs of Envoy CPU per call = (with − without) / "
         f"{PROBE_REPEAT}. Repeated calls run warm, so a single call in a request may cost somewhat more. Per hit "
-        "the plugin makes the calls of the minimal filter (a header, a shared-data read, setting a header) and "
-        "also: `claim`, `route`, `header` (`:path`, for the trust download), `clock` and `metric`; before it "
-        "read one claim it read the whole `metadata` and decoded it in Wasm (see the steps in V8 below).",
+        "the plugin reads the `claim` and the `route` and the `clock`, and sets a header; the token comes from "
+        "the worker's own copy (no `shared_data` read, no hashing), the hit counter is added up in Wasm and "
+        "reported once a second (no `metric` call per hit), and `:path` is read only for requests without a "
+        "user (no `header`). Before it read one claim it read the whole `metadata` and decoded it in Wasm "
+        "(see the steps in V8 below).",
         "",
         "| host call | µs per call, median (min–max) |",
         "| --- | --- |",
@@ -510,10 +515,10 @@ def main() -> int:
         "",
         "`examples/hit_bench.rs` in Node times the host-independent steps of a hit (median µs over 5 rounds "
         "of 2,000). Per hit the plugin reads the user's claim from the request's dynamic metadata and the "
-        "route's metadata (what `jwt_minimal_identity` adds to the minimal filter), one request header (for "
-        "the trust download path), the clock and the cache entry, counts the hit and sets the header, and "
-        "does the `hit:` steps below. Only an exchange (a miss or a refresh) reads the whole metadata and "
-        "decodes every claim with its type, for the assertion's attributes (the `miss:` steps).",
+        "route's metadata (what `jwt_minimal_identity` adds to the minimal filter) and the clock, finds the "
+        "token in the worker's copy and sets the header (the `hit:` steps below); the `shared:` steps are "
+        "what a hit from shared data (a worker without a copy) does instead. Only an exchange (a miss or a refresh) reads the whole metadata "
+        "and decodes every claim with its type, for the assertion's attributes (the `miss:` steps).",
         "",
         "```",
         hit_steps,
@@ -539,7 +544,8 @@ def main() -> int:
         "",
         "Signatures are computed in slices of 250 µs, one per millisecond tick, and in steps of "
         "four windows (20–40 µs) done by each request the worker serves meanwhile, so a hit waits at most one slice or does one "
-        "step; slices grow when the worker is idle or a signature has waited 250 ms (see `src/flow/mod.rs`). "
+        "step; slices grow when the worker is idle or a signature has waited 250 ms, within the worker's signing "
+        "share (see `src/flow/scheduler.rs`). "
         "P-256 signatures are computed the same way (64 steps). The arrivals of cached users show "
         "the cost of the arrival traffic alone; beyond it, the new users' signatures take CPU from the hits "
         "(50 RSA-2048 signatures a second are a sixth to a quarter of a core on this 2-core machine, where the "
@@ -552,12 +558,36 @@ def main() -> int:
            f"in this run it held up the hits less than the plugin's own slices (p99 ratio "
            f"{statistics.median(hol_burnt):.2f} against {statistics.median(hol):.2f})."),
         "",
+        "## A flood of new users (1 worker)",
+        "",
+        flood.__doc__.split("\n\n", 1)[1].strip(),
+        "",
+        f"{args.rounds} rounds of {flooding['seconds']:g} s per window; {flooding['new_users']} new users in all "
+        f"({flood.NEW_USERS_PER_SECOND} a second).",
+        "",
+        "| measure | median (min–max) |",
+        "| --- | --- |",
+        f"| cached user's p99 without new users (ms) | {summary(flooding['p99_quiet_ms'])} |",
+        f"| the same during the flood (ms) | {summary(flooding['p99_flood_ms'])} |",
+        f"| the same during the control flood (404s, no exchange) (ms) | {summary(flooding['p99_control_ms'])} |",
+        f"| p99 ratio flood / without | {summary([f / q for f, q in zip(flooding['p99_flood_ms'], flooding['p99_quiet_ms'])])} |",
+        f"| p99 ratio control / without | {summary([c / q for c, q in zip(flooding['p99_control_ms'], flooding['p99_quiet_ms'])])} |",
+        "",
+        f"Errors among the cached user's requests: {flooding['hit_errors']}. New users' answers: "
+        + ", ".join(f"{status}: {n}" for status, n in flooding["new_user_answers"].items())
+        + f". The plugin's counters over the rounds: "
+        + ", ".join(f"`{name}` {n}" for name, n in flooding["counters"].items())
+        + f". Wasm memory of the worker's VM: {flooding['wasm_mib_before']} MiB before the first flood, "
+        + ", ".join(f"{m} MiB" for m in flooding["wasm_mib_after_each_flood"]) + " after each.",
+        "",
         "## Memory with many users (2 workers)",
         "",
         memory.__doc__.split("\n\n", 1)[1].strip(),
         "",
         f"Cache: {mem['slots']} slots (the default `tokenCacheSlots`); token {mem['token_bytes']} bytes; "
-        f"{mem['exchanges']} exchanges in all. A slot holds one user's token: a new user whose slot is taken "
+        f"{mem['exchanges']} exchanges in all, {mem['lock_collisions']} of them while another user's exchange "
+        "held the same slot's lock (`lock_collision`: the exchange went ahead without waiting, single-flight "
+        "per worker only). A slot holds one user's token: a new user whose slot is taken "
         "evicts the old one, so the table never holds more than the cap and, once every slot is in use, "
         "churn replaces entries instead of adding them.",
         "",
@@ -572,7 +602,7 @@ def main() -> int:
         "",
         "```json",
         json.dumps({"cpu_us_per_request": cpu, "probe_cpu_us_per_request": probes,
-                    "stacked_cpu_us_per_request": stacked, "head_of_line": workers, "wake_us": wake,
+                    "stacked_cpu_us_per_request": stacked, "head_of_line": workers, "flood": flooding, "wake_us": wake,
                     "openssl_rsa2048_sign_ms": openssl_ms, "signing_v8_ms": signing_v8, "memory": mem},
                    indent=1),
         "```",

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,20 +52,34 @@ while True:
 """
 
 
-def bootstrap() -> dict:
+@dataclass(frozen=True)
+class Listeners:
+    """Where a gateway of this kind listens: the dev servers' ports (only the IdP's
+    cluster is named), and Envoy's own token service and upstream."""
+    ports: stack.Ports
+    token: int
+    upstream: int
+
+
+DEFAULT = Listeners(PORTS, TOKEN_LISTENER, UPSTREAM_LISTENER)
+
+
+def bootstrap(listeners: Listeners = DEFAULT) -> dict:
+    """The gateway: the plugin with an RSA and a P-256 destination (`/rsa/...`, `/ec/...`)."""
     from bench import listener  # noqa: E402
 
+    ports = listeners.ports
     plugin = {
         "tokenServiceCluster": "token_service",
         "keys": {"rsa": stack.key_ref("a"), "ec": stack.key_ref("ec")},
-        "destinations": [stack.destination(PORTS, "rsa", KeyStoreLocation="rsa"),
-                         stack.destination(PORTS, "ec", KeyStoreLocation="ec")],
+        "destinations": [stack.destination(ports, "rsa", KeyStoreLocation="rsa"),
+                         stack.destination(ports, "ec", KeyStoreLocation="ec")],
     }
     lua = {"name": "envoy.filters.http.lua", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
         "default_source_code": {"inline_string": memory.LUA_USER}}}
     wasm = {"name": "envoy.filters.http.wasm", "typed_config": stack.wasm_filter(plugin)}
-    gateway = listener("gateway", PORTS.listener, [lua, wasm], {})
+    gateway = listener("gateway", ports.listener, [lua, wasm], {})
     routes = [stack.route(f"/{name}", name) for name in ("rsa", "ec")]
     for r in routes:
         r["route"] = {"cluster": "upstream", "timeout": "15s"}
@@ -73,24 +88,25 @@ def bootstrap() -> dict:
     token = json.dumps({"access_token": memory.TOKEN, "token_type": "bearer", "expires_in": 3600})
     return {
         "node": {"id": "bench-hol", "cluster": "bench"},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": PORTS.admin}}},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ports.admin}}},
         "static_resources": {
             "listeners": [
                 gateway,
-                listener("token", TOKEN_LISTENER, [], memory.direct(200, token)),
-                listener("upstream", UPSTREAM_LISTENER, [], memory.direct(200, "{}")),
+                listener("token", listeners.token, [], memory.direct(200, token)),
+                listener("upstream", listeners.upstream, [], memory.direct(200, "{}")),
             ],
-            "clusters": [stack.cluster("token_service", TOKEN_LISTENER), stack.cluster("upstream", UPSTREAM_LISTENER),
-                         stack.cluster("idp", PORTS.idp), stack.cluster("token_service_down", PORTS.closed)],
+            "clusters": [stack.cluster("token_service", listeners.token), stack.cluster("upstream", listeners.upstream),
+                         stack.cluster("idp", ports.idp), stack.cluster("token_service_down", ports.closed)],
         },
     }
 
 
-def first_request(path: str, user: str, statuses: list[int], latencies: list[float] | None = None) -> None:
+def first_request(path: str, user: str, statuses: list[int], latencies: list[float] | None = None,
+                  port: int = PORTS.listener) -> None:
     """A new user's first request: its status, and its latency in ms into `latencies`."""
     started = time.monotonic()
     try:
-        connection = http.client.HTTPConnection("127.0.0.1", PORTS.listener, timeout=15)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
         connection.request("GET", path, headers={"x-bench-user": user})
         statuses.append(connection.getresponse().status)
         connection.close()

@@ -75,7 +75,12 @@ def bootstrap() -> dict:
 
 
 def gauge(name: str) -> int:
-    with urllib.request.urlopen(f"http://127.0.0.1:{PORTS.admin}/stats?filter={name}$", timeout=10) as r:
+    return gauge_of(PORTS.admin, name)
+
+
+def gauge_of(admin: int, name: str) -> int:
+    """A stat's value from Envoy's admin port (0 if it has none yet)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats?filter={name}$", timeout=10) as r:
         line = r.read().decode().strip()
     return int(line.rsplit(": ", 1)[1]) if line else 0
 
@@ -122,8 +127,11 @@ def measure(phases: list[int], connections: int = 32) -> dict:
             rows.append({"users": sent, **memory_mib(gateway), "seconds": round(time.monotonic() - start, 1),
                          "errors": errors})
             print(f"memory: {rows[-1]}", flush=True)
+        time.sleep(1.5)  # workers report their counters once a second
         exchanges = gauge("wasmcustom.principal_propagation.token_exchange.ok")  # a counter, read alike
-    return {"rows": rows, "exchanges": exchanges, "token_bytes": len(TOKEN), "slots": 100_000}
+        collisions = gauge("wasmcustom.principal_propagation.lock_collision")
+    return {"rows": rows, "exchanges": exchanges, "lock_collisions": collisions, "token_bytes": len(TOKEN),
+            "slots": 100_000}
 
 
 if __name__ == "__main__":

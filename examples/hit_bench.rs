@@ -6,10 +6,12 @@
 //! costs beyond the host calls. Prints the median microseconds per step over 5 rounds.
 use principal_propagation::cache::{self, CacheKey, Entry};
 use principal_propagation::config::PluginConfig;
+use principal_propagation::flow::hot::HotTokens;
 use principal_propagation::identity;
 use principal_propagation::identity::payload::{claims_from_metadata, string_claim_from_property};
 use prost::Message;
 use prost_types::{value::Kind, ListValue, Struct, Value};
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 #[path = "common/clock.rs"]
@@ -112,12 +114,32 @@ fn main() {
         times,
     }
     .encode(&key);
+    // The worker's copies, with as many other users as it keeps by default.
+    let hot = RefCell::new(HotTokens::new(1024));
+    for i in 0..1000 {
+        let other = format!("user-{i}@example.com");
+        let token = "b".repeat(800);
+        hot.borrow_mut()
+            .put(&dest.cache_namespace, &other, [0; 20], &token, times);
+    }
+    hot.borrow_mut().put(
+        &dest.cache_namespace,
+        &user,
+        key.id,
+        &"b".repeat(800),
+        times,
+    );
+    let now_ms = 1_795_323_921_000;
 
     type Step<'a> = (&'a str, &'a dyn Fn());
     let claim = user.as_bytes().to_vec();
-    let steps: [Step; 5] = [
+    let steps: [Step; 6] = [
         ("hit: user id, one claim  ", &|| {
             std::hint::black_box(string_claim_from_property(claim.clone()));
+        }),
+        ("hit: the worker's copy   ", &|| {
+            let mut hot = hot.borrow_mut();
+            std::hint::black_box(hot.get(&dest.cache_namespace, &user, now_ms).map(str::len));
         }),
         ("miss: all claims decoded ", &|| {
             std::hint::black_box(claims_from_metadata(
@@ -129,14 +151,14 @@ fn main() {
         ("miss: user id from claims", &|| {
             std::hint::black_box(identity::user_id(&dest.user_id, &claims).ok());
         }),
-        ("hit: cache key (SHA-256) ", &|| {
+        ("shared: cache key (SHA-256)", &|| {
             std::hint::black_box(CacheKey::new(
                 &dest.cache_namespace,
                 &user,
                 config.cache_slots,
             ));
         }),
-        ("hit: entry, 800 B token  ", &|| {
+        ("shared: entry, 800 B token", &|| {
             std::hint::black_box(Entry::decode(&entry, &key));
         }),
     ];
