@@ -3,6 +3,7 @@ use super::scheduler::{
     IDLE_SIGNING_SLICES, MAX_SIGNING_SLICES, SIGNING_SLICE_US, SIGNING_WAIT_STEP_MS,
 };
 use super::*;
+use super::{exchanges, recipe};
 use crate::cache::{self, CacheKey};
 use crate::coordination::notice::WAKE;
 use crate::host::{Callouts, Clock, Level, Queues, Random, Requests, SharedData, Telemetry};
@@ -1282,5 +1283,171 @@ fn the_registry_heartbeat_and_gauge_run_on_the_tick() {
     assert_eq!(
         crate::coordination::registry::live_queues(&h),
         vec![1002, 1001]
+    );
+}
+
+// ---- Other credential kinds plug in as recipes, without touching the engine ----
+
+/// Work of `units` steps that yields `artifact`.
+struct Countdown {
+    units: usize,
+    artifact: String,
+}
+
+impl recipe::Stepwise for Countdown {
+    fn advance(&mut self, units: usize) -> Option<Result<String, crate::keys::SignError>> {
+        self.units = self.units.saturating_sub(units);
+        (self.units == 0).then(|| Ok(std::mem::take(&mut self.artifact)))
+    }
+    fn metric(&self) -> Metric {
+        Metric::SigningEcMicros
+    }
+}
+
+/// A recipe of `calls` callouts in a row (an assertion fetched from the user's identity
+/// provider, then exchanged), or of one signature and no callout (a short-lived
+/// certificate) when `calls` is 0.
+struct Scripted {
+    calls: u32,
+    answered: u32,
+}
+
+impl recipe::Recipe for Scripted {
+    fn start(&mut self, _: &recipe::Start<'_>) -> recipe::Step {
+        if self.calls == 0 {
+            return recipe::Step::Sign(Box::new(Countdown {
+                units: 40,
+                artifact: "certificate".into(),
+            }));
+        }
+        recipe::Step::Call(self.request())
+    }
+    fn signed(
+        &mut self,
+        signed: Result<String, crate::keys::SignError>,
+        _: &dyn Telemetry,
+    ) -> recipe::Step {
+        recipe::Step::Done(
+            signed
+                .map(|artifact| recipe::Issued {
+                    access_token: artifact,
+                    lifetime_ms: 600_000,
+                })
+                .map_err(|_| Failure::Internal { reason: "signing" }),
+        )
+    }
+    fn answered(&mut self, answer: &recipe::Answer<'_>, _: &dyn Telemetry) -> recipe::Step {
+        self.answered += 1;
+        if answer.status != Some(200) {
+            return recipe::Step::Done(Err(Failure::Unavailable {
+                reason: "step failed",
+            }));
+        }
+        if self.answered < self.calls {
+            return recipe::Step::Call(self.request());
+        }
+        recipe::Step::Done(Ok(recipe::Issued {
+            access_token: format!("after-{}-calls", self.answered),
+            lifetime_ms: 600_000,
+        }))
+    }
+    fn describe(&self) -> (&str, &str) {
+        ("scripted", "user")
+    }
+}
+
+impl Scripted {
+    fn request(&self) -> TokenRequest {
+        TokenRequest {
+            cluster: format!("step-{}", self.answered),
+            headers: Vec::new(),
+            body: Vec::new(),
+            timeout_ms: 1_000,
+        }
+    }
+}
+
+fn queue_scripted(
+    w: &mut Worker,
+    h: &FakeHost,
+    c: &Rc<PluginConfig>,
+    calls: u32,
+    waiter: u32,
+) -> CacheKey {
+    let key = CacheKey::new("scripted", "user", c.cache_slots);
+    assert!(w.queue(
+        h,
+        exchanges::NewExchange {
+            key,
+            recipe: Box::new(Scripted { calls, answered: 0 }),
+            config: Rc::clone(c),
+            waiter: Some(waiter),
+            timeout_ms: 1_000,
+            namespace: Rc::from("scripted"),
+            user_id: "user".into(),
+        }
+    ));
+    key
+}
+
+#[test]
+fn a_credential_made_by_one_signature_needs_no_callout() {
+    let (h, c) = (host(), config());
+    let mut w = worker(&h, &c, 1);
+    let key = queue_scripted(&mut w, &h, &c, 0, 7);
+    deliver(&h, &mut w, 1);
+    sign_to_the_end(&h, &mut w, 1);
+    assert_eq!(h.dispatches(), 0);
+    assert_eq!(
+        *h.resumed.borrow(),
+        vec![(7, "Bearer certificate".to_string())]
+    );
+    assert!(matches!(
+        crate::coordination::slot::read_entry(&h, &key),
+        Some(cache::Entry::Token { access_token, .. }) if access_token == "certificate"
+    ));
+    assert_eq!(
+        crate::coordination::slot::lock_of(&h, &key),
+        None,
+        "released"
+    );
+}
+
+#[test]
+fn a_credential_made_by_two_callouts_in_a_row_keeps_the_lock_across_both() {
+    let (h, c) = (host(), config());
+    let (mut w1, mut w2) = (worker(&h, &c, 1), worker(&h, &c, 2));
+    let key = queue_scripted(&mut w1, &h, &c, 2, 7);
+    deliver(&h, &mut w1, 1);
+    assert_eq!(h.dispatched.borrow()[0].1.cluster, "step-0");
+    // The same identity on another worker waits for the whole recipe.
+    queue_scripted(&mut w2, &h, &c, 2, 8);
+    deliver(&h, &mut w2, 2);
+    assert!(w2.waits_elsewhere());
+    h.now_ns.set(T0 + 900 * MS); // the first answer comes late in its timeout
+    w1.on_callout_response(&h, 1, 101, Some(200), b"");
+    assert_eq!(
+        h.dispatched.borrow()[1].1.cluster,
+        "step-1",
+        "the second callout"
+    );
+    let lock = crate::coordination::slot::lock_of(&h, &key).unwrap();
+    assert!(
+        lock.deadline_ms >= (T0 + 900 * MS) / MS + 1_000,
+        "the deadline runs from the second dispatch"
+    );
+    h.now_ns.set(T0 + 1_600 * MS); // past the first callout's deadline, within the second's
+    w2.on_tick(&h, 2);
+    assert_eq!(h.dispatches(), 2, "w2 still waits: the lock stands");
+    w1.on_callout_response(&h, 1, 102, Some(200), b"");
+    assert_eq!(
+        *h.resumed.borrow(),
+        vec![(7, "Bearer after-2-calls".to_string())]
+    );
+    deliver(&h, &mut w2, 2);
+    assert_eq!(h.resumed.borrow().len(), 2);
+    assert_eq!(
+        h.resumed.borrow()[1],
+        (8, "Bearer after-2-calls".to_string())
     );
 }
