@@ -38,6 +38,37 @@ pub fn parse(config: &Value) -> Result<PluginConfig, crate::config::ConfigError>
     PluginConfig::parse(config.to_string().as_bytes(), &no_env)
 }
 
+/// Shared data and a clock, in memory (what the coordination code needs); randomness
+/// only when `random_works`.
+#[derive(Default)]
+pub struct MemoryHost {
+    pub shared: MemoryShared,
+    pub now_ms: std::cell::Cell<u64>,
+    pub random_works: bool,
+}
+
+impl crate::host::SharedData for MemoryHost {
+    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.shared.shared_get(key)
+    }
+    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+        self.shared.shared_set(key, value, cas)
+    }
+}
+
+impl crate::host::Clock for MemoryHost {
+    fn now_ns(&self) -> u64 {
+        self.now_ms.get() * 1_000_000
+    }
+}
+
+impl crate::host::Random for MemoryHost {
+    fn fill_random(&self, buf: &mut [u8]) -> bool {
+        buf.fill(0xa5);
+        self.random_works
+    }
+}
+
 /// Shared data as Envoy keeps it, in memory: compare-and-swap checked only for keys that
 /// exist, and an empty value read back as no value (the SDK cannot tell them apart).
 #[derive(Default)]

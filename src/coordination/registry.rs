@@ -107,37 +107,9 @@ pub fn queue_name(random: &(impl Random + ?Sized)) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::MemoryShared;
-    use std::cell::Cell;
+    use crate::testing::MemoryHost;
 
-    #[derive(Default)]
-    struct Host {
-        shared: MemoryShared,
-        now_ms: Cell<u64>,
-        random_works: bool,
-    }
-
-    impl SharedData for Host {
-        fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-            self.shared.shared_get(key)
-        }
-        fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
-            self.shared.shared_set(key, value, cas)
-        }
-    }
-
-    impl Clock for Host {
-        fn now_ns(&self) -> u64 {
-            self.now_ms.get() * 1_000_000
-        }
-    }
-
-    impl Random for Host {
-        fn fill_random(&self, buf: &mut [u8]) -> bool {
-            buf.fill(0xa5);
-            self.random_works
-        }
-    }
+    type Host = MemoryHost;
 
     fn host() -> Host {
         let h = Host::default();

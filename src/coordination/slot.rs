@@ -292,29 +292,9 @@ fn create(host: &(impl SharedData + Clock + ?Sized), key: &CacheKey, ticket: u64
 mod tests {
     use super::*;
     use crate::cache::TokenTimes;
-    use crate::testing::MemoryShared;
-    use std::cell::Cell;
+    use crate::testing::MemoryHost;
 
-    #[derive(Default)]
-    struct Host {
-        shared: MemoryShared,
-        now_ms: Cell<u64>,
-    }
-
-    impl SharedData for Host {
-        fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-            self.shared.shared_get(key)
-        }
-        fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
-            self.shared.shared_set(key, value, cas)
-        }
-    }
-
-    impl Clock for Host {
-        fn now_ns(&self) -> u64 {
-            self.now_ms.get() * 1_000_000
-        }
-    }
+    type Host = MemoryHost;
 
     fn host() -> Host {
         let h = Host::default();

@@ -438,8 +438,8 @@ impl Worker {
         }
     }
 
-    /// A callout ended (`status` `None`: no response).
-    pub(super) fn on_answer(
+    /// The callout `callout` of root `root` ended (`status` `None`: no response).
+    pub fn on_callout_response(
         &mut self,
         host: &dyn Host,
         root: u32,

@@ -144,19 +144,6 @@ impl Worker {
         }
     }
 
-    /// The token service answered callout `callout` of root `root` (`status` `None`: no
-    /// response).
-    pub fn on_callout_response(
-        &mut self,
-        host: &dyn Host,
-        root: u32,
-        callout: u32,
-        status: Option<u16>,
-        body: &[u8],
-    ) {
-        self.on_answer(host, root, callout, status, body);
-    }
-
     /// Root `root`'s timer: a slice of signing, the sweep of deadlines every
     /// [`pacing::SWEEP_MS`], counters and the queue's heartbeat once a second. Only the
     /// driving root does anything.

@@ -226,6 +226,17 @@ fn alice_token_times(c: &PluginConfig) -> cache::TokenTimes {
     cache::token_times(T0 / 1_000_000, 3_600_000, None, key.jitter())
 }
 
+/// Alice's token is due for refresh on worker 1: returns the host, the configuration,
+/// the worker and the token's times, the clock at its refresh time.
+fn alice_due_for_refresh() -> (FakeHost, Rc<PluginConfig>, Worker, cache::TokenTimes) {
+    let (h, c) = (host(), config());
+    let mut w = worker(&h, &c, 1);
+    first_exchange_for_alice(&mut w, &h, &c);
+    let times = alice_token_times(&c);
+    h.now_ns.set(times.refresh_at_ms * MS);
+    (h, c, w, times)
+}
+
 /// Runs worker `n`'s ticks until it stops signing (bounded).
 fn sign_to_the_end(h: &FakeHost, w: &mut Worker, n: u32) {
     for _ in 0..10_000 {
@@ -369,11 +380,7 @@ fn cached_token_serves_until_the_margin_then_a_new_exchange_runs() {
 
 #[test]
 fn tokens_are_refreshed_ahead_in_the_background_without_making_anyone_wait() {
-    let (h, c) = (host(), config());
-    let mut w = worker(&h, &c, 1);
-    first_exchange_for_alice(&mut w, &h, &c);
-    let times = alice_token_times(&c);
-    h.now_ns.set(times.refresh_at_ms * MS);
+    let (h, c, mut w, _) = alice_due_for_refresh();
     for id in 2..=3 {
         assert_eq!(
             w.on_request(&h, &c, id, 0, &Some(&alice())),
@@ -400,11 +407,7 @@ fn tokens_are_refreshed_ahead_in_the_background_without_making_anyone_wait() {
 
 #[test]
 fn a_failed_refresh_keeps_the_token_and_backs_off() {
-    let (h, c) = (host(), config());
-    let mut w = worker(&h, &c, 1);
-    first_exchange_for_alice(&mut w, &h, &c);
-    let times = alice_token_times(&c);
-    h.now_ns.set(times.refresh_at_ms * MS);
+    let (h, c, mut w, times) = alice_due_for_refresh();
     w.on_request(&h, &c, 2, 0, &Some(&alice()));
     deliver(&h, &mut w, 1);
     w.on_callout_response(&h, 1, 102, Some(503), b"down");
@@ -1122,11 +1125,7 @@ fn repro_new_users_beyond_the_admission_cap_are_refused_at_once_without_signing(
 
 #[test]
 fn repro_a_refresh_too_short_lived_to_cache_is_not_retried_every_half_second() {
-    let (h, c) = (host(), config());
-    let mut w = worker(&h, &c, 1);
-    first_exchange_for_alice(&mut w, &h, &c);
-    let times = alice_token_times(&c);
-    h.now_ns.set(times.refresh_at_ms * MS);
+    let (h, c, mut w, times) = alice_due_for_refresh();
     w.on_request(&h, &c, 2, 0, &Some(&alice()));
     deliver(&h, &mut w, 1);
     assert_eq!(h.dispatches(), 2, "the refresh");
