@@ -22,7 +22,8 @@ help:
 	@echo "make renew SLOT=a|b|second       - new certificate (2 years) for the same key"
 	@echo "make regenerate SLOT=a|b|second  - new key and certificate"
 	@echo "make rotate - swap active and passive key of the running demo, without a restart"
-	@echo "make difftest - RSA CRT and P-256 signers against the rsa and p256 crates on DIFFTEST_KEYS=10000 fresh keys each"
+	@echo "make difftest - RSA CRT and P-256 signers against the rsa and p256 crates on DIFFTEST_KEYS=10000 fresh keys each,"
+	@echo "                 and the RSA one on DIFFTEST_KEYS_4096=500 fresh 4096-bit keys"
 	@echo "make bench  - measure against peers side by side in one Envoy, write BENCHMARKS.md"
 	@echo "make soak   - ten minutes of load with user churn and token expiry (SOAK_SECONDS), write SOAK.md"
 	@echo "make fuzz   - run every cargo-fuzz target for FUZZ_SECONDS (default 60), growing fuzz/corpus"
@@ -111,19 +112,27 @@ test-e2e: setup build keys
 
 ## Signer differential tests at scale (`cargo test` runs them on ~300 keys each) ----------
 
-DIFFTEST_KEYS   ?= 10000
+DIFFTEST_KEYS      ?= 10000
+# 4096-bit keys: a fresh 2048-bit prime takes about 0.5 s of CPU (the default's 1,014:
+# about 5 minutes on both cores, once, kept for reruns); the comparison about 40 ms a key.
+DIFFTEST_KEYS_4096 ?= 500
 # 1% spare pairs: a pair whose p - 1 or q - 1 shares a factor with 65537 makes no key.
-DIFFTEST_PAIRS  := $(shell echo $$(( $(DIFFTEST_KEYS) + $(DIFFTEST_KEYS) / 100 + 2 )))
-DIFFTEST_PRIMES := target/difftest/primes-1024-$(DIFFTEST_PAIRS)-pairs.txt
+difftest_pairs        = $(shell echo $$(( $(1) + $(1) / 100 + 2 )))
+DIFFTEST_PRIMES      := target/difftest/primes-1024-$(call difftest_pairs,$(DIFFTEST_KEYS))-pairs.txt
+DIFFTEST_PRIMES_4096 := target/difftest/primes-2048-$(call difftest_pairs,$(DIFFTEST_KEYS_4096))-pairs.txt
 
-# Two fresh OpenSSL primes per pair (about 70 ms each, both cores), kept for reruns.
-$(DIFFTEST_PRIMES):
+# target/difftest/primes-<bits>-<pairs>-pairs.txt: two fresh OpenSSL primes of <bits> per
+# pair (1024 bits: about 70 ms each; both cores), kept for reruns.
+target/difftest/primes-%-pairs.txt:
 	@mkdir -p $(@D)
-	seq $$((2 * $(DIFFTEST_PAIRS))) | xargs -P 2 -n 50 sh -c 'for i; do openssl prime -generate -bits 1024 -hex; done' _ > $@.tmp
+	bits=$(word 1,$(subst -, ,$*)); pairs=$(word 2,$(subst -, ,$*)); \
+	  seq $$((2 * pairs)) | xargs -P 2 -n 50 sh -c 'for i; do openssl prime -generate -bits '$$bits' -hex; done' _ > $@.tmp
 	mv $@.tmp $@
 
-difftest: $(DIFFTEST_PRIMES)
+difftest: $(DIFFTEST_PRIMES) $(DIFFTEST_PRIMES_4096)
 	PP_DIFFTEST_PRIMES=$(DIFFTEST_PRIMES) PP_DIFFTEST_KEYS=$(DIFFTEST_KEYS) \
+	  cargo test --profile difftest --test rsa_difftest -- --nocapture
+	PP_DIFFTEST_PRIMES=$(DIFFTEST_PRIMES_4096) PP_DIFFTEST_KEYS=$(DIFFTEST_KEYS_4096) \
 	  cargo test --profile difftest --test rsa_difftest -- --nocapture
 	PP_DIFFTEST_SEED=$$(od -An -N8 -tu8 /dev/urandom | tr -d ' ') PP_DIFFTEST_KEYS=$(DIFFTEST_KEYS) \
 	  cargo test --profile difftest --test ecdsa_difftest -- --nocapture

@@ -1,30 +1,32 @@
 //! The gateway's signing key and certificate, checked once when the configuration loads.
 //!
-//! Keys arrive as PEM: RSA (PKCS#8 `PRIVATE KEY` or PKCS#1 `RSA PRIVATE KEY`, at least
-//! 2048 bits, signing RSA-SHA256) or ECDSA P-256 (PKCS#8 or SEC1 `EC PRIVATE KEY`,
+//! Keys arrive as PEM: RSA (PKCS#8 `PRIVATE KEY` or PKCS#1 `RSA PRIVATE KEY`, two primes,
+//! 2048 to 4096 bits, signing RSA-SHA256) or ECDSA P-256 (PKCS#8 or SEC1 `EC PRIVATE KEY`,
 //! signing ECDSA-SHA256, for targets that accept it: about ten times cheaper to sign in
-//! Wasm). A key that does not belong to the certificate it is configured with is
-//! refused, so a wrong pairing fails at load time and not at every token server.
+//! Wasm). Every key is signed stepwise, in constant time ([`rsa_crt`], [`ecdsa_p256`]);
+//! a key of another shape is refused here, at load, rather than signed some slower way.
+//! A key that does not belong to the certificate it is configured with is refused too,
+//! so a wrong pairing fails at load time and not at every token server.
 
 pub mod ecdsa_p256;
 pub mod rsa_crt;
 
 use base64::Engine;
 use ecdsa_p256::{EcKey, EcSigning};
+use rsa::pkcs1::der::{Decode, SecretDocument};
 use rsa::pkcs1::DecodeRsaPrivateKey;
-use rsa::pkcs1v15::SigningKey as RsaSigningKey;
 use rsa::pkcs8::{DecodePrivateKey, EncodePublicKey};
-use rsa::signature::{SignatureEncoding, Signer};
 use rsa::traits::PublicKeyParts;
 use rsa::RsaPrivateKey;
 use rsa_crt::{RsaCrtKey, RsaSigning};
-use sha2::Sha256;
 use std::fmt;
 use x509_cert::der::{DecodePem, Encode};
 use x509_cert::Certificate;
 
 /// Smallest RSA modulus accepted for signing assertions.
 pub const MIN_RSA_BITS: usize = 2048;
+/// Largest RSA modulus accepted: the stepwise signer's largest size.
+pub const MAX_RSA_BITS: usize = rsa_crt::MAX_MODULUS_BITS;
 
 /// A private key with its certificate, ready to sign assertions.
 #[derive(Clone)]
@@ -38,9 +40,7 @@ pub struct SigningKey {
 enum Algorithm {
     /// `http://www.w3.org/2001/04/xmldsig-more#rsa-sha256` (RSASSA-PKCS1-v1_5), two-prime
     /// keys: constant-time CRT signing, several times faster in Wasm than the `rsa` crate.
-    RsaSha256Crt(Box<RsaCrtKey>),
-    /// RSA-SHA256 for the keys [`RsaCrtKey`] does not take (multi-prime): the `rsa` crate.
-    RsaSha256(Box<RsaSigningKey<Sha256>>),
+    RsaSha256(Box<RsaCrtKey>),
     /// `http://www.w3.org/2001/04/xmldsig-more#ecdsa-sha256` on P-256 (RFC 6979 nonces),
     /// computed stepwise like RSA (see [`ecdsa_p256`]).
     EcdsaP256Sha256(Box<EcKey>),
@@ -95,6 +95,17 @@ impl fmt::Debug for SigningKey {
 pub enum KeyError {
     PrivateKeyUnreadable,
     KeyTooShort(usize),
+    /// An RSA key of this many primes (RFC 8017 multi-prime): the CRT signer takes two.
+    MultiPrime(usize),
+    /// An RSA modulus of this many bits, over [`MAX_RSA_BITS`].
+    RsaKeyTooLong(usize),
+    /// A prime too long for the signer's largest size (very unequal primes).
+    RsaPrimeTooLong {
+        modulus_bits: usize,
+        prime_bits: usize,
+    },
+    /// Factors of fitting sizes with no CRT form (an even one, or no `qInv`).
+    RsaKeyUnusable,
     CertificateUnreadable,
     CertificateDoesNotMatchKey,
 }
@@ -108,6 +119,24 @@ impl fmt::Display for KeyError {
             KeyError::KeyTooShort(bits) => {
                 write!(f, "is a {bits}-bit RSA key; at least {MIN_RSA_BITS} bits are required")
             }
+            KeyError::MultiPrime(primes) => write!(
+                f,
+                "is a {primes}-prime RSA key; only two-prime RSA keys are supported"
+            ),
+            KeyError::RsaKeyTooLong(bits) => {
+                write!(f, "is a {bits}-bit RSA key; at most {MAX_RSA_BITS} bits are supported")
+            }
+            KeyError::RsaPrimeTooLong {
+                modulus_bits,
+                prime_bits,
+            } => write!(
+                f,
+                "is a {modulus_bits}-bit RSA key with a {prime_bits}-bit prime factor; each may have at most {} bits",
+                rsa_crt::MAX_PRIME_BITS
+            ),
+            KeyError::RsaKeyUnusable => f.write_str(
+                "is an RSA key whose factors have no CRT form (an even factor, or factors with a common divisor)",
+            ),
             KeyError::CertificateUnreadable => f.write_str("is not a PEM X.509 certificate"),
             KeyError::CertificateDoesNotMatchKey => {
                 f.write_str("does not certify the configured private key")
@@ -132,8 +161,6 @@ impl fmt::Display for SignError {
 pub enum Signing {
     Rsa(RsaSigning),
     Ec(EcSigning),
-    /// Signed already; `None` once the result was taken.
-    Done(Option<Result<Vec<u8>, SignError>>),
 }
 
 impl Signing {
@@ -143,7 +170,6 @@ impl Signing {
         match self {
             Signing::Rsa(signing) => signing.advance(windows),
             Signing::Ec(signing) => signing.advance(windows),
-            Signing::Done(result) => result.take(),
         }
     }
 
@@ -190,23 +216,18 @@ impl SigningKey {
     /// The same signature, to be computed by [`Signing::advance`] a slice at a time: a
     /// 2048-bit RSA signature takes milliseconds in Wasm (a P-256 one about 0.3 ms), and
     /// a worker that computed it in one go would hold up every other request on its
-    /// thread meanwhile. Multi-prime RSA keys (the `rsa` crate's) are signed here, at once.
+    /// thread meanwhile.
     pub fn start_signing(&self, message: &[u8]) -> Signing {
         match &self.algorithm {
-            Algorithm::RsaSha256Crt(key) => Signing::Rsa(key.start(message)),
+            Algorithm::RsaSha256(key) => Signing::Rsa(key.start(message)),
             Algorithm::EcdsaP256Sha256(key) => Signing::Ec(key.start(message)),
-            Algorithm::RsaSha256(key) => Signing::Done(Some(
-                key.try_sign(message)
-                    .map(|signature| signature.to_vec())
-                    .map_err(|_| SignError),
-            )),
         }
     }
 
     /// The XML-DSig `SignatureMethod` URI.
     pub fn signature_method(&self) -> &'static str {
         match self.algorithm {
-            Algorithm::RsaSha256Crt(_) | Algorithm::RsaSha256(_) => RSA_SHA256,
+            Algorithm::RsaSha256(_) => RSA_SHA256,
             Algorithm::EcdsaP256Sha256(_) => ECDSA_SHA256,
         }
     }
@@ -258,11 +279,11 @@ fn parse_private_key(pem: &str) -> Result<(Algorithm, Vec<u8>), KeyError> {
             .to_public_key()
             .to_public_key_der()
             .map_err(|_| KeyError::PrivateKeyUnreadable)?;
-        let algorithm = match RsaCrtKey::new(&key) {
-            Some(crt) => Algorithm::RsaSha256Crt(Box::new(crt)),
-            None => Algorithm::RsaSha256(Box::new(RsaSigningKey::new(key))),
-        };
+        let algorithm = Algorithm::RsaSha256(Box::new(RsaCrtKey::new(&key)?));
         return Ok((algorithm, public.as_bytes().to_vec()));
+    }
+    if let Some(primes) = rsa_prime_count(pem).filter(|&primes| primes > 2) {
+        return Err(KeyError::MultiPrime(primes));
     }
     let ec = p256::SecretKey::from_pkcs8_pem(pem)
         .or_else(|_| p256::SecretKey::from_sec1_pem(pem))
@@ -277,9 +298,31 @@ fn parse_private_key(pem: &str) -> Result<(Algorithm, Vec<u8>), KeyError> {
     ))
 }
 
+/// How many primes a PEM RSA private key has, read from its `otherPrimeInfos` (RFC 8017,
+/// A.1.2): the `rsa` crate refuses multi-prime keys as unreadable, which would hide why.
+fn rsa_prime_count(pem: &str) -> Option<usize> {
+    let (label, document) = SecretDocument::from_pem(pem).ok()?;
+    let pkcs1 = match label {
+        "RSA PRIVATE KEY" => document.as_bytes(),
+        "PRIVATE KEY" => {
+            let info = rsa::pkcs8::PrivateKeyInfo::from_der(document.as_bytes()).ok()?;
+            if info.algorithm.oid != rsa::pkcs1::ALGORITHM_OID {
+                return None;
+            }
+            info.private_key
+        }
+        _ => return None,
+    };
+    let key = rsa::pkcs1::RsaPrivateKey::from_der(pkcs1).ok()?;
+    Some(2 + key.other_prime_infos.map_or(0, |others| others.len()))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use rsa::pkcs1v15::SigningKey as RsaSigningKey;
+    use rsa::signature::{SignatureEncoding, Signer};
+    use sha2::Sha256;
 
     pub(crate) const KEY_PKCS8: &str = include_str!("../tests/fixtures/signing-key.pem");
     pub(crate) const KEY_PKCS1: &str = include_str!("../tests/fixtures/signing-key-pkcs1.pem");
@@ -336,6 +379,48 @@ pub(crate) mod tests {
             SigningKey::from_pem(include_str!("../tests/fixtures/ec-key.pem"), CERT).unwrap_err(),
             KeyError::CertificateDoesNotMatchKey
         );
+    }
+
+    /// RSA fixtures of every size the stepwise signer takes, with the units a signature
+    /// takes at one unit a call (two half exponentiations of 7 windows per prime limb).
+    pub(crate) const RSA_SIZES: [(&str, &str, usize, usize); 3] = [
+        (KEY_PKCS8, CERT, 2048, 2 * 37 * 7),
+        (
+            include_str!("../tests/fixtures/rsa-3072-key.pem"),
+            include_str!("../tests/fixtures/rsa-3072-cert.pem"),
+            3072,
+            2 * 55 * 7,
+        ),
+        (
+            include_str!("../tests/fixtures/rsa-4096-key.pem"),
+            include_str!("../tests/fixtures/rsa-4096-cert.pem"),
+            4096,
+            2 * 74 * 7,
+        ),
+    ];
+
+    #[test]
+    fn rsa_keys_of_2048_3072_and_4096_bits_sign_in_steps() {
+        for (pem, cert, bits, units) in RSA_SIZES {
+            let key = SigningKey::from_pem(pem, cert).unwrap();
+            let reference =
+                RsaSigningKey::<Sha256>::new(RsaPrivateKey::from_pkcs8_pem(pem).unwrap());
+            let mut signing = key.start_signing(b"message");
+            let mut calls = 1;
+            let signature = loop {
+                match signing.advance(1) {
+                    Some(result) => break result.unwrap(),
+                    None => calls += 1,
+                }
+            };
+            assert_eq!(calls, units, "{bits} bits: one unit a call");
+            assert_eq!(signature.len(), bits / 8);
+            assert_eq!(
+                signature,
+                reference.sign(b"message").to_vec(),
+                "{bits} bits"
+            );
+        }
     }
 
     #[test]

@@ -5,11 +5,11 @@
 //!
 //! Keys are pairs of primes from a pool, in the order drawn, so `p < q` and `p > q` both
 //! occur. `cargo test` uses the committed pools (`tests/fixtures/primes-*.txt`, OpenSSL
-//! primes: all 276 pairs of 24 1024-bit primes and all 28 of 8 1536-bit ones, two
-//! messages each). `make difftest` runs it on fresh OpenSSL primes taken two by two, so
-//! each key has primes of its own: `PP_DIFFTEST_PRIMES=<file of hex primes, one a line>`
-//! (every pair is tried), `PP_DIFFTEST_KEYS=<least number of keys compared>` (release
-//! build, all cores).
+//! primes: all 276 pairs of 24 1024-bit primes, all 28 of 8 1536-bit ones and all 15 of
+//! 6 2048-bit ones, two messages each). `make difftest` runs it on fresh OpenSSL primes
+//! taken two by two, so each key has primes of its own: `PP_DIFFTEST_PRIMES=<file of hex
+//! primes, one a line>` (every pair is tried), `PP_DIFFTEST_KEYS=<least number of keys
+//! compared>` (release build, all cores).
 
 mod common;
 
@@ -56,6 +56,7 @@ fn crt_signatures_equal_the_rsa_crate_ones() {
             for (pool, seed) in [
                 (include_str!("fixtures/primes-1024.txt"), 1),
                 (include_str!("fixtures/primes-1536.txt"), 2),
+                (include_str!("fixtures/primes-2048.txt"), 3),
             ] {
                 let pairs = all_pairs(&primes(pool));
                 let (keys, below) = compare(&pairs, 2, seed);

@@ -24,17 +24,20 @@ fn ecdsa_signed_assertion_is_the_golden_one() {
 }
 
 /// The RSA signer's limb products use Wasm SIMD here (natively they do not): the
-/// differential test of `tests/rsa_difftest.rs` on 66 keys of the committed pools.
+/// differential test of `tests/rsa_difftest.rs` on 69 keys of the committed pools (the
+/// 4096-bit ones also sum the public-key check's columns in a `u128`).
 #[wasm_bindgen_test]
 fn rsa_crt_signatures_equal_the_rsa_crate_ones_under_simd() {
     use common::rsa_reference::{all_pairs, compare, primes};
     let pairs_2048 = all_pairs(&primes(include_str!("fixtures/primes-1024.txt")));
     let pairs_3072 = all_pairs(&primes(include_str!("fixtures/primes-1536.txt")));
+    let pairs_4096 = all_pairs(&primes(include_str!("fixtures/primes-2048.txt")));
     let (keys_2048, _) = compare(&pairs_2048[..60], 1, 3);
     let (keys_3072, _) = compare(&pairs_3072[..6], 1, 4);
+    let (keys_4096, _) = compare(&pairs_4096[..3], 1, 5);
     assert!(
-        keys_2048 >= 58 && keys_3072 >= 5,
-        "{keys_2048} + {keys_3072} keys"
+        keys_2048 >= 58 && keys_3072 >= 5 && keys_4096 == 3,
+        "{keys_2048} + {keys_3072} + {keys_4096} keys"
     );
 }
 

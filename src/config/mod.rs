@@ -286,7 +286,12 @@ fn parse_key(
     SigningKey::from_pem(&private_key, &certificate).map_err(|e| {
         let field = match e {
             KeyError::CertificateUnreadable | KeyError::CertificateDoesNotMatchKey => "certificate",
-            KeyError::PrivateKeyUnreadable | KeyError::KeyTooShort(_) => "privateKey",
+            KeyError::PrivateKeyUnreadable
+            | KeyError::KeyTooShort(_)
+            | KeyError::MultiPrime(_)
+            | KeyError::RsaKeyTooLong(_)
+            | KeyError::RsaPrimeTooLong { .. }
+            | KeyError::RsaKeyUnusable => "privateKey",
         };
         ConfigError::new(entry.key(field), e.to_string())
     })

@@ -331,3 +331,67 @@ fn keys_can_have_an_active_and_a_passive_certificate() {
         json!({"default": {"passive": {"privateKey": passive_key, "certificate": passive_cert}}});
     assert!(refused(config).contains("`keys.default.active` is required next to passive"));
 }
+
+/// A configuration whose only key is `private_key` (with `certificate`).
+fn with_key(private_key: &str, certificate: &str) -> Value {
+    let mut c = config_json(vec![destination_json("d")]);
+    c["keys"]["default"] = json!({"privateKey": private_key, "certificate": certificate});
+    c
+}
+
+/// An RSA key of chosen "primes" as PKCS#8 PEM (the `rsa` crate checks `p q = n` and
+/// `d e = 1 mod (p - 1)`, not primality, so a product of pool primes makes wide shapes).
+fn rsa_key_pem(p: rsa::BigUint, q: rsa::BigUint) -> String {
+    use rsa::pkcs8::EncodePrivateKey;
+    let key = rsa::RsaPrivateKey::from_p_q(p, q, rsa::BigUint::from(65_537u32)).unwrap();
+    key.to_pkcs8_pem(rsa::pkcs8::LineEnding::LF)
+        .unwrap()
+        .to_string()
+}
+
+fn pool(text: &str) -> Vec<rsa::BigUint> {
+    text.lines()
+        .map(|l| rsa::BigUint::parse_bytes(l.as_bytes(), 16).unwrap())
+        .collect()
+}
+
+#[test]
+fn refuses_multi_prime_rsa_keys_naming_the_key() {
+    let cert = include_str!("../../tests/fixtures/multi-prime-cert.pem");
+    for pem in [
+        include_str!("../../tests/fixtures/multi-prime-key.pem"),
+        include_str!("../../tests/fixtures/multi-prime-key-pkcs1.pem"),
+    ] {
+        assert_eq!(
+            refused(with_key(pem, cert)),
+            "configuration key `keys.default.privateKey` is a 3-prime RSA key; only two-prime RSA keys are supported"
+        );
+    }
+}
+
+#[test]
+fn refuses_rsa_keys_over_4096_bits_naming_the_key() {
+    let primes_1024 = pool(include_str!("../../tests/fixtures/primes-1024.txt"));
+    let primes_2048 = pool(include_str!("../../tests/fixtures/primes-2048.txt"));
+    // 2048 + 2048 + 1024 bits.
+    let wide = rsa_key_pem(primes_2048[0].clone(), &primes_2048[1] * &primes_1024[0]);
+    assert_eq!(
+        refused(with_key(&wide, CERT)),
+        "configuration key `keys.default.privateKey` is a 5120-bit RSA key; at most 4096 bits are supported"
+    );
+}
+
+#[test]
+fn refuses_rsa_keys_whose_primes_do_not_fit_naming_the_key() {
+    let primes_1024 = pool(include_str!("../../tests/fixtures/primes-1024.txt"));
+    // A 4096-bit modulus of a 1024-bit and a 3072-bit factor.
+    let lopsided = rsa_key_pem(
+        primes_1024[0].clone(),
+        &primes_1024[1] * &primes_1024[2] * &primes_1024[3],
+    );
+    let message = refused(with_key(&lopsided, CERT));
+    assert_eq!(
+        message,
+        "configuration key `keys.default.privateKey` is a 4096-bit RSA key with a 3072-bit prime factor; each may have at most 2068 bits"
+    );
+}

@@ -13,6 +13,9 @@
 //!
 //! Constant time: all 64 windows are processed whatever `k` is, and the entry of a row is
 //! picked by reading all 16 with `subtle`'s masked `conditional_select`.
+//!
+//! The secret scalar, the nonce `k` and the partial sum of `k·G` (its windows can be read
+//! off it) are wiped when dropped (`zeroize`), and the byte copies of scalars when used.
 
 use p256::elliptic_curve::ops::Reduce;
 use p256::elliptic_curve::point::AffineCoordinates;
@@ -21,6 +24,7 @@ use p256::elliptic_curve::{Curve, Field, FieldBytesEncoding, PrimeField};
 use p256::{FieldBytes, NistP256, ProjectivePoint, Scalar, U256};
 use sha2::{Digest, Sha256};
 use std::sync::OnceLock;
+use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use super::SignError;
 
@@ -77,21 +81,33 @@ impl EcKey {
         // For SHA-256 on P-256 the digest is exactly a field element's bytes (`bits2field`
         // takes it as is).
         let z = FieldBytes::clone_from_slice(&Sha256::digest(message));
-        let k_bytes = rfc6979::generate_k::<Sha256, _>(
-            &self.secret.to_repr(),
+        let mut secret_bytes = self.secret.to_repr();
+        let mut k_bytes = rfc6979::generate_k::<Sha256, _>(
+            &secret_bytes,
             &NistP256::ORDER.encode_field_bytes(),
             &z,
             &[],
         );
+        let k = Option::from(Scalar::from_repr(k_bytes));
+        secret_bytes.as_mut_slice().zeroize();
+        k_bytes.as_mut_slice().zeroize();
         EcSigning {
             key: self.clone(),
-            k: Option::from(Scalar::from_repr(k_bytes)),
+            k,
             z,
             point: ProjectivePoint::IDENTITY,
             windows_done: 0,
         }
     }
 }
+
+impl Drop for EcKey {
+    fn drop(&mut self) {
+        self.secret.zeroize();
+    }
+}
+
+impl ZeroizeOnDrop for EcKey {}
 
 /// A P-256 signature under way (see [`EcKey::start`]).
 pub struct EcSigning {
@@ -110,10 +126,10 @@ impl EcSigning {
     /// lookup and an addition, a few µs in V8; a signature is 64 units). `Some` once
     /// the signature is done.
     pub fn advance(&mut self, windows: usize) -> Option<Result<Vec<u8>, SignError>> {
-        let Some(k) = self.k else {
+        let Some(k) = &self.k else {
             return Some(Err(SignError));
         };
-        let k_bytes = k.to_repr(); // big-endian
+        let mut k_bytes = k.to_repr(); // big-endian
         for _ in 0..windows {
             let i = self.windows_done;
             if i == WINDOWS {
@@ -128,15 +144,17 @@ impl EcSigning {
             self.point += select(&self.key.generator_table[i], window);
             self.windows_done += 1;
         }
-        (self.windows_done == WINDOWS).then(|| self.finish(&k))
+        k_bytes.as_mut_slice().zeroize();
+        (self.windows_done == WINDOWS).then(|| self.finish(k))
     }
 
     /// `r = x(k·G) mod n`, `s = k⁻¹ (z + r d) mod n` (as `ecdsa::hazmat::sign_prehashed`).
     fn finish(&self, k: &Scalar) -> Result<Vec<u8>, SignError> {
-        let k_inverse: Scalar = Option::from(k.invert()).ok_or(SignError)?;
+        let mut k_inverse: Scalar = Option::from(k.invert()).ok_or(SignError)?;
         let z = <Scalar as Reduce<U256>>::reduce_bytes(&self.z);
         let r = <Scalar as Reduce<U256>>::reduce_bytes(&self.point.to_affine().x());
         let s = k_inverse * (z + r * self.key.secret);
+        k_inverse.zeroize();
         if bool::from(r.is_zero() | s.is_zero()) {
             return Err(SignError);
         }
@@ -146,6 +164,19 @@ impl EcSigning {
     }
 }
 
+impl Drop for EcSigning {
+    fn drop(&mut self) {
+        // `k` in place (see `rsa_crt`'s `CrtSigning`: zeroize's `Option` impl leaves
+        // undefined payload bytes). `key` wipes itself; `z` is the message digest, public.
+        if let Some(k) = &mut self.k {
+            k.zeroize();
+        }
+        self.point.zeroize();
+    }
+}
+
+impl ZeroizeOnDrop for EcSigning {}
+
 /// `table[index]`, reading every entry (the index is secret).
 fn select(table: &[ProjectivePoint], index: u8) -> ProjectivePoint {
     let mut out = ProjectivePoint::IDENTITY;
@@ -153,4 +184,45 @@ fn select(table: &[ProjectivePoint], index: u8) -> ProjectivePoint {
         out.conditional_assign(entry, (i as u8).ct_eq(&index));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p256::elliptic_curve::group::Group;
+
+    #[test]
+    fn dropping_a_key_or_a_signing_wipes_its_secrets() {
+        let pem = include_str!("../../tests/fixtures/ec-key.pem");
+        let secret = <p256::SecretKey as p256::pkcs8::DecodePrivateKey>::from_pkcs8_pem(pem)
+            .expect("fixture key");
+        let key = EcKey::new(&p256::ecdsa::SigningKey::from(secret));
+        let mut signing = key.start(b"m");
+        assert!(signing.advance(WINDOWS / 2).is_none());
+        assert!(
+            !bool::from(signing.point.is_identity()),
+            "half of k·G so far"
+        );
+        let mut slot = std::mem::ManuallyDrop::new((key, signing));
+        // SAFETY: dropped once, here; afterwards only the fields' bytes are read, whose
+        // memory stays in `slot` (a scalar is four `u64` limbs, a point three field
+        // elements of four; the `Option` a tag and a scalar, all initialized).
+        unsafe { std::ptr::drop_in_place(&mut *slot) };
+        let (key, signing) = &*slot;
+        let bytes = |p: *const u8, len: usize| unsafe { std::slice::from_raw_parts(p, len) };
+        assert_eq!(key.secret, Scalar::ZERO, "secret left behind");
+        assert_eq!(
+            signing.key.secret,
+            Scalar::ZERO,
+            "the signing's copy left behind"
+        );
+        let k = &signing.k as *const Option<Scalar> as *const u8;
+        let k_len = std::mem::size_of::<Option<Scalar>>();
+        let k_payload = &bytes(k, k_len)[k_len - 32..];
+        assert!(k_payload.iter().all(|&b| b == 0), "k left behind");
+        assert!(
+            bool::from(signing.point.is_identity()),
+            "k·G so far left behind"
+        );
+    }
 }

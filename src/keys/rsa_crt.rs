@@ -4,12 +4,14 @@
 //! Why not the `rsa` crate's signer: its `num-bigint-dig` arithmetic is variable-time and
 //! about three times as slow in V8 (`examples/sign_bench.rs` measures both). Wasm has no
 //! 64×64→128-bit multiply, so numbers here are 28-bit limbs held in `u64`s: a limb product
-//! takes 56 bits, and a whole column of a Montgomery product (at most 2 × 110 limb products
-//! for a 3072-bit `n`, below 2^64) is summed without carrying after every step; squarings
-//! compute each cross product once. With one factor's limbs reversed, a column is a plain
-//! dot product, which the plugin's build computes four limb products at a time with Wasm
-//! SIMD (`u64x2.extmul_*_u32x4`; [`dot`]). The `rsa` crate still parses keys, signs keys of
-//! other shapes (see [`RsaCrtKey::new`]), and is the reference of the differential tests.
+//! takes 56 bits, and a whole column of a Montgomery product (up to 2 L limb products) is
+//! summed without carrying after every step: in a `u64` up to 127 limbs (every prime, and
+//! `n` up to 3072 bits), in a `u128` beyond (`n` of a 4096-bit key, only for the public-key
+//! check), picked at compile time from `L` ([`Column`]). Squarings compute each cross
+//! product once. With one factor's limbs reversed, a column is a plain dot product, which
+//! the plugin's build computes four limb products at a time with Wasm SIMD
+//! (`u64x2.extmul_*_u32x4`; [`dot`]). The `rsa` crate parses keys and is the reference of
+//! the differential tests; keys of other shapes are refused at load ([`RsaCrtKey::new`]).
 //!
 //! A signature can be computed in steps ([`RsaCrtKey::start`], [`RsaSigning::advance`]),
 //! so that the worker thread signing it can serve other requests in between.
@@ -24,6 +26,10 @@
 //! Every signature is checked with the public key (`s^e mod n`, here too, with `n` and `e`
 //! as loaded) before it is released: a computation fault in one CRT half would otherwise
 //! reveal a prime factor.
+//!
+//! Secrets are wiped when dropped (`zeroize`): the key's primes with their Montgomery
+//! constants, `dP`, `dQ`, `qInv`, and a signature's power table, running result and `m1`.
+//! Copies in the arithmetic's stack temporaries are not.
 
 use rsa::traits::{PrivateKeyParts, PublicKeyParts};
 use rsa::{BigUint, RsaPrivateKey};
@@ -31,11 +37,26 @@ use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
-use super::SignError;
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+use super::{KeyError, SignError};
 
 /// Bits per limb: 2 × 28 + 8 bits of headroom for summing limb products.
 const LIMB_BITS: usize = 28;
 const LIMB_MASK: u64 = (1 << LIMB_BITS) - 1;
+/// Largest modulus signed: the largest size class below (`n` in 148 limbs).
+pub const MAX_MODULUS_BITS: usize = 4096;
+/// Largest prime that fits the largest size class: 74 limbs less the four spare bits.
+pub const MAX_PRIME_BITS: usize = 74 * LIMB_BITS - 4;
+/// Most limbs whose column sums fit a `u64`: `2 L` products below `2^56` each, and a carry.
+const NARROW_LIMBS: usize = 127;
+/// Most limbs of any modulus: [`dot`] sums up to `L` products in a `u64`.
+const MAX_LIMBS: usize = 255;
+const _: () = {
+    let product = (LIMB_MASK as u128) * (LIMB_MASK as u128);
+    assert!(2 * NARROW_LIMBS as u128 * product + (1 << 36) <= u64::MAX as u128);
+    assert!(MAX_LIMBS as u128 * product <= u64::MAX as u128);
+};
 /// Exponent bits per window of the exponentiation.
 const WINDOW_BITS: usize = 4;
 
@@ -48,28 +69,46 @@ const SHA256_DIGEST_INFO: [u8; 19] = [
 /// A number below `2^(28 L)`: `L` little-endian 28-bit limbs.
 type Limbs<const L: usize> = [u64; L];
 
-/// A two-prime RSA key (up to 3072 bits) prepared for CRT signing.
+/// A two-prime RSA key (up to 4096 bits) prepared for CRT signing.
 #[derive(Clone)]
 pub struct RsaCrtKey(BySize);
 
-/// By size: primes of up to 1024 bits in 37 limbs and `n` in 74, or up to 1536 and 3072
-/// bits in 55 and 110 limbs (each with the four bits to spare that [`Montgomery`] needs).
-/// A column of a product sums up to `2 L` limb products of 56 bits, so `L` may not exceed
-/// 127.
+/// By size, the smallest class whose limbs hold both primes (with the four bits to spare
+/// that [`Montgomery`] needs): primes of up to 1032 bits in 37 limbs and `n` in 74, up to
+/// 1536 bits in 55 and 110, up to 2068 bits in 74 and 148. Each class is compiled for its
+/// sizes, so a 2048-bit key never pays for the 4096-bit one's wider column sums.
 #[derive(Clone)]
 enum BySize {
     Bits2048(Arc<CrtKey<37, 74>>),
     Bits3072(Arc<CrtKey<55, 110>>),
+    Bits4096(Arc<CrtKey<74, 148>>),
 }
 
 impl RsaCrtKey {
-    /// Prepares `key` for CRT signing, or `None` for keys this module does not take: more
-    /// than two primes, or a modulus over 3072 bits (those are signed by the `rsa` crate).
-    pub fn new(key: &RsaPrivateKey) -> Option<Self> {
+    /// Prepares `key` for CRT signing; refuses what this module does not sign: more than
+    /// two primes, a modulus over 4096 bits, or a prime too long for the largest class.
+    pub fn new(key: &RsaPrivateKey) -> Result<Self, KeyError> {
+        let primes = key.primes();
+        if primes.len() != 2 {
+            return Err(KeyError::MultiPrime(primes.len()));
+        }
+        let modulus_bits = key.n().bits();
+        if modulus_bits > MAX_MODULUS_BITS {
+            return Err(KeyError::RsaKeyTooLong(modulus_bits));
+        }
+        let prime_bits = primes.iter().map(BigUint::bits).max().unwrap_or(0);
+        if prime_bits > MAX_PRIME_BITS {
+            return Err(KeyError::RsaPrimeTooLong {
+                modulus_bits,
+                prime_bits,
+            });
+        }
         let sized = CrtKey::new(key)
             .map(|key| BySize::Bits2048(Arc::new(key)))
-            .or_else(|| CrtKey::new(key).map(|key| BySize::Bits3072(Arc::new(key))))?;
-        Some(RsaCrtKey(sized))
+            .or_else(|| CrtKey::new(key).map(|key| BySize::Bits3072(Arc::new(key))))
+            .or_else(|| CrtKey::new(key).map(|key| BySize::Bits4096(Arc::new(key))))
+            .ok_or(KeyError::RsaKeyUnusable)?;
+        Ok(RsaCrtKey(sized))
     }
 
     /// The RSASSA-PKCS1-v1_5 SHA-256 signature of `message`, `k` bytes, checked with the
@@ -94,6 +133,9 @@ impl RsaCrtKey {
             BySize::Bits3072(key) => {
                 CrtSigning::new(key, &digest).map(|s| SigningBySize::Bits3072(Box::new(s)))
             }
+            BySize::Bits4096(key) => {
+                CrtSigning::new(key, &digest).map(|s| SigningBySize::Bits4096(Box::new(s)))
+            }
         };
         RsaSigning(signing.unwrap_or(SigningBySize::Refused))
     }
@@ -105,6 +147,7 @@ pub struct RsaSigning(SigningBySize);
 enum SigningBySize {
     Bits2048(Box<CrtSigning<37, 74>>),
     Bits3072(Box<CrtSigning<55, 110>>),
+    Bits4096(Box<CrtSigning<74, 148>>),
     /// The encoded message did not fit the key (cannot happen for a key `new` took).
     Refused,
 }
@@ -112,11 +155,14 @@ enum SigningBySize {
 impl RsaSigning {
     /// Does up to `windows` units of work (one unit: one 4-bit window of a half
     /// exponentiation, four modular squarings and a product, 5–10 µs for 2048 bits
-    /// in V8; a 2048-bit signature is 518 units). `Some` once the signature is done.
+    /// in V8, about 2× for 3072 and 4× for 4096; a signature is 518, 770 and 1036
+    /// units). `Some` once the signature is done (the last unit also recombines the
+    /// halves and checks the signature: some 16 windows' worth).
     pub fn advance(&mut self, windows: usize) -> Option<Result<Vec<u8>, SignError>> {
         match &mut self.0 {
             SigningBySize::Bits2048(signing) => signing.advance(windows),
             SigningBySize::Bits3072(signing) => signing.advance(windows),
+            SigningBySize::Bits4096(signing) => signing.advance(windows),
             SigningBySize::Refused => Some(Err(SignError)),
         }
     }
@@ -152,21 +198,34 @@ impl<const P: usize, const N: usize> CrtSigning<P, N> {
                 None => (&key.p, &key.dp),
                 Some(_) => (&key.q, &key.dq),
             };
-            let done = self.power.advance(modulus, exponent, &mut windows)?;
-            match self.m1 {
+            let done = Zeroizing::new(self.power.advance(modulus, exponent, &mut windows)?);
+            match &self.m1 {
                 None => {
                     self.m1 = Some(key.p.leave_montgomery(&done));
                     self.power = Power::new(&key.q, &key.q.reduce_halves(&self.em));
                 }
                 Some(m1) => {
-                    let m2 = key.q.leave_montgomery(&done);
-                    return Some(key.finish(&self.em, &m1, &m2));
+                    let m2 = Zeroizing::new(key.q.leave_montgomery(&done));
+                    return Some(key.finish(&self.em, m1, &m2));
                 }
             }
         }
         None
     }
 }
+
+impl<const P: usize, const N: usize> Drop for CrtSigning<P, N> {
+    fn drop(&mut self) {
+        // In place: zeroize's `Option` impl ends by writing a `None`, whose payload bytes
+        // are undefined (seen holding a stack copy of `m1`). `power` wipes itself; `em`
+        // is public.
+        if let Some(m1) = &mut self.m1 {
+            m1.zeroize();
+        }
+    }
+}
+
+impl<const P: usize, const N: usize> ZeroizeOnDrop for CrtSigning<P, N> {}
 
 /// The key with primes in `P` limbs and the modulus in `N = 2 P`.
 #[derive(Clone)]
@@ -192,15 +251,17 @@ impl<const P: usize, const N: usize> CrtKey<P, N> {
         if N != 2 * P {
             return None;
         }
+        // The primes first: they decide the class, and a miss costs nothing then.
+        let (p, q) = (Montgomery::new(p)?, Montgomery::new(q)?);
         Some(CrtKey {
             size: key.size(),
             n: Montgomery::new(key.n())?,
             e: limbs(&key.e().to_bytes_be())?,
-            p: Montgomery::new(p)?,
-            q: Montgomery::new(q)?,
-            dp: limbs(&key.dp()?.to_bytes_be())?,
-            dq: limbs(&key.dq()?.to_bytes_be())?,
-            q_inv: limbs(&key.crt_coefficient()?.to_bytes_be())?,
+            p,
+            q,
+            dp: secret_limbs(key.dp()?)?,
+            dq: secret_limbs(key.dq()?)?,
+            q_inv: secret_limbs(&Zeroizing::new(key.crt_coefficient()?))?,
         })
     }
 
@@ -218,11 +279,12 @@ impl<const P: usize, const N: usize> CrtKey<P, N> {
     /// `h = qInv (m1 - m2) mod p`, `s = m2 + h q` (RFC 8017, 5.1.2).
     fn combine(&self, m1: &Limbs<P>, m2: &Limbs<P>) -> Limbs<N> {
         // (m1 - m2) qInv in p's Montgomery form: m1 R + 2p - m2 R is positive and below 4p.
-        let difference = self
-            .p
-            .sub(&self.p.enter_montgomery(m1), &self.p.enter_montgomery(m2));
-        let q_inv = self.p.enter_montgomery(&self.q_inv);
-        let h = self.p.leave_montgomery(&self.p.mul(&difference, &q_inv));
+        let difference = Zeroizing::new(
+            self.p
+                .sub(&self.p.enter_montgomery(m1), &self.p.enter_montgomery(m2)),
+        );
+        let q_inv = Zeroizing::new(self.p.enter_montgomery(&self.q_inv));
+        let h = Zeroizing::new(self.p.leave_montgomery(&self.p.mul(&difference, &q_inv)));
         multiply_add(&h, &self.q.modulus, m2)
     }
 
@@ -243,6 +305,17 @@ impl<const P: usize, const N: usize> CrtKey<P, N> {
     }
 }
 
+impl<const P: usize, const N: usize> Drop for CrtKey<P, N> {
+    fn drop(&mut self) {
+        // `p`, `q` (and the public `n`) wipe themselves.
+        self.dp.zeroize();
+        self.dq.zeroize();
+        self.q_inv.zeroize();
+    }
+}
+
+impl<const P: usize, const N: usize> ZeroizeOnDrop for CrtKey<P, N> {}
+
 /// Montgomery arithmetic modulo an odd `modulus` with `R = 2^(28 L) >= 16 modulus`:
 /// products of numbers below `4 modulus` come out below `2 modulus`, so no subtraction is
 /// needed between steps (only `leave_montgomery` reduces fully).
@@ -262,17 +335,18 @@ struct Montgomery<const L: usize> {
 
 impl<const L: usize> Montgomery<L> {
     /// `None` if `modulus` is even or does not fit `L` limbs with four bits to spare.
+    /// Everything derived from a prime is secret (`R mod p` reveals `p` with `n`).
     fn new(modulus: &BigUint) -> Option<Self> {
-        if L > 127 || modulus.bits() + 4 > L * LIMB_BITS {
+        if L > MAX_LIMBS || modulus.bits() + 4 > L * LIMB_BITS {
             return None;
         }
-        let modulus_limbs: Limbs<L> = limbs(&modulus.to_bytes_be())?;
+        let modulus_limbs = Zeroizing::new(secret_limbs::<L>(modulus)?);
         let low = modulus_limbs[0];
         if low & 1 == 0 {
             return None;
         }
         let r = BigUint::from(1u8) << (L * LIMB_BITS);
-        let reduced = |power: BigUint| limbs(&(power % modulus).to_bytes_be());
+        let reduced = |power: BigUint| secret_limbs(&Zeroizing::new(power % modulus));
         // Newton's iteration doubles the correct low bits: 3 (any odd m is its own inverse
         // modulo 8), 6, 12, 24, 48.
         let mut inverse = low;
@@ -280,12 +354,12 @@ impl<const L: usize> Montgomery<L> {
             inverse = inverse.wrapping_mul(2u64.wrapping_sub(low.wrapping_mul(inverse)));
         }
         Some(Montgomery {
-            modulus: modulus_limbs,
             neg_inv: inverse.wrapping_neg() & LIMB_MASK,
             r2: reduced(&r * &r)?,
             r3: reduced(&r * &r * &r)?,
-            twice: limbs(&(modulus << 1).to_bytes_be())?,
+            twice: secret_limbs(&Zeroizing::new(modulus << 1))?,
             modulus_reversed: reversed(&modulus_limbs),
+            modulus: *modulus_limbs,
         })
     }
 
@@ -315,29 +389,46 @@ impl<const L: usize> Montgomery<L> {
 
     /// `(x + t modulus) / R` for the product `x` whose column over limbs `from..to` (the
     /// sum of `x_j y_(from+to-1-j)`) is `product_column(from, to)`. Product scanning: each
-    /// column of `x + t modulus` is summed in one `u64`, the Montgomery digit `t[i]`
-    /// chosen so that the column's low 28 bits are zero.
+    /// column of `x + t modulus` is summed in one [`Column`], the Montgomery digit `t[i]`
+    /// chosen so that the column's low 28 bits are zero. A column sums up to `2 L` limb
+    /// products and a carry: below `2^64` up to [`NARROW_LIMBS`], else in a `u128` (this
+    /// branch is on a constant, so each size keeps one loop).
     fn reduce_product(&self, product_column: impl Fn(usize, usize) -> u64) -> Limbs<L> {
+        if L <= NARROW_LIMBS {
+            self.reduce_product_in::<u64>(product_column)
+        } else {
+            self.reduce_product_in::<u128>(product_column)
+        }
+    }
+
+    #[inline(always)]
+    fn reduce_product_in<C: Column>(
+        &self,
+        product_column: impl Fn(usize, usize) -> u64,
+    ) -> Limbs<L> {
         let m = &self.modulus_reversed;
         let mut t = [0u32; L];
         let mut out = [0u64; L];
-        let mut column = 0u64;
+        let mut column = C::ZERO;
         for i in 0..L {
-            // The sum of t[j] modulus[i - j] for j < i.
-            column += product_column(0, i + 1) + dot(&t[..i], &m[L - 1 - i..L - 1]);
-            let digit = column.wrapping_mul(self.neg_inv) & LIMB_MASK;
+            // The sum of t[j] modulus[i - j] for j < i (each `dot` alone fits a u64).
+            column = column
+                .plus(product_column(0, i + 1))
+                .plus(dot(&t[..i], &m[L - 1 - i..L - 1]));
+            let digit = column.low().wrapping_mul(self.neg_inv) & LIMB_MASK;
             t[i] = digit as u32;
-            column += digit * self.modulus[0];
-            column >>= LIMB_BITS;
+            column = column.plus(digit * self.modulus[0]).carry();
         }
         for i in L..2 * L - 1 {
             let from = i + 1 - L;
             // The sum of t[j] modulus[i - j] for j from `from`.
-            column += product_column(from, L) + dot(&t[from..], &m[..L - from]);
-            out[i - L] = column & LIMB_MASK;
-            column >>= LIMB_BITS;
+            column = column
+                .plus(product_column(from, L))
+                .plus(dot(&t[from..], &m[..L - from]));
+            out[i - L] = column.low() & LIMB_MASK;
+            column = column.carry();
         }
-        out[L - 1] = column;
+        out[L - 1] = column.low();
         out
     }
 
@@ -414,6 +505,62 @@ impl<const L: usize> Montgomery<L> {
     }
 }
 
+impl<const L: usize> Drop for Montgomery<L> {
+    fn drop(&mut self) {
+        self.modulus.zeroize();
+        self.neg_inv.zeroize();
+        self.r2.zeroize();
+        self.r3.zeroize();
+        self.twice.zeroize();
+        self.modulus_reversed.zeroize();
+    }
+}
+
+impl<const L: usize> ZeroizeOnDrop for Montgomery<L> {}
+
+/// A column sum of [`Montgomery::reduce_product`]: `u64` where it fits, else `u128`.
+trait Column: Copy {
+    const ZERO: Self;
+    /// `self + x`.
+    fn plus(self, x: u64) -> Self;
+    /// The low 64 bits.
+    fn low(self) -> u64;
+    /// `self >> LIMB_BITS`: what carries into the next column.
+    fn carry(self) -> Self;
+}
+
+impl Column for u64 {
+    const ZERO: Self = 0;
+    #[inline(always)]
+    fn plus(self, x: u64) -> Self {
+        self + x
+    }
+    #[inline(always)]
+    fn low(self) -> u64 {
+        self
+    }
+    #[inline(always)]
+    fn carry(self) -> Self {
+        self >> LIMB_BITS
+    }
+}
+
+impl Column for u128 {
+    const ZERO: Self = 0;
+    #[inline(always)]
+    fn plus(self, x: u64) -> Self {
+        self + u128::from(x)
+    }
+    #[inline(always)]
+    fn low(self) -> u64 {
+        self as u64
+    }
+    #[inline(always)]
+    fn carry(self) -> Self {
+        self >> LIMB_BITS
+    }
+}
+
 /// `base^exponent` in Montgomery form (`base` in Montgomery form, below `4 modulus`),
 /// a window at a time, looking at every bit of the exponent: 4 squarings and one
 /// multiplication per 4-bit window, whatever the exponent.
@@ -480,6 +627,15 @@ impl<const L: usize> Power<L> {
     }
 }
 
+impl<const L: usize> Drop for Power<L> {
+    fn drop(&mut self) {
+        self.table.zeroize();
+        self.result.zeroize();
+    }
+}
+
+impl<const L: usize> ZeroizeOnDrop for Power<L> {}
+
 /// Limbs (below 2^28 each) as `u32`s, the lanes the product loops multiply.
 fn narrow<const L: usize>(x: &Limbs<L>) -> [u32; L] {
     std::array::from_fn(|i| x[i] as u32)
@@ -492,7 +648,7 @@ fn reversed<const L: usize>(x: &Limbs<L>) -> [u32; L] {
 }
 
 /// `Σ a[j] b[j]` over two slices of the same length: the innermost loop of a signature.
-/// Each product takes 56 bits and a column sums fewer than 256, so the sum fits a `u64`.
+/// Each product takes 56 bits and a run has at most [`MAX_LIMBS`], so the sum fits a `u64`.
 fn dot(a: &[u32], b: &[u32]) -> u64 {
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
     return simd::dot(a, b);
@@ -575,6 +731,14 @@ fn multiply_add<const P: usize, const N: usize>(
         *limb = column & LIMB_MASK;
         column >>= LIMB_BITS;
     }
+    out
+}
+
+/// A secret number as `L` limbs (see [`limbs`]), its big-endian bytes wiped after.
+fn secret_limbs<const L: usize>(x: &BigUint) -> Option<Limbs<L>> {
+    let mut bytes = x.to_bytes_be();
+    let out = limbs(&bytes);
+    bytes.as_mut_slice().zeroize();
     out
 }
 
@@ -743,25 +907,162 @@ mod tests {
         assert_eq!(good.len(), 256);
     }
 
-    #[test]
-    fn sizes_beyond_3072_bits_and_multi_prime_keys_are_left_to_the_rsa_crate() {
-        let pool: Vec<BigUint> = include_str!("../../tests/fixtures/primes-1536.txt")
-            .lines()
+    fn pool(text: &str) -> Vec<BigUint> {
+        text.lines()
             .map(|l| BigUint::parse_bytes(l.as_bytes(), 16).unwrap())
-            .collect();
-        let e = BigUint::from(65_537u32);
-        let three = RsaPrivateKey::from_primes(pool[..3].to_vec(), e.clone()).unwrap();
-        assert!(RsaCrtKey::new(&three).is_none(), "three primes");
-        // A 4608-bit modulus (one "prime" is a product; the rsa crate does not check).
-        let wide =
-            RsaPrivateKey::from_p_q(&pool[0] * &pool[1], pool[2].clone(), e.clone()).unwrap();
-        assert_eq!(wide.n().bits(), 4608);
-        assert!(RsaCrtKey::new(&wide).is_none(), "over 3072 bits");
-        let k3072 = RsaPrivateKey::from_p_q(pool[0].clone(), pool[1].clone(), e).unwrap();
-        assert!(matches!(
-            RsaCrtKey::new(&k3072),
-            Some(RsaCrtKey(BySize::Bits3072(_)))
-        ));
+            .collect()
+    }
+
+    /// The key of `p` and `q` (`e = 65537`), which the `rsa` crate does not check for
+    /// primality: a product of pool primes stands in for a long prime.
+    fn key_of(p: &BigUint, q: &BigUint) -> RsaPrivateKey {
+        RsaPrivateKey::from_p_q(p.clone(), q.clone(), BigUint::from(65_537u32)).unwrap()
+    }
+
+    /// The class `key` lands in, after checking its signatures against the `rsa` crate's.
+    fn class_signing_like_the_rsa_crate(key: &RsaPrivateKey) -> usize {
+        let crt = RsaCrtKey::new(key).unwrap();
+        let expected = key
+            .sign(rsa::Pkcs1v15Sign::new::<Sha256>(), &Sha256::digest(b"m"))
+            .unwrap();
+        let mut signing = crt.start(b"m");
+        let signature = loop {
+            if let Some(result) = signing.advance(7) {
+                break result.unwrap();
+            }
+        };
+        assert_eq!(signature, expected, "{}-bit modulus", key.n().bits());
+        match crt.0 {
+            BySize::Bits2048(_) => 2048,
+            BySize::Bits3072(_) => 3072,
+            BySize::Bits4096(_) => 4096,
+        }
+    }
+
+    #[test]
+    fn every_size_to_4096_bits_whose_primes_fit_signs_in_the_smallest_class() {
+        let [p1024, q1024] =
+            [0, 1].map(|i| pool(include_str!("../../tests/fixtures/primes-1024.txt"))[i].clone());
+        let p1536 = pool(include_str!("../../tests/fixtures/primes-1536.txt"))[0].clone();
+        let [p2048, q2048] =
+            [0, 1].map(|i| pool(include_str!("../../tests/fixtures/primes-2048.txt"))[i].clone());
+        // Primes of 1025, 1032, 1033, 1537, 2027, 2028, 2068 and 2069 bits: the classes' edges.
+        let edge = pool(include_str!("../../tests/fixtures/edge-primes.txt"));
+        let shapes = [
+            (&p1024, &q1024, 2048, 2048),
+            (&edge[0], &p1024, 2049, 2048), // k = 257 bytes
+            (&edge[1], &p1024, 2056, 2048), // 1032 bits: the 37-limb class's largest prime
+            (&edge[2], &p1024, 2057, 3072),
+            (&p1536, &p1024, 2560, 3072),
+            (&edge[3], &p1024, 2561, 4096), // 1537 bits: too long for 55 limbs
+            (&edge[3], &p1536, 3073, 4096),
+            (&p2048, &p1536, 3584, 4096),
+            (&p2048, &q2048, 4096, 4096),
+            (&edge[6], &edge[5], 4096, 4096), // 2068 bits: the largest prime taken
+            (&edge[6], &edge[4], 4095, 4096),
+        ];
+        for (p, q, bits, class) in shapes {
+            let key = key_of(p, q);
+            assert_eq!(key.n().bits(), bits);
+            assert_eq!(class_signing_like_the_rsa_crate(&key), class, "{bits} bits");
+        }
+    }
+
+    #[test]
+    fn multi_prime_keys_moduli_over_4096_bits_and_primes_too_long_are_refused() {
+        let primes_1024 = pool(include_str!("../../tests/fixtures/primes-1024.txt"));
+        let primes_2048 = pool(include_str!("../../tests/fixtures/primes-2048.txt"));
+        let edge = pool(include_str!("../../tests/fixtures/edge-primes.txt"));
+        let three = RsaPrivateKey::from_primes(primes_1024[..3].to_vec(), BigUint::from(65_537u32))
+            .unwrap();
+        assert_eq!(RsaCrtKey::new(&three).err(), Some(KeyError::MultiPrime(3)));
+        let wide = key_of(&edge[6], &primes_2048[0]);
+        assert_eq!(
+            RsaCrtKey::new(&wide).err(),
+            Some(KeyError::RsaKeyTooLong(4116))
+        );
+        let lopsided = key_of(&edge[7], &edge[4]);
+        assert_eq!(lopsided.n().bits(), 4096);
+        assert_eq!(
+            RsaCrtKey::new(&lopsided).err(),
+            Some(KeyError::RsaPrimeTooLong {
+                modulus_bits: 4096,
+                prime_bits: 2069
+            })
+        );
+    }
+
+    #[test]
+    fn a_148_limb_modulus_with_every_limb_at_its_largest_computes_like_biguint() {
+        // 148 limbs sum their columns in a u128 (2 × 148 products of up to 2^56 each can
+        // pass 2^64); all limbs of the modulus and of `x` at their largest.
+        let modulus = (BigUint::from(1u8) << (148 * LIMB_BITS - 4)) - BigUint::from(1u8);
+        let m = Montgomery::<148>::new(&modulus).unwrap();
+        let x = &modulus - BigUint::from(1u8);
+        let x_limbs: Limbs<148> = limbs(&x.to_bytes_be()).unwrap();
+        let e: Limbs<148> = limbs(&[1, 0, 1]).unwrap();
+        let expected = x.modpow(&BigUint::from(65_537u32), &modulus);
+        let got = BigUint::from_bytes_be(&to_bytes(&m.pow_public(&x_limbs, &e), 518));
+        assert_eq!(got, expected);
+    }
+
+    /// The types that hold secrets wipe them on drop (a compile-time check).
+    #[test]
+    fn secret_holders_are_zeroize_on_drop() {
+        fn zeroize_on_drop<T: ZeroizeOnDrop>() {}
+        zeroize_on_drop::<Montgomery<37>>();
+        zeroize_on_drop::<CrtKey<74, 148>>();
+        zeroize_on_drop::<Power<55>>();
+        zeroize_on_drop::<CrtSigning<37, 74>>();
+        zeroize_on_drop::<crate::keys::ecdsa_p256::EcKey>();
+        zeroize_on_drop::<crate::keys::ecdsa_p256::EcSigning>();
+    }
+
+    /// Drops `value` in place and hands back its memory's remains to look at.
+    fn remains_after_drop<T>(value: T, look: impl FnOnce(&T)) {
+        let mut slot = std::mem::ManuallyDrop::new(value);
+        // SAFETY: dropped once, here; afterwards only plain integer arrays are read, whose
+        // memory stays allocated (and initialized) in `slot`.
+        unsafe { std::ptr::drop_in_place(&mut *slot) };
+        look(&slot);
+    }
+
+    #[test]
+    fn dropping_a_key_or_a_signing_wipes_its_secrets() {
+        let key = crt_2048(&fixture());
+        assert!(key.dp.iter().any(|&l| l != 0) && key.p.r2.iter().any(|&l| l != 0));
+        remains_after_drop(key, |key| {
+            for (name, limbs) in [
+                ("dP", &key.dp[..]),
+                ("dQ", &key.dq),
+                ("qInv", &key.q_inv),
+                ("p", &key.p.modulus),
+                ("q", &key.q.modulus),
+                ("R^2 mod p", &key.p.r2),
+                ("R^3 mod q", &key.q.r3),
+                ("2p", &key.p.twice),
+            ] {
+                assert!(limbs.iter().all(|&l| l == 0), "{name} left behind");
+            }
+            assert!(key.p.modulus_reversed.iter().all(|&l| l == 0));
+            assert_eq!(key.p.neg_inv, 0);
+        });
+        let key = Arc::new(crt_2048(&fixture()));
+        let mut signing = CrtSigning::new(&key, &Sha256::digest(b"m")).unwrap();
+        assert!(signing.advance(300).is_none(), "past p's half: m1 is set");
+        assert!(signing.m1.is_some());
+        remains_after_drop(signing, |signing| {
+            // The bytes of the whole `Option`, as a copy left in it would show.
+            // SAFETY: `Option<[u64; 37]>` is a tag and the array, all initialized here.
+            let m1: &[u64; std::mem::size_of::<Option<Limbs<37>>>() / 8] =
+                unsafe { &*(&signing.m1 as *const Option<Limbs<37>>).cast() };
+            assert!(
+                m1.iter().skip(1).all(|&l| l == 0),
+                "m1 left behind: {m1:x?}"
+            );
+            assert!(signing.power.table.iter().flatten().all(|&l| l == 0));
+            assert!(signing.power.result.iter().all(|&l| l == 0));
+        });
     }
 
     #[test]

@@ -33,7 +33,7 @@ pub fn compare(pairs: &[(BigUint, BigUint)], messages_per_key: usize, seed: u64)
         else {
             continue;
         };
-        let crt = RsaCrtKey::new(&key).expect("two primes, at most 3072 bits");
+        let crt = RsaCrtKey::new(&key).expect("two primes, at most 4096 bits");
         for _ in 0..messages_per_key {
             let message = random.message();
             let expected = key
