@@ -179,6 +179,10 @@ impl Stepwise for AssertionSigning {
     fn metric(&self) -> Metric {
         self.metric
     }
+
+    fn units_per_step(&self) -> usize {
+        self.signing.units_per_step()
+    }
 }
 
 /// Logs why no assertion could be made (no user data in the message) and the answer.

@@ -17,7 +17,7 @@
 
 use super::outcome::{self, answer_of};
 use super::recipe::{Answer, Issued, Recipe, Start, Step, Stepwise};
-use super::scheduler::{self, UNITS_PER_CLOCK_READ};
+use super::scheduler;
 use super::Worker;
 use crate::cache::{CacheKey, Entry, ID_LEN};
 use crate::config::PluginConfig;
@@ -765,7 +765,7 @@ impl Worker {
         let State::Signing { work, .. } = &mut exchange.state else {
             return;
         };
-        let result = work.advance(UNITS_PER_CLOCK_READ);
+        let result = work.advance(work.units_per_step());
         let spent = host.now_ns().saturating_sub(started_ns);
         exchange.signing_ns += spent;
         self.scheduler.spend(spent);

@@ -49,6 +49,9 @@ pub trait Stepwise {
     fn advance(&mut self, units: usize) -> Option<Result<String, SignError>>;
     /// The histogram its time is recorded in.
     fn metric(&self) -> Metric;
+    /// How many units make a step of 20–40 µs: what a request does in passing, and how
+    /// often a slice looks at the clock.
+    fn units_per_step(&self) -> usize;
 }
 
 /// How a callout ended.

@@ -7,7 +7,7 @@
 //! - The tick: a slice of [`SIGNING_SLICE_US`] every millisecond, oldest signature first.
 //!   A hit arriving meanwhile waits for one slice at most.
 //! - The worker's requests: while a signature is under way, each request does one step
-//!   of it (20–40 µs, [`UNITS_PER_CLOCK_READ`]) before its own work. A busy worker has many
+//!   of it (20–40 µs, [`Stepwise::units_per_step`]) before its own work. A busy worker has many
 //!   requests, so a little from each finishes a signature in tens of milliseconds without
 //!   holding any of them up for long.
 //! - Larger slices when nobody waits: [`IDLE_SIGNING_SLICES`] when no request came since
@@ -27,9 +27,6 @@ pub const SIGNING_SLICE_US: u64 = 250;
 pub const IDLE_SIGNING_SLICES: u64 = 4;
 pub const SIGNING_WAIT_STEP_MS: u64 = 250;
 pub const MAX_SIGNING_SLICES: u64 = 8;
-/// Signing units (see [`crate::keys::Signing::advance`], 5–10 µs each for RSA-2048 in
-/// V8) between two looks at the clock, and per request that helps.
-pub const UNITS_PER_CLOCK_READ: usize = 4;
 /// The default share of a worker's time that signing may take.
 pub const DEFAULT_SHARE_PERCENT: u64 = 50;
 const MAX_BUDGET_NS: u64 = MAX_SIGNING_SLICES * SIGNING_SLICE_US * 1000;
@@ -100,16 +97,17 @@ impl Scheduler {
 }
 
 /// Advances `work`, starting at `now_ns`, until it is done or the clock reaches `end_ns`
-/// (looked at every [`UNITS_PER_CLOCK_READ`] units; at least one step is done): the
-/// result if done, and the clock's last reading.
+/// (looked at after every step of [`Stepwise::units_per_step`] units; at least one step
+/// is done): the result if done, and the clock's last reading.
 pub fn run(
     clock: &(impl Clock + ?Sized),
     work: &mut dyn Stepwise,
     mut now_ns: u64,
     end_ns: u64,
 ) -> (Option<Result<String, SignError>>, u64) {
+    let step = work.units_per_step();
     loop {
-        let result = work.advance(UNITS_PER_CLOCK_READ);
+        let result = work.advance(step);
         now_ns = clock.now_ns().max(now_ns);
         if result.is_some() || now_ns >= end_ns {
             return (result, now_ns);

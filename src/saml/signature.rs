@@ -54,6 +54,11 @@ impl EnvelopedSigning {
         }
     }
 
+    /// See [`Signing::units_per_step`].
+    pub fn units_per_step(&self) -> usize {
+        self.signing.units_per_step()
+    }
+
     /// Does up to `windows` units of signing work (see [`Signing::advance`]); `Some`
     /// with the signed document once done.
     pub fn advance(&mut self, windows: usize) -> Option<Result<String, SignError>> {
