@@ -399,7 +399,6 @@ impl HttpContext for PluginRequest {
         };
         let decision = worker.on_request(&host, &config, self.context_id, destination, &identity);
         drop(worker);
-        let _ = hostcalls::set_effective_context(self.context_id);
         match decision {
             // The caller's credentials never reach the backend: replaced here, removed
             // while waiting (the worker sets the token on resume), never forwarded on failure.
