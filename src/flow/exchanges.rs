@@ -287,6 +287,11 @@ impl Worker {
             Claim::Collision => self.counters.add(Metric::LockCollision, 1),
             Claim::Held => {}
         }
+        let Some(exchange) = self.exchanges.get_mut(&id) else {
+            return;
+        };
+        exchange.holds_lock = claim == Claim::Held;
+        exchange.lock_until_ms = lock_until_ms;
         let mut random = [0u8; 16];
         if !host.fill_random(&mut random) {
             return self.conclude(
@@ -300,8 +305,6 @@ impl Worker {
         let Some(exchange) = self.exchanges.get_mut(&id) else {
             return;
         };
-        exchange.holds_lock = claim == Claim::Held;
-        exchange.lock_until_ms = lock_until_ms;
         let started_ns = host.now_ns();
         let step = exchange.recipe.start(&Start {
             now_ms,

@@ -1453,3 +1453,19 @@ fn a_credential_made_by_two_callouts_in_a_row_keeps_the_lock_across_both() {
         (8, "Bearer after-2-calls".to_string())
     );
 }
+
+#[test]
+fn randomness_failing_at_the_start_answers_the_waiters_and_frees_the_lock() {
+    let (h, c) = (host(), config());
+    let mut w = worker(&h, &c, 1);
+    assert_eq!(w.on_request(&h, &c, 1, 0, &Some(&alice())), Decision::Wait);
+    h.no_randomness.set(true);
+    deliver(&h, &mut w, 1);
+    assert!(matches!(
+        h.failed.borrow()[0],
+        (1, Failure::Internal { .. })
+    ));
+    assert_eq!(h.dispatches(), 0);
+    let key = CacheKey::new(&c.destinations[0].cache_namespace, "alice", c.cache_slots);
+    assert_eq!(crate::coordination::slot::lock_of(&h, &key), None);
+}
