@@ -120,6 +120,9 @@ pub struct Exchange {
     refresh: bool,
     /// Arrival order: signatures run oldest first.
     seq: u64,
+    /// When it was queued: how long the oldest new user has waited decides how large the
+    /// signing slices grow (see [`super::scheduler`]).
+    queued_at_ms: u64,
     /// The ticket of this exchange's lock attempts (random, never 0).
     ticket: u64,
     /// Whether the ticket holds the slot's lock (false: not yet, or going on without it).
@@ -177,6 +180,7 @@ impl Worker {
                 .collect(),
             refresh: new.waiter.is_none(),
             seq: self.seq,
+            queued_at_ms: now_ms,
             ticket: u64::from_be_bytes(ticket) | 1,
             holds_lock: false,
             lock_until_ms: 0,
@@ -695,7 +699,9 @@ impl Worker {
         self.drop_exchange(host, id);
     }
 
-    /// Signs for one slice of time (see [`scheduler`]), oldest signature first.
+    /// Signs for one slice of time (see [`scheduler`]), oldest signature first. The slice
+    /// grows with the wait of the oldest exchange that needs signing, queued ones included
+    /// (a wave of new users waits mostly queued, behind [`SIGNING_AT_ONCE`] signatures).
     pub(super) fn slice(&mut self, host: &dyn Host, root: u32) {
         let mut signing: Vec<(u64, u64, [u8; ID_LEN])> = self
             .exchanges
@@ -706,9 +712,16 @@ impl Worker {
             })
             .collect();
         signing.sort_unstable();
-        let Some(&(oldest_ms, _, _)) = signing.first() else {
+        if signing.is_empty() {
             return;
-        };
+        }
+        let oldest_ms = self
+            .exchanges
+            .values()
+            .filter(|e| matches!(e.state, State::Signing { .. } | State::Queued { .. }))
+            .map(|e| e.queued_at_ms)
+            .min()
+            .unwrap_or(0);
         let start_ns = host.now_ns();
         let slice_ns = self
             .scheduler

@@ -1469,3 +1469,30 @@ fn randomness_failing_at_the_start_answers_the_waiters_and_frees_the_lock() {
     let key = CacheKey::new(&c.destinations[0].cache_namespace, "alice", c.cache_slots);
     assert_eq!(crate::coordination::slot::lock_of(&h, &key), None);
 }
+
+#[test]
+fn slices_grow_with_the_wait_of_users_queued_behind_the_signatures() {
+    let (h, c) = (host(), config());
+    let mut w = worker(&h, &c, 1);
+    for id in 1..=8 {
+        w.on_request(&h, &c, id, 0, &Some(&user(&format!("u{id}"))));
+    }
+    h.clock_step_ns.set(100_000);
+    deliver(&h, &mut w, 1); // four start signing, a slice's worth done
+                            // The first four are done 0.9 s later (the clock standing still meanwhile: the slice
+                            // finishes them); the next four start then.
+    h.clock_step_ns.set(0);
+    h.now_ns.set(T0 + 900 * MS);
+    while h.dispatches() < 4 {
+        w.slice(&h, 1);
+    }
+    // The next four started 0.1 s ago, but their users have waited a second already.
+    h.now_ns.set(T0 + SECOND);
+    h.clock_step_ns.set(100_000);
+    w.on_request(&h, &c, 900, 0, &None); // a busy worker
+    let before = h.now_ns.get();
+    w.slice(&h, 1);
+    let spent_us = (h.now_ns.get() - before) / 1000;
+    let grown = (1 + 1000 / SIGNING_WAIT_STEP_MS) * SIGNING_SLICE_US;
+    assert!((grown..=grown + 300).contains(&spent_us), "{spent_us} µs");
+}
