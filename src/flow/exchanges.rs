@@ -481,6 +481,8 @@ impl Worker {
         };
         let step = exchange.recipe.answered(&answer, host);
         self.proceed(host, root, id, step);
+        // A worker-level callback: a chance to sign a slice (see [`scheduler`]).
+        self.slice(host, root);
     }
 
     /// The exchange is over: reports it, stores what the cache should keep, releases the

@@ -128,7 +128,8 @@ impl Worker {
         false
     }
 
-    /// Messages from the worker's queue (delivered to the root that registered it).
+    /// Messages from the worker's queue (delivered to the root that registered it). Like
+    /// every worker-level callback, it also signs a slice.
     pub fn on_messages(&mut self, host: &dyn Host, root: u32, messages: &[Vec<u8>]) {
         let mut wake = false;
         for message in messages {
@@ -140,8 +141,8 @@ impl Worker {
         }
         if wake || self.wake_requested_ms.is_some() {
             self.run_ready(host, root);
-            self.slice(host, root);
         }
+        self.slice(host, root);
     }
 
     /// Root `root`'s timer: a slice of signing, the sweep of deadlines every

@@ -4,8 +4,10 @@
 //!
 //! Three sources of signing time, all paid from one budget:
 //!
-//! - The tick: a slice of [`SIGNING_SLICE_US`] every millisecond, oldest signature first.
-//!   A hit arriving meanwhile waits for one slice at most.
+//! - Worker-level callbacks: a slice of [`SIGNING_SLICE_US`] on every tick (every
+//!   millisecond while a signature is under way), every queue message (wake-ups, other
+//!   workers' notices) and every callout answer, oldest signature first. A hit arriving
+//!   meanwhile waits for one slice at most.
 //! - The worker's requests: while a signature is under way, each request does one step
 //!   of it (20–40 µs, [`Stepwise::units_per_step`]) before its own work. A busy worker has many
 //!   requests, so a little from each finishes a signature in tens of milliseconds without
