@@ -35,7 +35,7 @@ VARIANT_PORTS = {"plain": 18010, "minimal_wasm": 18011, "credential_injector": 1
                  "jwt_only": 18014, "jwt_minimal": 18017, "jwt_minimal_identity": 18016, "principal_propagation": 18015}
 # The minimal filter behind `jwt_authn`, without and with one host call repeated (see
 # `MINIMAL_PROBE` in examples/minimal_filter.rs): what each call of a cache hit costs.
-PROBE_CALLS = ("metadata", "claim", "route", "header", "clock", "metric", "shared_data")
+PROBE_CALLS = ("metadata", "payload", "route", "header", "headers", "clock", "metric", "shared_data")
 PROBE_REPEAT = 50  # examples/minimal_filter.rs
 PROBE_PORTS = {"probe_none": 18040, **{f"probe_{call}": 18041 + i for i, call in enumerate(PROBE_CALLS)}}
 # Filters behind `jwt_authn`, each STACK_COPIES times in one chain: what one more instance

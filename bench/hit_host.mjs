@@ -63,10 +63,12 @@ function load(file, pluginConfig, env) {
     });
     return out;
   };
-  const metadata = metadataBytes([["user_name", USER], ["email", USER], ["given_name", "Alice"], ["origin", "idp"]]);
+  const claims = [["user_name", USER], ["email", USER], ["given_name", "Alice"], ["origin", "idp"],
+                  ["iss", "https://idp.example/oauth/token"]];
   const properties = new Map([
-    ["metadata", metadata],
-    ["metadata\0filter_metadata\0envoy.filters.http.jwt_authn\0payload\0user_name", enc.encode(USER)],
+    ["metadata", metadataBytes(claims)],
+    // The payload as Envoy 1.40 hands it over read on its own: its root claims as pairs.
+    ["metadata\0filter_metadata\0envoy.filters.http.jwt_authn\0payload", pairs(new Map(claims))],
     ["xds\0route_metadata\0filter_metadata\0principal_propagation\0destination", enc.encode("d")],
   ]);
   const headerMap = (type) => (type === 6 ? state.callResponse.headers : state.headers);
@@ -134,7 +136,8 @@ function load(file, pluginConfig, env) {
   let next = 2;
   const request = () => {
     const id = next++;
-    state.headers = new Map([[":path", "/x"], [":method", "GET"], [":authority", "gw"], ["x-user", "bench"]]);
+    state.headers = new Map([[":path", "/x"], [":method", "GET"], [":authority", "gw"], ["x-user", "bench"],
+                             ["authorization", `Bearer ${"j".repeat(800)}`], ["accept", "*/*"]]);
     state.localResponse = undefined;
     ex.proxy_on_context_create(id, root);
     const action = ex.proxy_on_request_headers(id, state.headers.size, 1);

@@ -127,6 +127,7 @@ class SharedState:
             self._fault_modes = {}
             self._served = {}
             self._upstream = []
+            self._revoked = set()
 
     def claim_assertion_id(self, assertion_id):
         """Atomically remember an assertion ID; False if it was seen before (replay)."""
@@ -155,6 +156,15 @@ class SharedState:
         if entry is None or entry["expires_at"] <= time.time():
             return None, False
         return entry["user"], True
+
+    def revoke(self, token):
+        """The backend no longer accepts `token` (the echo answers it with 401)."""
+        with self._lock:
+            self._revoked.add(token)
+
+    def revoked(self, token):
+        with self._lock:
+            return token in self._revoked
 
     def record(self, entry, outcome, user=None):
         """Record one token-endpoint POST and count it as exchange or failure."""
@@ -679,6 +689,10 @@ class TokenHandler(BaseHandler):
             self.send_json(200, {})
         elif url.path == "/faults":
             self.set_fault(body)
+        elif url.path == "/revoke":
+            # POST /revoke with the token as the body: the echo upstream refuses it from now on.
+            self.app.state.revoke(body.decode("utf-8", "replace").strip())
+            self.send_json(200, {})
         elif url.path.startswith("/oauth/token"):
             self.token_endpoint(url, body)
         else:
@@ -806,6 +820,11 @@ class EchoHandler(BaseHandler):
         if expected is not None:
             self.app.state.count_delivery(unquote(expected), user, valid)
         self.app.state.record_upstream(self.path, token.strip() or None, user, valid)
+        if token.strip() and self.app.state.revoked(token.strip()):
+            # A resource server that no longer accepts the token (RFC 6750 §3.1).
+            self.send_json(401, {"error": "invalid_token", "user": user},
+                           {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+            return
         self.send_json(200, {"user": user, "token_valid": valid, "method": self.command,
                              "path": self.path, "headers": self.lower_headers()})
 

@@ -33,6 +33,7 @@ CLIENT_ID = "gateway-client"
 CLIENT_SECRET = "gateway-secret"
 CLIENT_SECRET_ENV = "PP_CLIENT_SECRET"  # the plugin reads the password from the VM's environment
 JWT_AUDIENCE = "principal-propagation-demo"
+SECOND_ISSUER = "https://second-idp.example"  # a second jwt_authn provider in the test profile
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,8 @@ def plugin_config(ports: Ports, profile: str) -> dict:
         keys["second"] = key_ref("second")
         keys["ec"] = key_ref("ec")
     return {
+        # The development token service speaks plain HTTP on loopback.
+        "allowInsecureTokenService": True,
         "tokenServiceCluster": "token_service",
         "keys": keys,
         "defaultDestination": "dev",
@@ -271,6 +274,35 @@ def rotate(path: Path) -> list[str]:
     return rotated
 
 
+def jwt_provider(ports: Ports, issuer: str, forward: bool = False) -> dict:
+    return {
+        "issuer": issuer,
+        "audiences": [JWT_AUDIENCE],
+        "remote_jwks": {
+            "http_uri": {
+                "uri": f"http://127.0.0.1:{ports.idp}/.well-known/jwks.json",
+                "cluster": "idp",
+                "timeout": "5s",
+            },
+            "cache_duration": "300s",
+            "async_fetch": {},
+        },
+        "payload_in_metadata": "payload",
+        "forward": forward,
+    }
+
+
+def jwt_providers(ports: Ports, profile: str) -> dict:
+    """The dev IdP; in the test profile also a second issuer (same keys), whose payload
+    lands under the same metadata key, as with Istio's several RequestAuthentications,
+    and which leaves the verified JWT where it found it (`forward`, as Envoy Gateway's
+    SecurityPolicy always does): a JWT sent as `?access_token=` then stays in the URL."""
+    providers = {"dev_idp": jwt_provider(ports, f"http://127.0.0.1:{ports.idp}")}
+    if profile == "test":
+        providers["second_idp"] = jwt_provider(ports, SECOND_ISSUER, forward=True)
+    return providers
+
+
 def envoy_config(ports: Ports, profile: str, config_override: dict | None = None,
                  plugin_file: Path | None = None) -> dict:
     """Envoy's bootstrap. The plugin's configuration is inline when `plugin_file` is
@@ -304,23 +336,7 @@ def envoy_config(ports: Ports, profile: str, config_override: dict | None = None
             "name": "envoy.filters.http.jwt_authn",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
-                "providers": {
-                    "dev_idp": {
-                        "issuer": f"http://127.0.0.1:{ports.idp}",
-                        "audiences": [JWT_AUDIENCE],
-                        "remote_jwks": {
-                            "http_uri": {
-                                "uri": f"http://127.0.0.1:{ports.idp}/.well-known/jwks.json",
-                                "cluster": "idp",
-                                "timeout": "5s",
-                            },
-                            "cache_duration": "300s",
-                            "async_fetch": {},
-                        },
-                        "payload_in_metadata": "payload",
-                        "forward": False,
-                    }
-                },
+                "providers": jwt_providers(ports, profile),
                 # The plugin answers a missing or invalid JWT itself, with the JSON
                 # error body and WWW-Authenticate of the error contract.
                 "rules": [
@@ -328,7 +344,8 @@ def envoy_config(ports: Ports, profile: str, config_override: dict | None = None
                         "match": {"prefix": "/"},
                         "requires": {
                             "requires_any": {
-                                "requirements": [{"provider_name": "dev_idp"}, {"allow_missing_or_failed": {}}]
+                                "requirements": [{"provider_name": name} for name in jwt_providers(ports, profile)]
+                                + [{"allow_missing_or_failed": {}}]
                             }
                         },
                     }
@@ -358,6 +375,10 @@ def envoy_config(ports: Ports, profile: str, config_override: dict | None = None
                                     "typed_config": {
                                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                                         "stat_prefix": "ingress",
+                                        # Forwarded client certificates reach the plugin as a
+                                        # client sent them (as behind another proxy): it must
+                                        # remove them itself.
+                                        "forward_client_cert_details": "ALWAYS_FORWARD_ONLY",
                                         "route_config": {
                                             "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]
                                         },

@@ -1,6 +1,7 @@
-//! Times the host-independent work of a cache hit, step by step: the user id from the one
-//! claim Envoy hands over, the cache key and the stored entry; and, for comparison, what
-//! an exchange adds: decoding every claim from Envoy's metadata.
+//! Times the host-independent work of a cache hit, step by step: the principal (user id,
+//! issuer, origin) from the payload's root claims as Envoy hands them over, the cache key
+//! and the stored entry; and, for comparison, what an exchange adds: decoding every claim
+//! from Envoy's metadata.
 //! Meant for V8 without Envoy (`EXAMPLE=hit_bench node bench/sign_v8.mjs`, after
 //! `cargo build --release --target wasm32-wasip1 --example hit_bench`), to see what a hit
 //! costs beyond the host calls. Prints the median microseconds per step over 5 rounds.
@@ -8,7 +9,7 @@ use principal_propagation::cache::{self, CacheKey, Entry};
 use principal_propagation::config::PluginConfig;
 use principal_propagation::flow::hot::HotTokens;
 use principal_propagation::identity;
-use principal_propagation::identity::payload::{claims_from_metadata, string_claim_from_property};
+use principal_propagation::identity::payload::{claims_from_metadata, root_claims};
 use prost::Message;
 use prost_types::{value::Kind, ListValue, Struct, Value};
 use std::cell::RefCell;
@@ -29,8 +30,8 @@ fn string(s: &str) -> Value {
     }
 }
 
-/// Metadata as `jwt_authn` leaves it for an XSUAA-like token (about 20 claims).
-fn metadata() -> Vec<u8> {
+/// The claims of an XSUAA-like token (about 20).
+fn claims() -> Vec<(&'static str, Value)> {
     let mut claims: Vec<(&str, Value)> = vec![
         ("user_name", string("alice.anderson@example.com")),
         ("email", string("alice.anderson@example.com")),
@@ -71,6 +72,53 @@ fn metadata() -> Vec<u8> {
     ));
     claims.push(("aud", list(&["sb-app!t123", "openid", "app!t123"])));
     claims.push(("groups", list(&["Sales", "Managers"])));
+    claims
+}
+
+/// Envoy's pairs form: a count, the lengths, then each name and value NUL-terminated.
+fn pairs(entries: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+    let mut out = (entries.len() as u32).to_le_bytes().to_vec();
+    for (name, value) in entries {
+        out.extend((name.len() as u32).to_le_bytes());
+        out.extend((value.len() as u32).to_le_bytes());
+    }
+    for (name, value) in entries {
+        out.extend(name);
+        out.push(0);
+        out.extend(value);
+        out.push(0);
+    }
+    out
+}
+
+/// The payload read as the property `metadata.filter_metadata.<jwt_authn>.payload`, as
+/// Envoy 1.40 serializes it: a string as itself, a number as 8 bytes, a list as pairs.
+fn payload_property(claims: &[(&str, Value)]) -> Vec<u8> {
+    let raw = |value: &Value| match &value.kind {
+        Some(Kind::StringValue(s)) => s.as_bytes().to_vec(),
+        Some(Kind::NumberValue(n)) => n.to_le_bytes().to_vec(),
+        Some(Kind::ListValue(list)) => pairs(
+            &list
+                .values
+                .iter()
+                .map(|v| match &v.kind {
+                    Some(Kind::StringValue(s)) => (s.as_bytes().to_vec(), Vec::new()),
+                    _ => (Vec::new(), Vec::new()),
+                })
+                .collect::<Vec<_>>(),
+        ),
+        _ => Vec::new(),
+    };
+    pairs(
+        &claims
+            .iter()
+            .map(|(name, value)| (name.as_bytes().to_vec(), raw(value)))
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// Metadata as `jwt_authn` leaves it.
+fn metadata(claims: Vec<(&str, Value)>) -> Vec<u8> {
     let payload = Struct {
         fields: claims
             .into_iter()
@@ -103,10 +151,15 @@ fn main() {
     });
     let config = PluginConfig::parse(config.to_string().as_bytes(), &|_| None).expect("config");
     let dest = &config.destinations[0];
-    let metadata = metadata();
+    let payload = payload_property(&claims());
+    let metadata = metadata(claims());
     let claims = claims_from_metadata(&metadata, &config.jwt_filter_name, &config.jwt_payload_key)
         .expect("claims");
-    let user = identity::user_id(&dest.user_id, &claims).expect("user id");
+    let principal = identity::principal(&dest.user_id, &claims).expect("principal");
+    let quick =
+        root_claims(&payload).and_then(|pairs| identity::principal_from_raw(&dest.user_id, &pairs));
+    assert_eq!(quick.as_ref(), Some(&principal), "the hit's principal");
+    let user = principal.key();
     let key = CacheKey::new(&dest.cache_namespace, &user, config.cache_slots);
     let times = cache::token_times(1_795_323_921_000, 3_600_000, None, key.jitter());
     let entry = Entry::Token {
@@ -132,10 +185,12 @@ fn main() {
     let now_ms = 1_795_323_921_000;
 
     type Step<'a> = (&'a str, &'a dyn Fn());
-    let claim = user.as_bytes().to_vec();
     let steps: [Step; 6] = [
-        ("hit: user id, one claim  ", &|| {
-            std::hint::black_box(string_claim_from_property(claim.clone()));
+        ("hit: principal, raw claims", &|| {
+            let pairs = root_claims(&payload);
+            std::hint::black_box(
+                pairs.and_then(|p| identity::principal_from_raw(&dest.user_id, &p)),
+            );
         }),
         ("hit: the worker's copy   ", &|| {
             let mut hot = hot.borrow_mut();
@@ -148,8 +203,8 @@ fn main() {
                 &config.jwt_payload_key,
             ));
         }),
-        ("miss: user id from claims", &|| {
-            std::hint::black_box(identity::user_id(&dest.user_id, &claims).ok());
+        ("miss: principal from claims", &|| {
+            std::hint::black_box(identity::principal(&dest.user_id, &claims).ok());
         }),
         ("shared: cache key (SHA-256)", &|| {
             std::hint::black_box(CacheKey::new(

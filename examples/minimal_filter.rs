@@ -4,10 +4,11 @@
 //! one's (built for wasm32-wasip1 only).
 //!
 //! With `MINIMAL_READ_IDENTITY` in its VM's environment it also reads the two properties
-//! the plugin reads on every cache hit: the user's claim in the request's dynamic
-//! metadata (where `jwt_authn` puts the verified JWT payload) and the route's metadata
-//! (which names the destination). That variant is the floor of any filter that takes the
-//! user from a verified JWT and its target from the route.
+//! the plugin reads on every cache hit: the verified JWT payload in the request's dynamic
+//! metadata (where `jwt_authn` puts it; the plugin takes the user id, issuer and origin
+//! from it) and the route's metadata (which names the destination). That variant is the
+//! floor of any filter that takes the user from a verified JWT and its target from the
+//! route.
 //!
 //! With `MINIMAL_PROBE=<host call>` it also makes that one host call [`PROBE_REPEAT`]
 //! times per request, so that the bench can tell what a single call costs in Envoy.
@@ -48,13 +49,12 @@ mod filter {
         "destination",
     ];
 
-    /// The claim the plugin reads on a hit with its default settings (`user_name`).
-    const USER_CLAIM: [&str; 5] = [
+    /// The verified payload, as the plugin reads it on a hit with its default settings.
+    const PAYLOAD: [&str; 4] = [
         "metadata",
         "filter_metadata",
         "envoy.filters.http.jwt_authn",
         "payload",
-        "user_name",
     ];
 
     const TOKEN_KEY: &str = "bench/token";
@@ -62,11 +62,14 @@ mod filter {
     /// The host calls a probe can repeat (the ones a plugin's cache hit makes).
     #[derive(Clone, Copy)]
     enum Probe {
-        /// The whole dynamic metadata (what the plugin read before it read one claim).
+        /// The whole dynamic metadata (what an exchange reads).
         Metadata,
-        Claim,
+        /// The verified payload (what a hit reads).
+        Payload,
         Route,
         Header,
+        /// Every request header at once (what a hit reads to remove inbound credentials).
+        Headers,
         Clock,
         Metric,
         SharedData,
@@ -76,9 +79,10 @@ mod filter {
         fn parse(call: &str) -> Option<Probe> {
             Some(match call {
                 "metadata" => Probe::Metadata,
-                "claim" => Probe::Claim,
+                "payload" => Probe::Payload,
                 "route" => Probe::Route,
                 "header" => Probe::Header,
+                "headers" => Probe::Headers,
                 "clock" => Probe::Clock,
                 "metric" => Probe::Metric,
                 "shared_data" => Probe::SharedData,
@@ -96,11 +100,12 @@ mod filter {
             };
             match self {
                 Probe::Metadata => property(&["metadata"]),
-                Probe::Claim => property(&USER_CLAIM),
+                Probe::Payload => property(&PAYLOAD),
                 Probe::Route => property(&ROUTE_DESTINATION),
                 Probe::Header => filter
                     .get_http_request_header(":path")
                     .map_or(0, |v| v.len()),
+                Probe::Headers => filter.get_http_request_headers().len(),
                 Probe::Clock => hostcalls::get_current_time().map_or(0, |t| {
                     t.duration_since(std::time::UNIX_EPOCH)
                         .map_or(0, |d| d.subsec_nanos() as usize & 1)
@@ -129,10 +134,10 @@ mod filter {
         fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
             let mut user = self.get_http_request_header("x-user").unwrap_or_default();
             if self.read_identity {
-                let claim = self.get_property(USER_CLAIM.to_vec()).unwrap_or_default();
+                let payload = self.get_property(PAYLOAD.to_vec()).unwrap_or_default();
                 let route = self.get_property(ROUTE_DESTINATION.to_vec());
                 // Used, so that neither read is optimized away.
-                user.push_str(&(claim.len() + route.map_or(0, |r| r.len())).to_string());
+                user.push_str(&(payload.len() + route.map_or(0, |r| r.len())).to_string());
             }
             if let Some(probe) = self.probe {
                 let sum: usize = (0..PROBE_REPEAT).map(|_| probe.call(self)).sum();

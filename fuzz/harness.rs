@@ -8,6 +8,7 @@ use principal_propagation::cache::{CacheKey, Entry};
 use principal_propagation::config::PluginConfig;
 use principal_propagation::coordination::notice::Message;
 use principal_propagation::coordination::slot;
+use principal_propagation::forwarding::{self, Additions, Edit, Removal};
 use principal_propagation::http_url::HttpUrl;
 use principal_propagation::identity::{self, attributes, payload, UserIdRule};
 use principal_propagation::keys::SigningKey;
@@ -29,7 +30,7 @@ mod sample;
 /// What a target checks: it panics when the input breaks a rule.
 pub type Check = fn(&[u8]);
 
-pub const TARGETS: [(&str, Check); 7] = [
+pub const TARGETS: [(&str, Check); 9] = [
     ("config", config),
     ("metadata_claims", metadata_claims),
     ("json_claims", json_claims),
@@ -37,6 +38,8 @@ pub const TARGETS: [(&str, Check); 7] = [
     ("cache_entry", cache_entry),
     ("http_url", http_url),
     ("trust_path", trust_path),
+    ("forwarding", forwarding),
+    ("payload_pairs", payload_pairs),
 ];
 
 const KEY: &str = include_str!("../tests/fixtures/signing-key.pem");
@@ -252,6 +255,98 @@ pub fn trust_path(data: &[u8]) {
                     has_root_element(&answer.body),
                     "metadata without a root element"
                 );
+            }
+        }
+    }
+}
+
+/// A client's request headers (lines `name: value`, the first `:path`) as the plugin
+/// forwards them: whatever they hold, no credential it removes survives the edits, and
+/// the destination's own query parameter appears exactly once.
+pub fn forwarding(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut headers: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+        .filter(|(n, _)| !n.is_empty())
+        .collect();
+    let path = text.lines().next().unwrap_or_default().to_string();
+    headers.push((":path".into(), format!("/{path}")));
+    let removal = Removal::default();
+    let queries = [("sap-client".to_string(), "100".to_string())];
+    let add = Additions {
+        headers: &[],
+        queries: &queries,
+    };
+    let edits = forwarding::edits(&headers, &removal, &add);
+    let mut after = headers.clone();
+    for edit in &edits {
+        match edit {
+            Edit::Remove(name) => after.retain(|(n, _)| !n.eq_ignore_ascii_case(name)),
+            Edit::Set(name, value) => {
+                after.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+                after.push((name.clone(), value.clone()));
+            }
+        }
+    }
+    for (name, value) in &after {
+        let lower = name.to_ascii_lowercase();
+        assert!(
+            !forwarding::DEFAULT_HEADERS
+                .iter()
+                .any(|h| match h.strip_suffix('*') {
+                    Some(prefix) => lower.starts_with(prefix),
+                    None => lower == *h,
+                }),
+            "{name} survived"
+        );
+        if lower == "cookie" {
+            for cookie in value.split(';') {
+                let cookie = cookie.split('=').next().unwrap_or_default().trim();
+                assert!(!cookie.eq_ignore_ascii_case("MYSAPSSO2"), "{value}");
+            }
+        }
+    }
+    let path = &after
+        .iter()
+        .rev()
+        .find(|(n, _)| n == ":path")
+        .expect("a path")
+        .1;
+    let query = path.split_once('?').map_or("", |(_, q)| q);
+    let names: Vec<String> = form_urlencoded::parse(query.as_bytes())
+        .map(|(n, _)| n.to_ascii_lowercase())
+        .collect();
+    for removed in forwarding::DEFAULT_QUERY_PARAMETERS {
+        assert!(!names.iter().any(|n| n == removed), "{path}");
+    }
+    assert_eq!(
+        names.iter().filter(|n| *n == "sap-client").count(),
+        1,
+        "{path}"
+    );
+}
+
+/// The verified payload as Envoy hands over one property (pairs): read as root claims,
+/// the quick principal, where there is one, is made of strings fit for XML.
+pub fn payload_pairs(data: &[u8]) {
+    let Some(pairs) = payload::root_claims(data) else {
+        return;
+    };
+    for rule in [
+        UserIdRule::claim("user_name").expect("a rule"),
+        UserIdRule::claim("$.ext.id").expect("a rule"),
+        UserIdRule::SystemUser("TECH".into()),
+    ] {
+        if let Some(principal) = identity::principal_from_raw(&rule, &pairs) {
+            let parts = [
+                Some(&principal.user_id),
+                principal.issuer.as_ref(),
+                principal.origin.as_ref(),
+            ];
+            for part in parts.into_iter().flatten() {
+                assert!(principal_propagation::saml::canonical::is_xml_text(part));
             }
         }
     }

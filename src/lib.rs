@@ -12,6 +12,7 @@ pub mod error;
 #[cfg(all(target_arch = "wasm32", target_os = "wasi"))]
 pub mod filter;
 pub mod flow;
+pub mod forwarding;
 pub mod host;
 pub mod http_url;
 pub mod identity;

@@ -31,6 +31,8 @@ pub enum Metric {
     LockCollision,
     /// An exchange started again because its callout went with a retired root context.
     Restarted,
+    /// A cached token dropped because the backend refused it (`evictTokenOnUpstreamStatus`).
+    TokenEvicted,
     /// Microseconds spent building and signing one assertion with an RSA key.
     SigningMicros,
     /// The same with a P-256 key.
@@ -44,7 +46,7 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 16] = [
+    pub const ALL: [Metric; 17] = [
         Metric::CacheHit,
         Metric::CacheMiss,
         Metric::ExchangeOk,
@@ -56,6 +58,7 @@ impl Metric {
         Metric::DeadlinePassed,
         Metric::LockCollision,
         Metric::Restarted,
+        Metric::TokenEvicted,
         Metric::SigningMicros,
         Metric::SigningEcMicros,
         Metric::WakeMicros,
@@ -77,6 +80,7 @@ impl Metric {
             Metric::DeadlinePassed => "principal_propagation.exchange_deadline_passed",
             Metric::LockCollision => "principal_propagation.lock_collision",
             Metric::Restarted => "principal_propagation.exchange_restarted",
+            Metric::TokenEvicted => "principal_propagation.token_evicted",
             Metric::SigningMicros => "principal_propagation.signing_us",
             Metric::SigningEcMicros => "principal_propagation.signing_ec_us",
             Metric::WakeMicros => "principal_propagation.wake_us",

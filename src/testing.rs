@@ -24,6 +24,7 @@ pub fn destination_json(name: &str) -> Value {
 /// A whole plugin configuration with the test key and the given destinations.
 pub fn config_json(destinations: Vec<Value>) -> Value {
     json!({
+        "allowInsecureTokenService": true,
         "tokenServiceCluster": "token_service",
         "keys": {"default": {"privateKey": KEY, "certificate": CERT}},
         "destinations": destinations

@@ -5,6 +5,7 @@
 //! meets a configuration problem.
 
 use super::values::{ConfigError, Section};
+use crate::forwarding::Removal;
 use crate::http_url::HttpUrl;
 use crate::identity::UserIdRule;
 use crate::saml::canonical::is_xml_text;
@@ -70,6 +71,12 @@ pub struct Destination {
     pub url_queries: Vec<(String, String)>,
     /// `KeyStoreLocation`: the name of the signing key in the plugin's key set.
     pub key_name: String,
+    /// Inbound credentials removed from every propagated request: the defaults and
+    /// `removeRequestHeaders`, `removeCookies`, `removeQueryParameters`.
+    pub removal: Removal,
+    /// `evictTokenOnUpstreamStatus`: a backend answer with one of these statuses drops
+    /// the cached token it was given (default 401), so the next request exchanges anew.
+    pub evict_on_status: Vec<u16>,
     /// Hash of everything that shapes the token, so a changed destination never serves
     /// tokens cached under its old settings.
     pub cache_namespace: String,
@@ -79,7 +86,7 @@ pub struct Destination {
 const INFORMATIONAL: [&str; 3] = ["Description", "ProxyType", "tokenServiceURLType"];
 
 /// Every plain key a destination may have (families are matched by prefix).
-const KNOWN: [&str; 29] = [
+const KNOWN: [&str; 33] = [
     "Name",
     "Type",
     "URL",
@@ -106,6 +113,10 @@ const KNOWN: [&str; 29] = [
     "KeyStoreLocation",
     "tokenServiceURL.SocketReadTimeoutInSeconds",
     "tokenServiceCluster",
+    "removeRequestHeaders",
+    "removeCookies",
+    "removeQueryParameters",
+    "evictTokenOnUpstreamStatus",
     "Description",
     "ProxyType",
     "tokenServiceURLType",
@@ -260,6 +271,8 @@ pub fn parse(
         url_headers: family(&d, "URL.headers.", check_header_name)?,
         url_queries: family(&d, "URL.queries.", |_| Ok(()))?,
         key_name: d.string("KeyStoreLocation")?.unwrap_or_default(),
+        removal: removal(&d)?,
+        evict_on_status: evict_on_status(&d)?,
         cache_namespace: String::new(),
         token_service,
         name,
@@ -380,12 +393,67 @@ fn family(
     Ok(entries)
 }
 
+/// The inbound credentials a destination removes: the defaults and its own additions.
+fn removal(d: &Section<'_>) -> Result<Removal, ConfigError> {
+    let headers = d.string_list("removeRequestHeaders")?;
+    for name in &headers {
+        let bare = name.strip_suffix('*').unwrap_or(name);
+        if bare.is_empty() {
+            return Err(ConfigError::new(
+                d.key("removeRequestHeaders"),
+                format!("{name:?} would match every header"),
+            ));
+        }
+        check_header_name(bare).map_err(|problem| {
+            ConfigError::new(d.key("removeRequestHeaders"), format!("{name:?} {problem}"))
+        })?;
+    }
+    let cookies = d.string_list("removeCookies")?;
+    if let Some(bad) = cookies.iter().find(|c| !is_token(c)) {
+        return Err(ConfigError::new(
+            d.key("removeCookies"),
+            format!("{bad:?} is not a cookie name"),
+        ));
+    }
+    let parameters = d.string_list("removeQueryParameters")?;
+    if let Some(bad) = parameters.iter().find(|p| p.contains(['&', '=', '#'])) {
+        return Err(ConfigError::new(
+            d.key("removeQueryParameters"),
+            format!("{bad:?} is not a query parameter name"),
+        ));
+    }
+    Ok(Removal::with_extra(&headers, &cookies, &parameters))
+}
+
+/// Backend statuses that drop the token the request carried (default 401; `[]`: none).
+fn evict_on_status(d: &Section<'_>) -> Result<Vec<u16>, ConfigError> {
+    const KEY: &str = "evictTokenOnUpstreamStatus";
+    if !d.fields.contains_key(KEY) {
+        return Ok(vec![401]);
+    }
+    d.string_list(KEY)?
+        .iter()
+        .map(|s| match s.parse::<u16>() {
+            Ok(status) if (400..=599).contains(&status) => Ok(status),
+            _ => Err(ConfigError::new(
+                d.key(KEY),
+                format!("{s:?} is not an HTTP error status (400-599)"),
+            )),
+        })
+        .collect()
+}
+
+/// An RFC 9110 token (header and cookie names).
+fn is_token(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
 /// Header names must be RFC 9110 tokens and must not be ones the plugin or Envoy owns.
 fn check_header_name(name: &str) -> Result<(), &'static str> {
-    let token = name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-    if !token {
+    if !is_token(name) {
         return Err("names an invalid HTTP header");
     }
     if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {

@@ -26,7 +26,8 @@ pub const DEFAULT_MAX_EXCHANGES_PER_WORKER: u64 = 256;
 /// Default number of tokens a worker keeps its own copy of.
 pub const DEFAULT_WORKER_CACHE_ENTRIES: u64 = 1024;
 
-const TOP_LEVEL: [&str; 15] = [
+const TOP_LEVEL: [&str; 16] = [
+    "allowInsecureTokenService",
     "tokenCacheSlots",
     "maxExchangesPerWorker",
     "maxSigningSharePercent",
@@ -93,6 +94,7 @@ impl PluginConfig {
         }
 
         let keys = parse_keys(&top, env)?;
+        let allow_insecure = top.boolean("allowInsecureTokenService", false)?;
         let default_cluster = top.string("tokenServiceCluster")?;
         let list = match top.fields.get("destinations") {
             Some(Value::Array(list)) if !list.is_empty() => list,
@@ -114,6 +116,13 @@ impl PluginConfig {
                 ));
             }
             d.key_name = resolve_key_name(&path, &d.key_name, &keys)?;
+            if !allow_insecure && !d.token_service.url.full.starts_with("https://") {
+                return Err(ConfigError::new(
+                    format!("{path}.tokenServiceURL"),
+                    "must be https:// (client credentials, assertions and tokens cross it); \
+                     set allowInsecureTokenService to true only for a development token service",
+                ));
+            }
             destinations.push(d);
         }
         let default_destination = match top.string("defaultDestination")? {

@@ -395,3 +395,99 @@ fn refuses_rsa_keys_whose_primes_do_not_fit_naming_the_key() {
         "configuration key `keys.default.privateKey` is a 4096-bit RSA key with a 3072-bit prime factor; each may have at most 2068 bits"
     );
 }
+
+#[test]
+fn a_cleartext_token_service_needs_an_explicit_opt_in() {
+    let mut config = config_json(vec![destination_json("d")]);
+    config
+        .as_object_mut()
+        .unwrap()
+        .remove("allowInsecureTokenService");
+    assert_eq!(
+        refused(config.clone()),
+        "configuration key `destinations[0].tokenServiceURL` must be https:// (client \
+         credentials, assertions and tokens cross it); set allowInsecureTokenService to true \
+         only for a development token service"
+    );
+    config["destinations"][0]["tokenServiceURL"] = json!("https://uaa.example/oauth/token");
+    assert!(parse(&config).is_ok());
+    config["allowInsecureTokenService"] = json!("yes");
+    assert_eq!(
+        refused(config),
+        "configuration key `allowInsecureTokenService` must be true or false"
+    );
+}
+
+#[test]
+fn a_destination_extends_the_credentials_removed_and_the_statuses_that_evict() {
+    let config = parse(&with_destination(|d| {
+        d.insert(
+            "removeRequestHeaders".into(),
+            json!(["X-Api-Key", "x-legacy-*"]),
+        );
+        d.insert("removeCookies".into(), json!("JSESSIONID, SAP_SESSIONID_X"));
+        d.insert("removeQueryParameters".into(), json!(["apikey"]));
+        d.insert("evictTokenOnUpstreamStatus".into(), json!([401, "403"]));
+    }))
+    .unwrap();
+    let d = &config.destinations[0];
+    for default in crate::forwarding::DEFAULT_HEADERS {
+        assert!(d.removal.headers.iter().any(|h| h == default), "{default}");
+    }
+    assert!(d.removal.headers.contains(&"x-api-key".to_string()));
+    assert!(d.removal.headers.contains(&"x-legacy-*".to_string()));
+    assert_eq!(
+        d.removal.cookies,
+        ["jsessionid", "mysapsso2", "sap_sessionid_x"]
+    );
+    assert_eq!(
+        d.removal.query_parameters,
+        ["access_token", "apikey", "sap-password", "sap-user"]
+    );
+    assert_eq!(d.evict_on_status, [401, 403]);
+    let defaults = parse(&config_json(vec![destination_json("d")])).unwrap();
+    assert_eq!(defaults.destinations[0].evict_on_status, [401]);
+    assert_eq!(
+        defaults.destinations[0].removal,
+        crate::forwarding::Removal::default()
+    );
+    let off = parse(&with_destination(|d| {
+        d.insert("evictTokenOnUpstreamStatus".into(), json!([]));
+    }))
+    .unwrap();
+    assert!(off.destinations[0].evict_on_status.is_empty());
+
+    let key = |k: &str, v: Value| {
+        refused(with_destination(|d| {
+            d.insert(k.into(), v);
+        }))
+    };
+    assert_eq!(
+        key("removeRequestHeaders", json!(["*"])),
+        "configuration key `destinations[0].removeRequestHeaders` \"*\" would match every header"
+    );
+    assert_eq!(
+        key("removeRequestHeaders", json!(["Host"])),
+        "configuration key `destinations[0].removeRequestHeaders` \"Host\" names a header the gateway sets itself"
+    );
+    assert_eq!(
+        key("removeRequestHeaders", json!(["a b"])),
+        "configuration key `destinations[0].removeRequestHeaders` \"a b\" names an invalid HTTP header"
+    );
+    assert_eq!(
+        key("removeCookies", json!(["a;b"])),
+        "configuration key `destinations[0].removeCookies` \"a;b\" is not a cookie name"
+    );
+    assert_eq!(
+        key("removeQueryParameters", json!(["a=b"])),
+        "configuration key `destinations[0].removeQueryParameters` \"a=b\" is not a query parameter name"
+    );
+    assert_eq!(
+        key("evictTokenOnUpstreamStatus", json!([200])),
+        "configuration key `destinations[0].evictTokenOnUpstreamStatus` \"200\" is not an HTTP error status (400-599)"
+    );
+    assert_eq!(
+        key("removeCookies", json!({"a": 1})),
+        "configuration key `destinations[0].removeCookies` must be a list of strings or a comma-separated string"
+    );
+}

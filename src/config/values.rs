@@ -134,4 +134,37 @@ impl<'a> Section<'a> {
             )),
         }
     }
+
+    /// A list given as a JSON array of strings or as one comma-separated string (the form
+    /// of a property in a destination export); empty if the key is absent.
+    pub fn string_list(&self, name: &str) -> Result<Vec<String>, ConfigError> {
+        let items: Vec<String> = match self.fields.get(name) {
+            None => return Ok(Vec::new()),
+            Some(Value::String(s)) => s.split(',').map(|i| i.trim().to_string()).collect(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|i| match i {
+                    Value::String(s) => Ok(s.trim().to_string()),
+                    Value::Number(n) => Ok(n.to_string()),
+                    _ => Err(ConfigError::new(
+                        self.key(name),
+                        "must be a list of strings",
+                    )),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => {
+                return Err(ConfigError::new(
+                    self.key(name),
+                    "must be a list of strings or a comma-separated string",
+                ))
+            }
+        };
+        if items.iter().any(String::is_empty) {
+            return Err(ConfigError::new(
+                self.key(name),
+                "must not contain an empty item",
+            ));
+        }
+        Ok(items)
+    }
 }

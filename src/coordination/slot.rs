@@ -238,6 +238,25 @@ pub fn finish(
     false
 }
 
+/// Drops `key`'s token if it is still `access_token` (a newer one, stored meanwhile, stays),
+/// keeping the slot's lock. True if it was dropped.
+pub fn evict(host: &(impl SharedData + ?Sized), key: &CacheKey, access_token: &str) -> bool {
+    for _ in 0..ATTEMPTS {
+        let view = View::read(host, key);
+        match view.entry(key) {
+            Some(Entry::Token {
+                access_token: stored,
+                ..
+            }) if stored == access_token => {}
+            _ => return false,
+        }
+        if view.write(host, key, view.lock, &[]) {
+            return true;
+        }
+    }
+    false
+}
+
 /// Creates every creation lock that does not exist yet. Called when the plugin is
 /// configured, before it serves (a creation lock made while others take it could be
 /// held twice).
@@ -327,6 +346,22 @@ mod tests {
         );
         assert_eq!(claim(&h, &alice, 1, 9_000, NONE), Claim::Held, "extended");
         assert_eq!(lock_of(&h, &alice).unwrap().deadline_ms, 9_000);
+    }
+
+    #[test]
+    fn evicting_drops_only_the_token_that_was_refused() {
+        let h = host();
+        let alice = CacheKey::new("ns", "alice", 1);
+        let bob = CacheKey::new("ns", "bob", 1);
+        assert_eq!(claim(&h, &alice, 7, 5_000, NONE), Claim::Held);
+        assert!(finish(&h, &alice, None, &|_| Some(token("old", 9_000))));
+        assert!(!evict(&h, &alice, "other"), "not the token it holds");
+        assert!(!evict(&h, &bob, "old"), "not bob's slot entry");
+        assert_eq!(read_entry(&h, &alice), Some(token("old", 9_000)));
+        assert!(evict(&h, &alice, "old"));
+        assert_eq!(read_entry(&h, &alice), None);
+        assert_eq!(lock_of(&h, &alice).unwrap().ticket, 7, "the lock stays");
+        assert!(!evict(&h, &alice, "old"), "once");
     }
 
     #[test]

@@ -9,7 +9,21 @@ use crate::trust::expiry;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{LogLevel, MapType, MetricType};
 use sha2::{Digest, Sha256};
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::time::{Duration, UNIX_EPOCH};
+
+thread_local! {
+    /// The `Authorization` each resumed request was given, by request id, until the request
+    /// is done: its response may show the backend refused that token, and Envoy does not
+    /// let a filter read request headers once the response has begun.
+    static RESUMED_WITH: RefCell<HashMap<u32, String>> = RefCell::new(HashMap::new());
+}
+
+/// The `Authorization` the request `request_id` was resumed with (taken: asked once).
+pub fn take_resumed_authorization(request_id: u32) -> Option<String> {
+    RESUMED_WITH.with(|map| map.borrow_mut().remove(&request_id))
+}
 
 /// Shared-data key remembering the last day expiry notices were logged.
 const EXPIRY_MARKER_KEY: &str = "principal-propagation/expiry-notices";
@@ -203,7 +217,14 @@ impl Requests for EnvoyHost {
             "authorization",
             Some(authorization),
         );
-        hostcalls::resume_http_request().is_ok()
+        if hostcalls::resume_http_request().is_err() {
+            return false;
+        }
+        RESUMED_WITH.with(|map| {
+            map.borrow_mut()
+                .insert(request_id, authorization.to_string())
+        });
+        true
     }
 
     fn fail(&self, request_id: u32, failure: &Failure) -> bool {

@@ -11,10 +11,10 @@ use crate::config::PluginConfig;
 use crate::coordination::registry;
 use crate::error::Failure;
 use crate::flow::{Decision, Worker};
+use crate::forwarding::{self, Additions, Edit};
 use crate::host::{Clock, Level, Telemetry};
-use crate::http_url::append_query;
-use crate::identity::payload::{claims_from_metadata, string_claim_from_property};
-use crate::identity::Identity;
+use crate::identity::payload::{claims_from_metadata, root_claims};
+use crate::identity::{principal_from_raw, Identity, Principal, UserIdRule};
 use crate::trust::download;
 use envoy_host::EnvoyHost;
 use proxy_wasm::hostcalls;
@@ -248,6 +248,8 @@ impl RootContext for PluginRoot {
             config,
             worker: WORKER.with(Rc::clone),
             waiting: false,
+            propagated: None,
+            forwarded_with: None,
         }))
     }
 
@@ -262,21 +264,21 @@ struct JwtMetadata<'a> {
 }
 
 impl Identity for JwtMetadata<'_> {
-    /// One claim, read as a deeper property: a fraction of the cost of [`Self::claims`].
-    fn string_claim(&self, path: &[String]) -> Option<String> {
+    /// The payload read as one property (its root claims as raw bytes, see
+    /// [`root_claims`]): a fraction of the cost of [`Self::claims`].
+    fn quick_principal(&self, rule: &UserIdRule) -> Option<Principal> {
         let config = self.config;
-        let mut property = vec![
+        let property = vec![
             "metadata",
             "filter_metadata",
             config.jwt_filter_name.as_str(),
             config.jwt_payload_key.as_str(),
         ];
-        property.extend(path.iter().map(String::as_str));
         if property.iter().any(|part| part.contains('\0')) {
             return None; // the host splits property paths at NUL
         }
         let bytes = hostcalls::get_property(property).ok().flatten()?;
-        string_claim_from_property(bytes)
+        principal_from_raw(rule, &root_claims(&bytes)?)
     }
 
     fn claims(&self) -> Option<serde_json::Value> {
@@ -295,6 +297,11 @@ struct PluginRequest {
     config: Rc<PluginConfig>,
     worker: Rc<RefCell<Worker>>,
     waiting: bool,
+    /// The destination this request was propagated to (its token injected or awaited).
+    propagated: Option<usize>,
+    /// The `Authorization` it was forwarded with, kept where the destination evicts tokens
+    /// its backend refuses (a waiting request's is kept by [`envoy_host`] on resume).
+    forwarded_with: Option<String>,
 }
 
 impl PluginRequest {
@@ -333,19 +340,24 @@ impl PluginRequest {
         true
     }
 
-    /// `URL.headers.*` and `URL.queries.*` of the destination, on the forwarded request.
-    fn add_destination_extras(&self, config: &PluginConfig, destination: usize) {
+    /// Makes the request one the backend may get: every inbound credential the destination
+    /// removes is gone, its `URL.headers.*` and `URL.queries.*` are in (see
+    /// [`crate::forwarding`]). One host call reads the headers; edits are made only where
+    /// the request needs them.
+    fn prepare_forwarding(&self, config: &PluginConfig, destination: usize) {
         let Some(dest) = config.destinations.get(destination) else {
             return;
         };
-        for (name, value) in &dest.url_headers {
-            self.set_http_request_header(name, Some(value));
-        }
-        if !dest.url_queries.is_empty() {
-            let path = self
-                .get_http_request_header(":path")
-                .unwrap_or_else(|| "/".into());
-            self.set_http_request_header(":path", Some(&append_query(&path, &dest.url_queries)));
+        let headers = self.get_http_request_headers();
+        let add = Additions {
+            headers: &dest.url_headers,
+            queries: &dest.url_queries,
+        };
+        for edit in forwarding::edits(&headers, &dest.removal, &add) {
+            match edit {
+                Edit::Remove(name) => self.set_http_request_header(&name, None),
+                Edit::Set(name, value) => self.set_http_request_header(&name, Some(&value)),
+            }
         }
     }
 }
@@ -355,6 +367,7 @@ impl Context for PluginRequest {
         // try_borrow: should a host ever end a stream from inside a worker callback,
         // the worker skips the gone request itself (resume/fail report it missing).
         if self.waiting {
+            envoy_host::take_resumed_authorization(self.context_id);
             if let Ok(mut worker) = self.worker.try_borrow_mut() {
                 worker.forget_request(self.context_id);
             }
@@ -403,14 +416,23 @@ impl HttpContext for PluginRequest {
             // The caller's credentials never reach the backend: replaced here, removed
             // while waiting (the worker sets the token on resume), never forwarded on failure.
             Decision::Forward(authorization) => {
-                self.add_destination_extras(&config, destination);
+                self.prepare_forwarding(&config, destination);
                 self.set_http_request_header("authorization", Some(&authorization));
+                self.propagated = Some(destination);
+                if config
+                    .destinations
+                    .get(destination)
+                    .is_some_and(|d| !d.evict_on_status.is_empty())
+                {
+                    self.forwarded_with = Some(authorization);
+                }
                 Action::Continue
             }
             Decision::Wait => {
                 self.set_http_request_header("authorization", None);
-                self.add_destination_extras(&config, destination);
+                self.prepare_forwarding(&config, destination);
                 self.waiting = true;
+                self.propagated = Some(destination);
                 Action::Pause
             }
             Decision::Fail(Failure::NotAuthenticated) if self.answer_trust_download(&config) => {
@@ -421,5 +443,42 @@ impl HttpContext for PluginRequest {
                 Action::Pause
             }
         }
+    }
+
+    /// A backend that refuses the token it was given (a status in the destination's
+    /// `evictTokenOnUpstreamStatus`) makes the plugin drop that token; the answer goes to
+    /// the client unchanged. Only a propagated request reads its status.
+    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let Some(destination) = self.propagated else {
+            return Action::Continue;
+        };
+        let config = Rc::clone(&self.config);
+        let Some(dest) = config.destinations.get(destination) else {
+            return Action::Continue;
+        };
+        if dest.evict_on_status.is_empty() {
+            return Action::Continue;
+        }
+        let refused = self
+            .get_http_response_header(":status")
+            .and_then(|s| s.parse::<u16>().ok())
+            .is_some_and(|status| dest.evict_on_status.contains(&status));
+        if !refused {
+            return Action::Continue;
+        }
+        // Request headers cannot be read any more (Envoy refuses, and the SDK would panic).
+        // None when the gateway answered the request itself: it then carried no token.
+        let forwarded_with = self
+            .forwarded_with
+            .take()
+            .or_else(|| envoy_host::take_resumed_authorization(self.context_id));
+        let Some(authorization) = forwarded_with else {
+            return Action::Continue;
+        };
+        let identity = JwtMetadata { config: &config };
+        if let Ok(mut worker) = self.worker.try_borrow_mut() {
+            worker.on_backend_refused(&EnvoyHost, &config, destination, &identity, &authorization);
+        }
+        Action::Continue
     }
 }

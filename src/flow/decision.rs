@@ -15,7 +15,7 @@ use crate::coordination::slot;
 use crate::credentials::saml_bearer::SamlBearer;
 use crate::error::Failure;
 use crate::host::Host;
-use crate::identity::{self, attributes, Identity, UserIdRule};
+use crate::identity::{self, attributes, Identity, Principal, UserIdRule};
 use crate::metrics::Metric;
 use crate::saml::assertion::Attribute;
 use crate::saml::canonical::is_xml_text;
@@ -41,27 +41,24 @@ impl Worker {
             });
         };
         let mut claims = None;
-        let fast_user_id = match &dest.user_id {
-            UserIdRule::Claim { path, .. } => identity.string_claim(path),
-            UserIdRule::SystemUser(_) => None,
-        };
-        let user_id = match fast_user_id {
-            Some(user_id) => user_id,
+        let principal = match identity.quick_principal(&dest.user_id) {
+            Some(principal) => principal,
             None => {
                 let Some(all) = identity.claims() else {
                     return Decision::Fail(Failure::NotAuthenticated);
                 };
-                match identity::user_id(&dest.user_id, claims.insert(all)) {
-                    Ok(user_id) => user_id,
+                match identity::principal(&dest.user_id, claims.insert(all)) {
+                    Ok(principal) => principal,
                     Err(e) => return Decision::Fail(Failure::UserId(e)),
                 }
             }
         };
-        if !is_xml_text(&user_id) {
+        if !is_xml_text(&principal.user_id) {
             return Decision::Fail(Failure::UserIdNotXml);
         }
+        let principal_key = principal.key();
         let now_ms = host.now_ms();
-        if let Some(token) = self.hot.get(&dest.cache_namespace, &user_id, now_ms) {
+        if let Some(token) = self.hot.get(&dest.cache_namespace, &principal_key, now_ms) {
             self.counters.add(Metric::CacheHit, 1);
             return Decision::Forward(bearer(token));
         }
@@ -69,7 +66,7 @@ impl Worker {
             let claims = claims.take().or_else(|| identity.claims())?;
             Some(attributes_of(&claims, dest))
         };
-        let key = CacheKey::new(&dest.cache_namespace, &user_id, config.cache_slots);
+        let key = CacheKey::new(&dest.cache_namespace, &principal_key, config.cache_slots);
         match slot::read_entry(host, &key).and_then(|e| e.live_at(now_ms)) {
             Some(Entry::Token {
                 access_token,
@@ -79,7 +76,7 @@ impl Worker {
                 if now_ms < times.refresh_at_ms {
                     self.hot.put(
                         &dest.cache_namespace,
-                        &user_id,
+                        &principal_key,
                         key.id,
                         &access_token,
                         times,
@@ -94,7 +91,7 @@ impl Worker {
                             destination,
                             dest,
                             key,
-                            user_id,
+                            &principal,
                             attributes,
                             None,
                         );
@@ -125,7 +122,7 @@ impl Worker {
             destination,
             dest,
             key,
-            user_id,
+            &principal,
             attributes,
             Some(request_id),
         );
@@ -138,7 +135,7 @@ impl Worker {
         }
     }
 
-    /// The exchange for `user_id` at `dest`, by the destination's credential kind.
+    /// The exchange for `principal` at `dest`, by the destination's credential kind.
     #[allow(clippy::too_many_arguments)]
     fn new_exchange(
         &self,
@@ -146,7 +143,7 @@ impl Worker {
         destination: usize,
         dest: &Destination,
         key: CacheKey,
-        user_id: String,
+        principal: &Principal,
         attributes: Vec<Attribute>,
         waiter: Option<u32>,
     ) -> NewExchange {
@@ -155,20 +152,25 @@ impl Worker {
             recipe: Box::new(SamlBearer::new(
                 Rc::clone(config),
                 destination,
-                user_id.clone(),
+                principal.user_id.clone(),
                 attributes,
             )),
             config: Rc::clone(config),
             waiter,
             timeout_ms: dest.token_service.timeout_ms,
             namespace: Rc::from(dest.cache_namespace.as_str()),
-            user_id,
+            principal: principal.key(),
         }
     }
 }
 
-/// SAML attributes for the assertion; values XML cannot carry are left out.
+/// SAML attributes for the assertion; values XML cannot carry are left out. A destination
+/// with `SystemUser` has none: its one token serves every user, so no user's attributes
+/// (their groups, their personal data) may shape it.
 fn attributes_of(claims: &Value, dest: &Destination) -> Vec<Attribute> {
+    if matches!(dest.user_id, UserIdRule::SystemUser(_)) {
+        return Vec::new();
+    }
     attributes::from_claims(
         claims,
         dest.skip_user_attributes_prefix,

@@ -135,9 +135,10 @@ pub struct Exchange {
     /// How long a request may wait: the destination's timeout plus [`WAITER_GRACE_MS`].
     patience_ms: u64,
     signing_ns: u64,
-    /// For the worker's copy of the token: the destination's namespace and the user id.
+    /// For the worker's copy of the token: the destination's namespace and the principal
+    /// (see [`crate::identity::Principal::key`]).
     namespace: Rc<str>,
-    user_id: String,
+    principal: String,
 }
 
 /// What is needed to queue an exchange.
@@ -148,7 +149,7 @@ pub struct NewExchange {
     pub waiter: Option<u32>,
     pub timeout_ms: u64,
     pub namespace: Rc<str>,
-    pub user_id: String,
+    pub principal: String,
 }
 
 impl Worker {
@@ -188,7 +189,7 @@ impl Worker {
             patience_ms,
             signing_ns: 0,
             namespace: new.namespace,
-            user_id: new.user_id,
+            principal: new.principal,
         };
         self.exchanges.insert(new.key.id, exchange);
         true
@@ -520,7 +521,7 @@ impl Worker {
         {
             self.hot.put(
                 &exchange.namespace,
-                &exchange.user_id,
+                &exchange.principal,
                 exchange.key.id,
                 &access_token,
                 times,
@@ -550,7 +551,7 @@ impl Worker {
         {
             self.hot.put(
                 &exchange.namespace,
-                &exchange.user_id,
+                &exchange.principal,
                 exchange.key.id,
                 access_token,
                 *times,
@@ -582,7 +583,7 @@ impl Worker {
     }
 
     /// Tells every other live worker that the exchange for `key` ended.
-    fn notify_others(&self, host: &dyn Host, key: &CacheKey) {
+    pub(super) fn notify_others(&self, host: &dyn Host, key: &CacheKey) {
         let notice = Notice {
             key_id: key.id,
             stored_at_ns: host.now_ns(),

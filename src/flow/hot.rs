@@ -20,7 +20,7 @@ struct Copy {
     times: TokenTimes,
 }
 
-/// Copies by destination namespace and user id.
+/// Copies by destination namespace and principal (see [`crate::identity::Principal::key`]).
 #[derive(Default)]
 pub struct HotTokens {
     capacity: usize,

@@ -10,6 +10,7 @@
 //! - [`scheduler`]: when the worker signs, in slices, within its signing share;
 //! - [`outcome`]: what a result leaves in the cache;
 //! - [`hot`]: the worker's own copies of hot tokens;
+//! - [`eviction`]: a token the backend refused leaves the cache;
 //! - [`pacing`]: which root context drives the worker, and its tick;
 //! - the cross-worker locks, notices and queue registry are in [`crate::coordination`].
 //!
@@ -18,6 +19,7 @@
 //! its tick, callout answers), which alone start exchanges.
 
 pub mod decision;
+pub mod eviction;
 pub mod exchanges;
 pub mod hot;
 pub mod outcome;
@@ -67,6 +69,7 @@ pub struct Worker {
     callouts: HashMap<u32, [u8; ID_LEN]>,
     scheduler: Scheduler,
     hot: HotTokens,
+    evictions: eviction::RecentEvictions,
     counters: Counters,
     roots: Roots,
     /// The VM's queue, and the root that registered it last (it gets the messages).

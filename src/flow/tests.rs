@@ -220,9 +220,19 @@ fn first_exchange_for_alice(w: &mut Worker, h: &FakeHost, c: &Rc<PluginConfig>) 
     w.on_callout_response(h, 1, 101, Some(200), OK);
 }
 
+/// The cache key of a user whose token names no issuer and no origin.
+fn user_key(namespace: &str, user: &str, slots: u64) -> CacheKey {
+    let principal = identity::Principal {
+        user_id: user.into(),
+        issuer: None,
+        origin: None,
+    };
+    CacheKey::new(namespace, &principal.key(), slots)
+}
+
 /// Reuse and refresh times of the token [`first_exchange_for_alice`] cached.
 fn alice_token_times(c: &PluginConfig) -> cache::TokenTimes {
-    let key = CacheKey::new(&c.destinations[0].cache_namespace, "alice", c.cache_slots);
+    let key = user_key(&c.destinations[0].cache_namespace, "alice", c.cache_slots);
     cache::token_times(T0 / 1_000_000, 3_600_000, None, key.jitter())
 }
 
@@ -847,20 +857,30 @@ fn requests_help_a_signature_under_way_and_leave_the_dispatch_to_the_worker() {
     assert_eq!(h.resumed.borrow().len() as u32, 1 + requests);
 }
 
-/// An identity whose host reads single string claims cheaply, and which counts how often
-/// all the claims were read.
+/// An identity whose host hands the root claims over cheaply as raw bytes (as Envoy
+/// does: a string as itself, anything else in a form that is not a string), and which
+/// counts how often all the claims were read.
 struct CheapClaims {
     claims: Value,
     full_reads: Cell<u32>,
 }
 
 impl Identity for CheapClaims {
-    fn string_claim(&self, path: &[String]) -> Option<String> {
-        let mut value = &self.claims;
-        for step in path {
-            value = value.get(step)?;
-        }
-        value.as_str().map(str::to_string)
+    fn quick_principal(&self, rule: &identity::UserIdRule) -> Option<identity::Principal> {
+        let raw: Vec<(String, Vec<u8>)> = self
+            .claims
+            .as_object()?
+            .iter()
+            .map(|(name, value)| match value {
+                Value::String(s) => (name.clone(), s.as_bytes().to_vec()),
+                _ => (name.clone(), vec![0; 8]),
+            })
+            .collect();
+        let pairs: Vec<(&[u8], &[u8])> = raw
+            .iter()
+            .map(|(n, v)| (n.as_bytes(), v.as_slice()))
+            .collect();
+        identity::principal_from_raw(rule, &pairs)
     }
     fn claims(&self) -> Option<Value> {
         self.full_reads.set(self.full_reads.get() + 1);
@@ -884,7 +904,7 @@ fn all_claims_are_read_only_for_an_exchange_never_for_a_plain_hit() {
     w.on_callout_response(&h, 1, 101, Some(200), OK);
     let hit = Decision::Forward("Bearer tok-1".into());
     assert_eq!(w.on_request(&h, &c, 3, 0, &alice), hit);
-    assert_eq!(alice.full_reads.get(), 1, "a hit needs only the user id");
+    assert_eq!(alice.full_reads.get(), 1, "a hit needs only the principal");
     // The same answer as from the decoded claims.
     assert_eq!(w.on_request(&h, &c, 4, 0, &Some(&alice.claims)), hit);
     h.now_ns.set(alice_token_times(&c).refresh_at_ms * MS);
@@ -1014,11 +1034,11 @@ fn repro_users_whose_locks_share_a_stripe_do_not_wait_for_each_other() {
     // alice's destination waits 600 s for its token service, the other one 1 s. Under the
     // old 4096 lock stripes, `user<i>` shared alice's stripe.
     let c = two_destinations(600, 1);
-    let alice_key = CacheKey::new(&c.destinations[0].cache_namespace, "alice", c.cache_slots);
+    let alice_key = user_key(&c.destinations[0].cache_namespace, "alice", c.cache_slots);
     let other = (0..1_000_000)
         .map(|i| format!("user{i}"))
         .find(|u| {
-            let k = CacheKey::new(&c.destinations[1].cache_namespace, u, c.cache_slots);
+            let k = user_key(&c.destinations[1].cache_namespace, u, c.cache_slots);
             k.slot % 4096 == alice_key.slot % 4096 && k.slot != alice_key.slot
         })
         .unwrap();
@@ -1267,7 +1287,7 @@ fn two_identities_in_one_slot_exchange_at_once_and_count_a_collision() {
     w2.flush_metrics(&h);
     assert_eq!(h.metric(Metric::LockCollision), 1);
     // Alice's lock was not freed by bob, and was freed by alice.
-    let alice = CacheKey::new(&c.destinations[0].cache_namespace, "alice", 1);
+    let alice = user_key(&c.destinations[0].cache_namespace, "alice", 1);
     assert_eq!(crate::coordination::slot::lock_of(&h, &alice), None);
 }
 
@@ -1386,7 +1406,7 @@ fn queue_scripted(
             waiter: Some(waiter),
             timeout_ms: 1_000,
             namespace: Rc::from("scripted"),
-            user_id: "user".into(),
+            principal: "user".into(),
         }
     ));
     key
@@ -1466,7 +1486,7 @@ fn randomness_failing_at_the_start_answers_the_waiters_and_frees_the_lock() {
         (1, Failure::Internal { .. })
     ));
     assert_eq!(h.dispatches(), 0);
-    let key = CacheKey::new(&c.destinations[0].cache_namespace, "alice", c.cache_slots);
+    let key = user_key(&c.destinations[0].cache_namespace, "alice", c.cache_slots);
     assert_eq!(crate::coordination::slot::lock_of(&h, &key), None);
 }
 
@@ -1495,4 +1515,124 @@ fn slices_grow_with_the_wait_of_users_queued_behind_the_signatures() {
     let spent_us = (h.now_ns.get() - before) / 1000;
     let grown = (1 + 1000 / SIGNING_WAIT_STEP_MS) * SIGNING_SLICE_US;
     assert!((grown..=grown + 300).contains(&spent_us), "{spent_us} µs");
+}
+
+#[test]
+fn the_same_user_name_from_two_identity_providers_gets_two_tokens() {
+    let (h, c) = (host(), config());
+    let mut w = worker(&h, &c, 1);
+    let from = |iss: &str, origin: Option<&str>| {
+        let mut claims = json!({"user_name": "alice", "iss": iss});
+        if let Some(origin) = origin {
+            claims["origin"] = json!(origin);
+        }
+        claims
+    };
+    let idp_a = from("https://idp-a", None);
+    let idp_b = from("https://idp-b", None);
+    let ldap = from("https://idp-a", Some("ldap"));
+    assert_eq!(w.on_request(&h, &c, 1, 0, &Some(&idp_a)), Decision::Wait);
+    assert_eq!(w.on_request(&h, &c, 2, 0, &Some(&idp_b)), Decision::Wait);
+    assert_eq!(w.on_request(&h, &c, 3, 0, &Some(&ldap)), Decision::Wait);
+    assert_eq!(w.on_request(&h, &c, 4, 0, &Some(&idp_a)), Decision::Wait);
+    deliver(&h, &mut w, 1);
+    assert_eq!(h.dispatches(), 3, "one exchange per identity provider");
+    for (call, token) in [(101, "tok-a"), (102, "tok-b"), (103, "tok-ldap")] {
+        let body =
+            format!(r#"{{"access_token":"{token}","token_type":"bearer","expires_in":3600}}"#);
+        w.on_callout_response(&h, 1, call, Some(200), body.as_bytes());
+    }
+    let mut resumed = h.resumed.borrow().clone();
+    resumed.sort();
+    let expected: Vec<(u32, String)> = [(1, "tok-a"), (2, "tok-b"), (3, "tok-ldap"), (4, "tok-a")]
+        .iter()
+        .map(|(id, t)| (*id, format!("Bearer {t}")))
+        .collect();
+    assert_eq!(resumed, expected);
+    for (claims, token) in [(&idp_a, "tok-a"), (&idp_b, "tok-b"), (&ldap, "tok-ldap")] {
+        assert_eq!(
+            w.on_request(&h, &c, 5, 0, &Some(claims)),
+            Decision::Forward(format!("Bearer {token}"))
+        );
+    }
+}
+
+#[test]
+fn a_system_user_token_carries_no_users_attributes_and_serves_everyone() {
+    let mut d = destination_json("d");
+    d["SystemUser"] = json!("TECH_USER");
+    d["skipUserAttributesPrefixInSAMLAttributes"] = json!(true);
+    let c = Rc::new(parse(&config_json(vec![d])).unwrap());
+    let h = host();
+    let mut w = worker(&h, &c, 1);
+    let boss = json!({"user_name": "boss", "email": "boss@corp", "iss": "https://idp",
+                      "user_attributes": {"dept": ["D1"]},
+                      "xs.system.attributes": {"xs.saml.groups": ["Admin"]}});
+    assert_eq!(w.on_request(&h, &c, 1, 0, &Some(&boss)), Decision::Wait);
+    assert_eq!(w.on_request(&h, &c, 2, 0, &Some(&bob())), Decision::Wait);
+    deliver(&h, &mut w, 1);
+    assert_eq!(h.dispatches(), 1, "one token for every user");
+    let assertion = assertion_of(&h.dispatched.borrow()[0].1);
+    assert!(
+        assertion.contains(">TECH_USER</saml2:NameID>"),
+        "{assertion}"
+    );
+    for personal in ["AttributeStatement", "boss", "Admin", "D1"] {
+        assert!(!assertion.contains(personal), "{personal} in {assertion}");
+    }
+    w.on_callout_response(&h, 1, 101, Some(200), OK);
+    assert_eq!(h.resumed.borrow().len(), 2);
+    assert_eq!(
+        w.on_request(&h, &c, 3, 0, &Some(&alice())),
+        Decision::Forward("Bearer tok-1".into())
+    );
+    assert_eq!(
+        w.on_request(&h, &c, 4, 0, &None),
+        Decision::Fail(Failure::NotAuthenticated),
+        "an authenticated user is still required"
+    );
+}
+
+#[test]
+fn a_token_the_backend_refused_is_dropped_everywhere_and_exchanged_anew() {
+    let (h, c) = (host(), config());
+    let (mut w1, mut w2) = (worker(&h, &c, 1), worker(&h, &c, 2));
+    first_exchange_for_alice(&mut w1, &h, &c);
+    let hit = Decision::Forward("Bearer tok-1".into());
+    assert_eq!(
+        w2.on_request(&h, &c, 2, 0, &Some(&alice())),
+        hit,
+        "w2 copies it"
+    );
+    // Another token than the one cached: nothing is dropped.
+    assert!(!w1.on_backend_refused(&h, &c, 0, &Some(&alice()), "Bearer tok-0"));
+    assert_eq!(w1.on_request(&h, &c, 3, 0, &Some(&alice())), hit);
+    assert!(w1.on_backend_refused(&h, &c, 0, &Some(&alice()), "Bearer tok-1"));
+    deliver(&h, &mut w2, 2);
+    assert_eq!(
+        w2.on_request(&h, &c, 4, 0, &Some(&alice())),
+        Decision::Wait,
+        "w2's copy went"
+    );
+    assert_eq!(w1.on_request(&h, &c, 5, 0, &Some(&alice())), Decision::Wait);
+    deliver(&h, &mut w1, 1);
+    deliver(&h, &mut w2, 2);
+    assert_eq!(h.dispatches(), 2, "one new exchange for both workers");
+    let tok2 = br#"{"access_token":"tok-2","token_type":"bearer","expires_in":3600}"#;
+    w1.on_callout_response(&h, 1, 102, Some(200), tok2);
+    deliver(&h, &mut w2, 2);
+    let fresh = Decision::Forward("Bearer tok-2".into());
+    assert_eq!(w2.on_request(&h, &c, 6, 0, &Some(&alice())), fresh);
+    // A backend that refuses the fresh token too does not cost an exchange per request:
+    // the worker evicts an identity at most once per failedExchangeHoldSeconds.
+    assert!(!w1.on_backend_refused(&h, &c, 0, &Some(&alice()), "Bearer tok-2"));
+    assert_eq!(w1.on_request(&h, &c, 7, 0, &Some(&alice())), fresh);
+    h.now_ns.set(T0 + 5 * SECOND);
+    assert!(w1.on_backend_refused(&h, &c, 0, &Some(&alice()), "Bearer tok-2"));
+    w1.flush_metrics(&h);
+    assert_eq!(h.metric(Metric::TokenEvicted), 2);
+    assert!(
+        h.logs.borrow().iter().all(|l| !l.contains("tok-")),
+        "no token logged"
+    );
 }

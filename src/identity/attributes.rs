@@ -5,12 +5,31 @@
 //! SAML groups become `Groups`; `user_uuid` is added unless
 //! `skipUserUuidInSAMLAttributes`. Values that are not strings (or lists of strings) are
 //! left out rather than guessed at.
+//!
+//! Every attribute name appears once. With the prefix skipped, a user attribute could
+//! otherwise add a second `Groups` (roles) or `email` (user mapping) next to the ones the
+//! identity provider sets, and users can often edit their own custom attributes: a user
+//! attribute named like an attribute the gateway writes from the root claims
+//! ([`GATEWAY_NAMES`], in any letter case) is left out, whether that root claim is
+//! present or not.
 
 use crate::saml::assertion::Attribute;
 use serde_json::Value;
 
 /// Root claims copied as attributes of the same name.
 const ROOT_CLAIMS: [&str; 5] = ["email", "given_name", "family_name", "origin", "zid"];
+
+/// Names of the attributes the gateway writes from root claims; a user attribute never
+/// takes one of them.
+pub const GATEWAY_NAMES: [&str; 7] = [
+    "email",
+    "given_name",
+    "family_name",
+    "origin",
+    "zid",
+    "user_uuid",
+    "Groups",
+];
 
 /// Builds the AttributeStatement's attributes from `claims`.
 pub fn from_claims(claims: &Value, skip_prefix: bool, skip_user_uuid: bool) -> Vec<Attribute> {
@@ -33,6 +52,9 @@ pub fn from_claims(claims: &Value, skip_prefix: bool, skip_user_uuid: bool) -> V
                 continue;
             }
             let name = if skip_prefix {
+                if GATEWAY_NAMES.iter().any(|g| g.eq_ignore_ascii_case(name)) {
+                    continue;
+                }
                 name.clone()
             } else {
                 format!("user_attributes.{name}")
@@ -94,5 +116,27 @@ mod tests {
         let b = from_claims(&claims, true, true);
         assert_eq!(names(&b), ["email", "dept", "Groups"]);
         assert!(from_claims(&json!({"sub": "x"}), false, false).is_empty());
+    }
+
+    #[test]
+    fn a_user_attribute_never_doubles_an_attribute_the_gateway_writes() {
+        let claims = json!({
+            "email": "alice@idp",
+            "user_attributes": {
+                "email": ["boss@corp"], "Groups": ["Admin"], "groups": ["Admin"],
+                "ORIGIN": ["other-idp"], "user_uuid": ["u-boss"], "zid": ["t"], "dept": ["D1"]
+            },
+            "xs.system.attributes": {"xs.saml.groups": ["Staff"]}
+        });
+        let a = from_claims(&claims, true, false);
+        assert_eq!(names(&a), ["email", "dept", "Groups"]);
+        assert_eq!(a[0].values, ["alice@idp"], "the root claim's value");
+        assert_eq!(a[2].values, ["Staff"], "the IdP's groups only");
+        let mut unique = names(&a);
+        unique.dedup();
+        assert_eq!(unique.len(), a.len());
+        // With SAP's prefix the names cannot meet: every user attribute is kept.
+        let prefixed = from_claims(&claims, false, true);
+        assert_eq!(prefixed.len(), 9);
     }
 }

@@ -7,13 +7,12 @@ pub mod payload;
 use serde_json::Value;
 use std::fmt;
 
-/// A request's verified identity, read lazily: a cache hit needs only the user id, and
-/// the host may read one claim much more cheaply than all of them.
+/// A request's verified identity, read lazily: a cache hit needs only the principal, and
+/// the host may tell it much more cheaply than it decodes every claim.
 pub trait Identity {
-    /// The claim at `path` (from the root of the claims) if the host can tell cheaply
-    /// that it is a non-blank string fit for XML; `None` means "unknown": the plugin
-    /// reads [`Identity::claims`] instead.
-    fn string_claim(&self, _path: &[String]) -> Option<String> {
+    /// The principal for `rule` if the host can tell it cheaply and with certainty;
+    /// `None` means "unknown": the plugin decodes [`Identity::claims`] instead.
+    fn quick_principal(&self, _rule: &UserIdRule) -> Option<Principal> {
         None
     }
 
@@ -26,6 +25,93 @@ impl Identity for Option<&Value> {
     fn claims(&self) -> Option<Value> {
         self.cloned()
     }
+}
+
+/// Who a token is for: the user id within the identity provider that vouched for it.
+/// Two identity providers (several `jwt_authn` providers, or XSUAA origins) can issue the
+/// same user name, so the cache keys the whole principal, never the user id alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// The NameID.
+    pub user_id: String,
+    /// The `iss` claim, if the token has one.
+    pub issuer: Option<String>,
+    /// The `origin` claim (the XSUAA identity provider), if the token has one.
+    pub origin: Option<String>,
+}
+
+/// Claims naming the identity provider, keyed together with the user id.
+pub const ISSUER_CLAIM: &str = "iss";
+pub const ORIGIN_CLAIM: &str = "origin";
+
+impl Principal {
+    /// A text that differs for every two principals: each optional part length-prefixed
+    /// (or marked absent), then the user id.
+    pub fn key(&self) -> String {
+        let mut key = String::with_capacity(self.user_id.len() + 64);
+        for part in [&self.issuer, &self.origin] {
+            match part {
+                Some(text) => key.push_str(&format!("+{}:{text}", text.len())),
+                None => key.push('-'),
+            }
+        }
+        key.push_str(&self.user_id);
+        key
+    }
+
+    /// The one principal of a destination with `SystemUser`: every user shares its token.
+    fn system(user: &str) -> Principal {
+        Principal {
+            user_id: user.to_string(),
+            issuer: None,
+            origin: None,
+        }
+    }
+}
+
+/// The principal for `rule` from the verified claims.
+pub fn principal(rule: &UserIdRule, claims: &Value) -> Result<Principal, UserIdError> {
+    if let UserIdRule::SystemUser(user) = rule {
+        return Ok(Principal::system(user));
+    }
+    let provider = |claim: &str| match claims.get(claim) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(UserIdError::NotAString {
+            claim: claim.to_string(),
+        }),
+    };
+    Ok(Principal {
+        user_id: user_id(rule, claims)?,
+        issuer: provider(ISSUER_CLAIM)?,
+        origin: provider(ORIGIN_CLAIM)?,
+    })
+}
+
+/// The principal for `rule` from the payload's raw root claims (see
+/// [`payload::root_claims`]), if every part is certain; `None`: decode the claims. A user
+/// id read through a JSON path always takes the exact way: a nested value's raw bytes
+/// could be a string that merely looks like a map.
+pub fn principal_from_raw(rule: &UserIdRule, pairs: &[(&[u8], &[u8])]) -> Option<Principal> {
+    use payload::{raw_claim, RawClaim};
+    let user_id = match rule {
+        UserIdRule::SystemUser(user) => return Some(Principal::system(user)),
+        UserIdRule::Claim { path, .. } if path.len() == 1 => match raw_claim(pairs, &path[0]) {
+            RawClaim::String(user_id) => user_id,
+            RawClaim::Absent | RawClaim::Unknown => return None,
+        },
+        UserIdRule::Claim { .. } => return None,
+    };
+    let provider = |claim| match raw_claim(pairs, claim) {
+        RawClaim::Absent => Some(None),
+        RawClaim::String(s) => Some(Some(s)),
+        RawClaim::Unknown => None,
+    };
+    Some(Principal {
+        user_id,
+        issuer: provider(ISSUER_CLAIM)?,
+        origin: provider(ORIGIN_CLAIM)?,
+    })
 }
 
 /// How a destination finds the user id (SAP order: `SystemUser`, `userIdSource`, then
@@ -156,5 +242,67 @@ mod tests {
         assert_eq!(user_id(&rule("p"), &padded).unwrap(), " a ");
         assert!(UserIdRule::claim("$.a..b").is_err());
         assert!(user_id(&rule("$.ext.id.deeper"), &claims).is_err());
+    }
+
+    #[test]
+    fn the_principal_is_the_user_within_its_identity_provider() {
+        let rule = UserIdRule::claim("user_name").unwrap();
+        let of = |claims: Value| principal(&rule, &claims).unwrap();
+        let a = of(json!({"user_name": "alice", "iss": "https://idp-a"}));
+        let b = of(json!({"user_name": "alice", "iss": "https://idp-b"}));
+        let c = of(json!({"user_name": "alice", "iss": "https://idp-a", "origin": "ldap"}));
+        let d = of(json!({"user_name": "alice"}));
+        let keys = [a.key(), b.key(), c.key(), d.key()];
+        for (i, k) in keys.iter().enumerate() {
+            assert!(keys[i + 1..].iter().all(|other| other != k), "{keys:?}");
+        }
+        assert_eq!(a.user_id, "alice");
+        // No part can run into the next.
+        let tricky = of(json!({"user_name": "a", "iss": "x", "origin": "+1:y"}));
+        let plain = of(json!({"user_name": "+1:ya", "iss": "x"}));
+        assert_ne!(tricky.key(), plain.key());
+        assert_eq!(
+            principal(&rule, &json!({"user_name": "alice", "iss": 5})),
+            Err(UserIdError::NotAString {
+                claim: "iss".into()
+            })
+        );
+        assert_eq!(
+            principal(&rule, &json!({"user_name": "alice", "origin": ["a"]})),
+            Err(UserIdError::NotAString {
+                claim: "origin".into()
+            })
+        );
+        let system = principal(&UserIdRule::SystemUser("TECH".into()), &json!({"iss": "x"}));
+        assert_eq!(system.unwrap().key(), "--TECH", "one token for everyone");
+    }
+
+    #[test]
+    fn the_raw_claims_give_a_principal_only_when_certain() {
+        let rule = UserIdRule::claim("user_name").unwrap();
+        let pairs: Vec<(&[u8], &[u8])> = vec![
+            (b"user_name", b"alice"),
+            (b"iss", b"https://idp-a"),
+            (b"origin", b"ldap"),
+        ];
+        let quick = principal_from_raw(&rule, &pairs).unwrap();
+        let exact = principal(
+            &rule,
+            &json!({"user_name": "alice", "iss": "https://idp-a", "origin": "ldap"}),
+        )
+        .unwrap();
+        assert_eq!(quick, exact);
+        let eight: Vec<(&[u8], &[u8])> = vec![(b"user_name", b"alice"), (b"origin", b"8bytes!!")];
+        assert_eq!(principal_from_raw(&rule, &eight), None, "could be a number");
+        let absent: Vec<(&[u8], &[u8])> = vec![(b"iss", b"https://idp-a")];
+        assert_eq!(
+            principal_from_raw(&rule, &absent),
+            None,
+            "the exact way names the claim"
+        );
+        let nested = UserIdRule::claim("$.ext.id").unwrap();
+        assert_eq!(principal_from_raw(&nested, &pairs), None);
+        let system = UserIdRule::SystemUser("TECH".into());
+        assert_eq!(principal_from_raw(&system, &[]).unwrap().user_id, "TECH");
     }
 }

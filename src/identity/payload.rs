@@ -6,9 +6,12 @@
 //! come back in a flattened encoding where an 8-byte string and a number look alike.)
 //! Decoding it here gives the plugin the claims exactly as the token carried them.
 //!
-//! A cache hit needs only the user id, and decoding every claim costs more than the rest
-//! of the hit. [`string_claim_from_property`] reads one claim from a deeper path instead,
-//! and takes it only where that encoding cannot be anything but a string.
+//! A cache hit needs only who the user is (the user id, the issuer, the origin), and
+//! decoding every claim costs more than the rest of the hit. [`root_claims`] reads the
+//! payload as Envoy hands over the property `metadata.filter_metadata.<filter>.<key>`
+//! instead: its root claims as raw bytes, whose type is lost, so
+//! [`string_claim_from_property`] takes a value only where it cannot be anything but a
+//! string.
 
 use crate::saml::canonical::is_xml_text;
 use prost::Message;
@@ -49,6 +52,64 @@ pub fn string_claim_from_property(bytes: Vec<u8>) -> Option<String> {
     }
     let value = String::from_utf8(bytes).ok()?;
     (!value.trim().is_empty() && is_xml_text(&value)).then_some(value)
+}
+
+/// The root claims of the payload read as the property
+/// `metadata.filter_metadata.<filter>.<key>`, as `(name, raw value)`: Envoy 1.40 sends a
+/// map in its pairs form (a 32-bit count, the 32-bit lengths of each name and value, then
+/// each name and value followed by a NUL), each value serialized on its own (a string as
+/// itself, a number as 8 bytes, a map or list as pairs again). `None` unless the bytes are
+/// exactly that (older releases send protobuf): the caller then decodes the metadata.
+pub fn root_claims(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+    let word = |at: usize| -> Option<usize> {
+        let b = bytes.get(at..at + 4)?;
+        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    };
+    let count = word(0)?;
+    let mut data = 4usize.checked_add(count.checked_mul(8)?)?;
+    if data > bytes.len() {
+        return None;
+    }
+    let mut pairs = Vec::with_capacity(count);
+    for i in 0..count {
+        let (name_len, value_len) = (word(4 + 8 * i)?, word(8 + 8 * i)?);
+        let name = bytes.get(data..data.checked_add(name_len)?)?;
+        data += name_len;
+        if bytes.get(data) != Some(&0) {
+            return None;
+        }
+        data += 1;
+        let value = bytes.get(data..data.checked_add(value_len)?)?;
+        data += value_len;
+        if bytes.get(data) != Some(&0) {
+            return None;
+        }
+        data += 1;
+        pairs.push((name, value));
+    }
+    (data == bytes.len()).then_some(pairs)
+}
+
+/// What the raw root claims tell of one claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawClaim {
+    /// Not in the payload.
+    Absent,
+    /// Certainly this string (see [`string_claim_from_property`]).
+    String(String),
+    /// Present, but its type cannot be told from the raw bytes: decode the claims.
+    Unknown,
+}
+
+/// Claim `name` among the raw root claims.
+pub fn raw_claim(pairs: &[(&[u8], &[u8])], name: &str) -> RawClaim {
+    match pairs.iter().rev().find(|(n, _)| *n == name.as_bytes()) {
+        None => RawClaim::Absent,
+        Some((_, value)) => match string_claim_from_property(value.to_vec()) {
+            Some(s) => RawClaim::String(s),
+            None => RawClaim::Unknown,
+        },
+    }
 }
 
 /// Claims nested deeper than this are dropped (protects the stack on hostile input).
@@ -141,6 +202,43 @@ mod tests {
         assert!(claims_from_metadata(&bytes, "other", "payload").is_none());
         assert!(claims_from_metadata(&bytes, "envoy.filters.http.jwt_authn", "x").is_none());
         assert!(claims_from_metadata(&[0xff, 0xff, 0xff], "a", "b").is_none());
+    }
+
+    /// The payload as Envoy 1.40 handed it over (seen in the demo, for
+    /// `{"g": ["a","b"], "n": 5, "iss": "http://127.0.0.1:9000", "exp": …, "iat": …,
+    /// "origin": "sap.default", "aud": …, "sub": "alice", "user_name": "alice"}`).
+    #[test]
+    fn reads_the_root_claims_in_envoys_pairs_form() {
+        let hex = "09000000010000001a0000000100000008000000030000001500000003000000080000000300000008000000060000000b000000030000001a0000000300000005000000090000000500000067000200000001000000000000000100000000000000610000620000006e0000000000000014400069737300687474703a2f2f3132372e302e302e313a3930303000657870000000002957c5da410069617400000000a553c5da41006f726967696e007361702e64656661756c7400617564007072696e636970616c2d70726f7061676174696f6e2d64656d6f0073756200616c69636500757365725f6e616d6500616c69636500";
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        let pairs = root_claims(&bytes).unwrap();
+        assert_eq!(pairs.len(), 9);
+        let claim = |name| raw_claim(&pairs, name);
+        assert_eq!(claim("user_name"), RawClaim::String("alice".into()));
+        assert_eq!(
+            claim("iss"),
+            RawClaim::String("http://127.0.0.1:9000".into())
+        );
+        assert_eq!(claim("origin"), RawClaim::String("sap.default".into()));
+        assert_eq!(claim("n"), RawClaim::Unknown, "a number");
+        assert_eq!(claim("g"), RawClaim::Unknown, "a list");
+        assert_eq!(claim("email"), RawClaim::Absent);
+        // Anything but exactly that form is refused (then the metadata is decoded).
+        for cut in 0..bytes.len() {
+            assert!(root_claims(&bytes[..cut]).is_none(), "cut at {cut}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(root_claims(&longer).is_none());
+        assert!(root_claims(&[0xff, 0xff, 0xff, 0xff]).is_none());
+        let object = Struct {
+            fields: [("sub".to_string(), v(Kind::StringValue("alice".into())))].into(),
+        };
+        assert!(root_claims(&object.encode_to_vec()).is_none(), "protobuf");
+        assert_eq!(root_claims(&[0, 0, 0, 0]), Some(vec![]));
     }
 
     /// What Envoy's property serializer makes of each JSON type (see

@@ -41,6 +41,10 @@ CASES = {
         }}),
         "`keys.default.active.certificate` does not certify the configured private key",
     ),
+    "cleartext-token-service": (
+        lambda c: c.pop("allowInsecureTokenService"),
+        "`destinations[0].tokenServiceURL` must be https://",
+    ),
     "format-without-user-source": (
         lambda c: c["destinations"][0].update(
             {"nameIdFormat": "urn:oasis:names:tc:SAML:1.1:nameid-format:X509SubjectName"}
