@@ -70,6 +70,7 @@ def bootstrap(listeners: Listeners = DEFAULT) -> dict:
 
     ports = listeners.ports
     plugin = {
+        "allowInsecureTokenService": True,  # the token service is a local listener
         "tokenServiceCluster": "token_service",
         "keys": {"rsa": stack.key_ref("a"), "ec": stack.key_ref("ec")},
         "destinations": [stack.destination(ports, "rsa", KeyStoreLocation="rsa"),

@@ -48,6 +48,7 @@ def bootstrap() -> dict:
     from bench import listener  # noqa: E402 (bench.py imports this module lazily too)
 
     plugin = {
+        "allowInsecureTokenService": True,  # the token service is a local listener
         "tokenServiceCluster": "token_service",
         "keys": {"default": stack.key_ref("ec")},
         "destinations": [stack.destination(PORTS, "memory")],
