@@ -264,29 +264,33 @@ pub fn trust_path(data: &[u8]) {
 /// forwards them: whatever they hold, no credential it removes survives the edits, and
 /// the destination's own query parameter appears exactly once.
 pub fn forwarding(data: &[u8]) {
-    let text = String::from_utf8_lossy(data);
-    let mut headers: Vec<(String, String)> = text
-        .lines()
-        .filter_map(|line| line.split_once(':'))
-        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+    // Bytes as a client may send them (header values need not be UTF-8).
+    let mut lines = data.split(|b| *b == b'\n');
+    let path = [b"/".as_slice(), lines.next().unwrap_or_default()].concat();
+    let mut raw: Vec<(&[u8], &[u8])> = lines
+        .filter_map(|line| {
+            let at = line.iter().position(|b| *b == b':')?;
+            Some((line[..at].trim_ascii(), line[at + 1..].trim_ascii()))
+        })
         .filter(|(n, _)| !n.is_empty())
         .collect();
-    let path = text.lines().next().unwrap_or_default().to_string();
-    headers.push((":path".into(), format!("/{path}")));
+    raw.push((b":path", &path));
+    let lossy = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let headers: Vec<(String, String)> = raw.iter().map(|(n, v)| (lossy(n), lossy(v))).collect();
     let removal = Removal::default();
     let queries = [("sap-client".to_string(), "100".to_string())];
     let add = Additions {
         headers: &[],
         queries: &queries,
     };
-    let edits = forwarding::edits(&headers, &removal, &add);
+    let edits = forwarding::edits(&raw, &removal, &add);
     let mut after = headers.clone();
     for edit in &edits {
         match edit {
             Edit::Remove(name) => after.retain(|(n, _)| !n.eq_ignore_ascii_case(name)),
             Edit::Set(name, value) => {
                 after.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
-                after.push((name.clone(), value.clone()));
+                after.push((name.clone(), String::from_utf8_lossy(value).into_owned()));
             }
         }
     }

@@ -5,9 +5,10 @@
 //! SAP logon ticket (header or cookie), or a credential in the query (a JWT sent as
 //! `?access_token=` would otherwise land in the backend's URLs and logs).
 //!
-//! The proxy-wasm layer reads the request's headers once and applies the [`Edit`]s this
-//! module computes; the `Authorization` header itself it replaces (or removes while the
-//! request waits for its token).
+//! The proxy-wasm layer reads the request's headers once, as the host serializes them
+//! ([`crate::pairs`]: bytes, which a client may fill with anything), and applies the
+//! [`Edit`]s this module computes; the `Authorization` header itself it replaces (or
+//! removes while the request waits for its token).
 
 use crate::http_url::append_query;
 
@@ -74,15 +75,21 @@ impl Removal {
         }
     }
 
-    fn removes_header(&self, name: &str) -> bool {
-        if name.starts_with(':') || NEVER_REMOVED.iter().any(|n| name.eq_ignore_ascii_case(n)) {
+    fn removes_header(&self, name: &[u8]) -> bool {
+        if name.starts_with(b":")
+            || NEVER_REMOVED
+                .iter()
+                .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+        {
             return false;
         }
         self.headers
             .iter()
             .any(|pattern| match pattern.strip_suffix('*') {
-                Some(prefix) => starts_with_ignore_case(name, prefix),
-                None => name.eq_ignore_ascii_case(pattern),
+                Some(prefix) => name
+                    .get(..prefix.len())
+                    .is_some_and(|start| start.eq_ignore_ascii_case(prefix.as_bytes())),
+                None => name.eq_ignore_ascii_case(pattern.as_bytes()),
             })
     }
 }
@@ -93,11 +100,12 @@ impl Default for Removal {
     }
 }
 
-/// A change to the request's headers.
+/// A change to the request's headers: names in lower case, values as bytes (a client's
+/// cookie or path need not be UTF-8, and what is kept of them keeps its bytes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Edit {
     Remove(String),
-    Set(String, String),
+    Set(String, Vec<u8>),
 }
 
 /// What the destination adds to a propagated request (`URL.headers.<k>`,
@@ -112,40 +120,49 @@ pub struct Additions<'a> {
 /// header without ticket cookies, the path without credential parameters and with the
 /// destination's own (which replace a client's parameter of the same name), and the
 /// destination's headers. Removals come first, so an added header is never removed.
-pub fn edits(headers: &[(String, String)], removal: &Removal, add: &Additions<'_>) -> Vec<Edit> {
+pub fn edits(headers: &[(&[u8], &[u8])], removal: &Removal, add: &Additions<'_>) -> Vec<Edit> {
     let mut edits = Vec::new();
-    let mut removed: Vec<&str> = Vec::new();
-    let mut cookies: Vec<&str> = Vec::new();
+    let mut removed: Vec<&[u8]> = Vec::new();
+    let mut cookies: Vec<&[u8]> = Vec::new();
     let mut cookie_dropped = false;
     let mut path = None;
-    for (name, value) in headers {
-        if name.eq_ignore_ascii_case("cookie") {
-            for cookie in value.split(';').map(str::trim).filter(|c| !c.is_empty()) {
-                let cookie_name = cookie.split('=').next().unwrap_or_default().trim();
+    for &(name, value) in headers {
+        if name.eq_ignore_ascii_case(b"cookie") {
+            for cookie in value.split(|b| *b == b';').map(<[u8]>::trim_ascii) {
+                if cookie.is_empty() {
+                    continue;
+                }
+                let cookie_name = cookie
+                    .split(|b| *b == b'=')
+                    .next()
+                    .unwrap_or_default()
+                    .trim_ascii();
                 if removal
                     .cookies
                     .iter()
-                    .any(|c| c.eq_ignore_ascii_case(cookie_name))
+                    .any(|c| c.as_bytes().eq_ignore_ascii_case(cookie_name))
                 {
                     cookie_dropped = true;
                 } else {
                     cookies.push(cookie);
                 }
             }
-        } else if name == ":path" {
-            path = Some(value.as_str());
+        } else if name == b":path" {
+            path = Some(value);
         } else if removal.removes_header(name)
             && !removed.iter().any(|r| r.eq_ignore_ascii_case(name))
         {
             removed.push(name);
-            edits.push(Edit::Remove(name.to_ascii_lowercase()));
+            edits.push(Edit::Remove(
+                String::from_utf8_lossy(name).to_ascii_lowercase(),
+            ));
         }
     }
     if cookie_dropped {
         edits.push(if cookies.is_empty() {
             Edit::Remove("cookie".into())
         } else {
-            Edit::Set("cookie".into(), cookies.join("; "))
+            Edit::Set("cookie".into(), cookies.join(&b"; "[..]))
         });
     }
     if let Some(path) = path {
@@ -154,7 +171,7 @@ pub fn edits(headers: &[(String, String)], removal: &Removal, add: &Additions<'_
         }
     }
     for (name, value) in add.headers {
-        edits.push(Edit::Set(name.clone(), value.clone()));
+        edits.push(Edit::Set(name.clone(), value.clone().into_bytes()));
     }
     edits
 }
@@ -162,17 +179,14 @@ pub fn edits(headers: &[(String, String)], removal: &Removal, add: &Additions<'_
 /// `path` without the query parameters named in `remove` or `add`, with `add` appended;
 /// `None` if that is `path` as it is. Kept parameters keep their bytes exactly (a backend
 /// may tell `+` from `%20`).
-fn rewrite_query(path: &str, remove: &[String], add: &[(String, String)]) -> Option<String> {
-    let (base, query) = match path.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (path, None),
+fn rewrite_query(path: &[u8], remove: &[String], add: &[(String, String)]) -> Option<Vec<u8>> {
+    let (base, query) = match path.iter().position(|b| *b == b'?') {
+        Some(at) => (&path[..at], &path[at + 1..]),
+        None => (path, &b""[..]),
     };
-    let mut kept: Vec<&str> = Vec::new();
+    let mut kept: Vec<&[u8]> = Vec::new();
     let mut dropped = false;
-    for pair in query.unwrap_or_default().split('&') {
-        if pair.is_empty() {
-            continue;
-        }
+    for pair in query.split(|b| *b == b'&').filter(|p| !p.is_empty()) {
         let name = parameter_name(pair);
         let named = |n: &str| name.eq_ignore_ascii_case(n);
         if remove.iter().any(|n| named(n)) || add.iter().any(|(n, _)| named(n)) {
@@ -184,37 +198,42 @@ fn rewrite_query(path: &str, remove: &[String], add: &[(String, String)]) -> Opt
     if !dropped && add.is_empty() {
         return None;
     }
-    let kept_path = if kept.is_empty() {
-        base.to_string()
-    } else {
-        format!("{base}?{}", kept.join("&"))
-    };
-    Some(append_query(&kept_path, add))
+    let mut rewritten = base.to_vec();
+    if !kept.is_empty() {
+        rewritten.push(b'?');
+        rewritten.extend(kept.join(&b'&'));
+    }
+    if !add.is_empty() {
+        // The appended part is form-encoded ASCII; what comes before keeps its bytes.
+        let appended = append_query("", add);
+        rewritten.push(if kept.is_empty() { b'?' } else { b'&' });
+        rewritten.extend_from_slice(appended.trim_start_matches('?').as_bytes());
+    }
+    Some(rewritten)
 }
 
 /// A query parameter's name, percent- and `+`-decoded (`sap%2Duser` is `sap-user`).
-fn parameter_name(pair: &str) -> String {
-    let raw = pair.split('=').next().unwrap_or_default();
-    form_urlencoded::parse(raw.as_bytes())
+fn parameter_name(pair: &[u8]) -> String {
+    let raw = pair.split(|b| *b == b'=').next().unwrap_or_default();
+    form_urlencoded::parse(raw)
         .next()
         .map(|(name, _)| name.into_owned())
         .unwrap_or_default()
-}
-
-fn starts_with_ignore_case(text: &str, prefix: &str) -> bool {
-    text.len() >= prefix.len()
-        && text.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn request(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    fn request<'a>(pairs: &[(&'a str, &'a str)]) -> Vec<(&'a [u8], &'a [u8])> {
         pairs
             .iter()
-            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .map(|(n, v)| (n.as_bytes(), v.as_bytes()))
             .collect()
+    }
+
+    fn set(name: &str, value: &str) -> Edit {
+        Edit::Set(name.into(), value.as_bytes().to_vec())
     }
 
     const NOTHING: Additions<'static> = Additions {
@@ -268,16 +287,21 @@ mod tests {
     }
 
     #[test]
-    fn ticket_cookies_go_and_the_others_stay() {
+    fn ticket_cookies_go_and_the_others_keep_their_bytes() {
         let headers = request(&[("cookie", "a=1; MYSAPSSO2=AjQx; b=2; mysapsso2=x")]);
         assert_eq!(
             edits(&headers, &Removal::default(), &NOTHING),
-            [Edit::Set("cookie".into(), "a=1; b=2".into())]
+            [set("cookie", "a=1; b=2")]
         );
         let only = request(&[("cookie", "MYSAPSSO2=AjQx")]);
         assert_eq!(
             edits(&only, &Removal::default(), &NOTHING),
             [Edit::Remove("cookie".into())]
+        );
+        let odd: Vec<(&[u8], &[u8])> = vec![(b"cookie", b"caf\xe9=1; MYSAPSSO2=x")];
+        assert_eq!(
+            edits(&odd, &Removal::default(), &NOTHING),
+            [Edit::Set("cookie".into(), b"caf\xe9=1".to_vec())]
         );
     }
 
@@ -289,15 +313,12 @@ mod tests {
         )]);
         assert_eq!(
             edits(&headers, &Removal::default(), &NOTHING),
-            [Edit::Set(
-                ":path".into(),
-                "/odata?$filter=a%20eq%20'x+y'&top=1".into()
-            )]
+            [set(":path", "/odata?$filter=a%20eq%20'x+y'&top=1")]
         );
         let only = request(&[(":path", "/x?access_token=eyJ")]);
         assert_eq!(
             edits(&only, &Removal::default(), &NOTHING),
-            [Edit::Set(":path".into(), "/x".into())]
+            [set(":path", "/x")]
         );
     }
 
@@ -311,12 +332,20 @@ mod tests {
         let headers = request(&[(":path", "/a?sap-client=999&x=1")]);
         assert_eq!(
             edits(&headers, &Removal::default(), &add),
-            [Edit::Set(":path".into(), "/a?x=1&sap-client=100".into())]
+            [set(":path", "/a?x=1&sap-client=100")]
         );
         let bare = request(&[(":path", "/a")]);
         assert_eq!(
             edits(&bare, &Removal::default(), &add),
-            [Edit::Set(":path".into(), "/a?sap-client=100".into())]
+            [set(":path", "/a?sap-client=100")]
+        );
+        let odd: Vec<(&[u8], &[u8])> = vec![(b":path", b"/caf\xe9?sap-client=1")];
+        assert_eq!(
+            edits(&odd, &Removal::default(), &add),
+            [Edit::Set(
+                ":path".into(),
+                b"/caf\xe9?sap-client=100".to_vec()
+            )]
         );
     }
 
@@ -343,9 +372,9 @@ mod tests {
             [
                 Edit::Remove("x-api-key".into()),
                 Edit::Remove("x-legacy-user".into()),
-                Edit::Set("cookie".into(), "c=1".into()),
-                Edit::Set(":path".into(), "/a?b=1".into()),
-                Edit::Set("x-api-key".into(), "gateway".into()),
+                set("cookie", "c=1"),
+                set(":path", "/a?b=1"),
+                set("x-api-key", "gateway"),
             ]
         );
     }

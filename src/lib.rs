@@ -19,6 +19,7 @@ pub mod identity;
 pub mod keys;
 pub mod metrics;
 pub mod oauth;
+pub mod pairs;
 pub mod saml;
 #[cfg(test)]
 mod testing;

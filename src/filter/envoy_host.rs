@@ -20,6 +20,41 @@ thread_local! {
     static RESUMED_WITH: RefCell<HashMap<u32, String>> = RefCell::new(HashMap::new());
 }
 
+#[link(wasm_import_module = "env")]
+extern "C" {
+    /// The host call behind the SDK's `get_http_request_headers`, declared here to get the
+    /// serialized map as it is (see [`request_header_pairs`]).
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> u32;
+}
+
+/// proxy-wasm's number of the request header map.
+const REQUEST_HEADERS: u32 = 0;
+
+/// The current request's headers in one call, serialized as the host sends them (read
+/// them with [`crate::pairs::parse`]); `None` if the host has none to give. The SDK's own
+/// readers panic, killing the VM, on a header value that is not UTF-8 (a client can send
+/// one) and on any status but "ok".
+pub fn request_header_pairs() -> Option<Vec<u8>> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: on success the host wrote a buffer it allocated through the module's
+    // `proxy_on_memory_allocate` (the SDK's: a `Vec<u8>` of exactly `size` bytes, left
+    // unfreed), which this takes over, as the SDK's own `get_map` does.
+    unsafe {
+        if proxy_get_header_map_pairs(REQUEST_HEADERS, &mut data, &mut size) != 0 {
+            return None;
+        }
+        if data.is_null() {
+            return Some(Vec::new());
+        }
+        Some(Vec::from_raw_parts(data, size, size))
+    }
+}
+
 /// The `Authorization` the request `request_id` was resumed with (taken: asked once).
 pub fn take_resumed_authorization(request_id: u32) -> Option<String> {
     RESUMED_WITH.with(|map| map.borrow_mut().remove(&request_id))

@@ -15,6 +15,7 @@ use crate::forwarding::{self, Additions, Edit};
 use crate::host::{Clock, Level, Telemetry};
 use crate::identity::payload::{claims_from_metadata, root_claims};
 use crate::identity::{principal_from_raw, Identity, Principal, UserIdRule};
+use crate::pairs;
 use crate::trust::download;
 use envoy_host::EnvoyHost;
 use proxy_wasm::hostcalls;
@@ -312,19 +313,22 @@ impl PluginRequest {
         let Some(prefix) = &config.trust_metadata_path else {
             return false;
         };
-        let path = self.get_http_request_header(":path").unwrap_or_default();
+        let Some(raw) = envoy_host::request_header_pairs() else {
+            return false;
+        };
+        let headers = pairs::parse(&raw).unwrap_or_default();
+        // Text only: a value that is not UTF-8 names no download.
+        let header =
+            |name: &str| pairs::get(&headers, name).and_then(|v| std::str::from_utf8(v).ok());
+        let path = header(":path").unwrap_or_default();
         if !path.starts_with(prefix.as_str()) {
             return false;
         }
-        let scheme = self
-            .get_http_request_header(":scheme")
-            .unwrap_or_else(|| "http".into());
-        let authority = self
-            .get_http_request_header(":authority")
-            .unwrap_or_default();
-        let method = self.get_http_request_header(":method").unwrap_or_default();
+        let scheme = header(":scheme").unwrap_or("http");
+        let authority = header(":authority").unwrap_or_default();
+        let method = header(":method").unwrap_or_default();
         let Some(reply) =
-            download::respond(config, &method, &path, &format!("{scheme}://{authority}"))
+            download::respond(config, method, path, &format!("{scheme}://{authority}"))
         else {
             return false;
         };
@@ -344,11 +348,18 @@ impl PluginRequest {
     /// removes is gone, its `URL.headers.*` and `URL.queries.*` are in (see
     /// [`crate::forwarding`]). One host call reads the headers; edits are made only where
     /// the request needs them.
-    fn prepare_forwarding(&self, config: &PluginConfig, destination: usize) {
+    /// False if the headers could not be read: the request must then not go on (it could
+    /// carry a credential that is not removed).
+    fn prepare_forwarding(&self, config: &PluginConfig, destination: usize) -> bool {
         let Some(dest) = config.destinations.get(destination) else {
-            return;
+            return false;
         };
-        let headers = self.get_http_request_headers();
+        let Some(raw) = envoy_host::request_header_pairs() else {
+            return false;
+        };
+        let Some(headers) = pairs::parse(&raw) else {
+            return false;
+        };
         let add = Additions {
             headers: &dest.url_headers,
             queries: &dest.url_queries,
@@ -356,9 +367,10 @@ impl PluginRequest {
         for edit in forwarding::edits(&headers, &dest.removal, &add) {
             match edit {
                 Edit::Remove(name) => self.set_http_request_header(&name, None),
-                Edit::Set(name, value) => self.set_http_request_header(&name, Some(&value)),
+                Edit::Set(name, value) => self.set_http_request_header_bytes(&name, Some(&value)),
             }
         }
+        true
     }
 }
 
@@ -415,8 +427,15 @@ impl HttpContext for PluginRequest {
         match decision {
             // The caller's credentials never reach the backend: replaced here, removed
             // while waiting (the worker sets the token on resume), never forwarded on failure.
+            Decision::Forward(_) | Decision::Wait
+                if !self.prepare_forwarding(&config, destination) =>
+            {
+                host.send_reply(&Failure::Internal {
+                    reason: "cannot read the request's headers",
+                });
+                Action::Pause
+            }
             Decision::Forward(authorization) => {
-                self.prepare_forwarding(&config, destination);
                 self.set_http_request_header("authorization", Some(&authorization));
                 self.propagated = Some(destination);
                 if config
@@ -430,7 +449,6 @@ impl HttpContext for PluginRequest {
             }
             Decision::Wait => {
                 self.set_http_request_header("authorization", None);
-                self.prepare_forwarding(&config, destination);
                 self.waiting = true;
                 self.propagated = Some(destination);
                 Action::Pause

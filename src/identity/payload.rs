@@ -46,12 +46,12 @@ pub fn claims_from_metadata(metadata: &[u8], filter: &str, key: &str) -> Option<
 /// bytes are below 0x20). So a value is taken only if it is XML text, not blank, and
 /// neither 1 nor 8 bytes long: nothing but a string looks like that. Everything refused
 /// here goes the exact way (the decoded claims), which also names the error.
-pub fn string_claim_from_property(bytes: Vec<u8>) -> Option<String> {
+pub fn string_claim_from_property(bytes: &[u8]) -> Option<String> {
     if matches!(bytes.len(), 1 | 8) {
         return None;
     }
-    let value = String::from_utf8(bytes).ok()?;
-    (!value.trim().is_empty() && is_xml_text(&value)).then_some(value)
+    let value = std::str::from_utf8(bytes).ok()?;
+    (!value.trim().is_empty() && is_xml_text(value)).then(|| value.to_string())
 }
 
 /// The root claims of the payload read as the property
@@ -61,33 +61,10 @@ pub fn string_claim_from_property(bytes: Vec<u8>) -> Option<String> {
 /// itself, a number as 8 bytes, a map or list as pairs again). `None` unless the bytes are
 /// exactly that (older releases send protobuf): the caller then decodes the metadata.
 pub fn root_claims(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
-    let word = |at: usize| -> Option<usize> {
-        let b = bytes.get(at..at + 4)?;
-        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-    };
-    let count = word(0)?;
-    let mut data = 4usize.checked_add(count.checked_mul(8)?)?;
-    if data > bytes.len() {
-        return None;
+    if bytes.is_empty() {
+        return None; // not even a count: not a payload
     }
-    let mut pairs = Vec::with_capacity(count);
-    for i in 0..count {
-        let (name_len, value_len) = (word(4 + 8 * i)?, word(8 + 8 * i)?);
-        let name = bytes.get(data..data.checked_add(name_len)?)?;
-        data += name_len;
-        if bytes.get(data) != Some(&0) {
-            return None;
-        }
-        data += 1;
-        let value = bytes.get(data..data.checked_add(value_len)?)?;
-        data += value_len;
-        if bytes.get(data) != Some(&0) {
-            return None;
-        }
-        data += 1;
-        pairs.push((name, value));
-    }
-    (data == bytes.len()).then_some(pairs)
+    crate::pairs::parse(bytes)
 }
 
 /// What the raw root claims tell of one claim.
@@ -105,7 +82,7 @@ pub enum RawClaim {
 pub fn raw_claim(pairs: &[(&[u8], &[u8])], name: &str) -> RawClaim {
     match pairs.iter().rev().find(|(n, _)| *n == name.as_bytes()) {
         None => RawClaim::Absent,
-        Some((_, value)) => match string_claim_from_property(value.to_vec()) {
+        Some((_, value)) => match string_claim_from_property(value) {
             Some(s) => RawClaim::String(s),
             None => RawClaim::Unknown,
         },
@@ -245,7 +222,7 @@ mod tests {
     /// `string_claim_from_property`): only real strings come through.
     #[test]
     fn takes_a_property_as_a_claim_only_when_it_is_certainly_a_string() {
-        let take = |bytes: &[u8]| string_claim_from_property(bytes.to_vec());
+        let take = string_claim_from_property;
         assert_eq!(take(b"alice").as_deref(), Some("alice"));
         assert_eq!(take("ä.b@x".as_bytes()).as_deref(), Some("ä.b@x"));
         // A number: 8 bytes, here ones that read as "bobsmith".

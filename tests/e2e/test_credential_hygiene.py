@@ -108,3 +108,31 @@ def test_a_token_the_backend_refuses_is_dropped_and_exchanged_anew(client):
     for _ in range(4):
         assert echo(client, "/evict", jwt)[0] == 200
     assert client.exchanges("revoked-user") == 2
+
+
+def test_header_values_that_are_not_utf8_pass_and_credentials_still_go(client):
+    """A client may send any byte above 0x7f in a header value (HTTP's obs-text), which
+    Envoy accepts: the plugin reads the headers without requiring UTF-8 (the SDK's own
+    readers would panic and take the worker's VM down)."""
+    import socket
+
+    jwt = client.jwt("odd-bytes")
+    request = (b"GET /odd HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+               b"Authorization: Bearer " + jwt.encode() + b"\r\n"
+               b"X-Odd: caf\xe9\r\n"
+               b"Cookie: caf\xe9=1; MYSAPSSO2=AjQx\r\n"
+               b"MYSAPSSO2: AjQx\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", client.ports.listener), timeout=10) as s:
+        s.sendall(request)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    arrived = json.loads(body)["headers"]
+    assert "mysapsso2" not in arrived and "MYSAPSSO2" not in arrived.get("cookie", "")
+    assert arrived["x-odd"].startswith("caf"), arrived
+    assert arrived["cookie"].startswith("caf") and arrived["cookie"].endswith("=1"), arrived
+    # The worker is alive: the same user is served from the cache.
+    assert echo(client, "/odd", jwt)[0] == 200
+    assert client.exchanges("odd-bytes") == 1
