@@ -10,6 +10,7 @@ use principal_propagation::config::PluginConfig;
 use principal_propagation::flow::hot::HotTokens;
 use principal_propagation::identity;
 use principal_propagation::identity::payload::{claims_from_metadata, root_claims};
+use principal_propagation::pairs;
 use prost::Message;
 use prost_types::{value::Kind, ListValue, Struct, Value};
 use std::cell::RefCell;
@@ -75,44 +76,31 @@ fn claims() -> Vec<(&'static str, Value)> {
     claims
 }
 
-/// Envoy's pairs form: a count, the lengths, then each name and value NUL-terminated.
-fn pairs(entries: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
-    let mut out = (entries.len() as u32).to_le_bytes().to_vec();
-    for (name, value) in entries {
-        out.extend((name.len() as u32).to_le_bytes());
-        out.extend((value.len() as u32).to_le_bytes());
-    }
-    for (name, value) in entries {
-        out.extend(name);
-        out.push(0);
-        out.extend(value);
-        out.push(0);
-    }
-    out
-}
-
 /// The payload read as the property `metadata.filter_metadata.<jwt_authn>.payload`, as
 /// Envoy 1.40 serializes it: a string as itself, a number as 8 bytes, a list as pairs.
 fn payload_property(claims: &[(&str, Value)]) -> Vec<u8> {
     let raw = |value: &Value| match &value.kind {
         Some(Kind::StringValue(s)) => s.as_bytes().to_vec(),
         Some(Kind::NumberValue(n)) => n.to_le_bytes().to_vec(),
-        Some(Kind::ListValue(list)) => pairs(
+        Some(Kind::ListValue(list)) => pairs::serialize(
             &list
                 .values
                 .iter()
                 .map(|v| match &v.kind {
-                    Some(Kind::StringValue(s)) => (s.as_bytes().to_vec(), Vec::new()),
-                    _ => (Vec::new(), Vec::new()),
+                    Some(Kind::StringValue(s)) => (s.as_bytes(), &b""[..]),
+                    _ => (&b""[..], &b""[..]),
                 })
                 .collect::<Vec<_>>(),
         ),
         _ => Vec::new(),
     };
-    pairs(
-        &claims
-            .iter()
-            .map(|(name, value)| (name.as_bytes().to_vec(), raw(value)))
+    let raw: Vec<(&[u8], Vec<u8>)> = claims
+        .iter()
+        .map(|(name, value)| (name.as_bytes(), raw(value)))
+        .collect();
+    pairs::serialize(
+        &raw.iter()
+            .map(|(name, value)| (*name, value.as_slice()))
             .collect::<Vec<_>>(),
     )
 }

@@ -30,11 +30,11 @@ pub const DEFAULT_COOKIES: [&str; 1] = ["MYSAPSSO2"];
 /// Query parameters removed from every propagated request.
 pub const DEFAULT_QUERY_PARAMETERS: [&str; 3] = ["sap-user", "sap-password", "access_token"];
 
-/// Headers never removed, whatever a prefix matches: the request would break, or the
-/// gateway handles them itself (`authorization` is replaced, `cookie` filtered).
-const NEVER_REMOVED: [&str; 8] = [
+/// Request headers the gateway or Envoy owns: never removed, whatever a prefix matches
+/// (the request would break, or the gateway sets them itself: `authorization` is
+/// replaced), and never set by a destination's header families.
+pub const GATEWAY_HEADERS: [&str; 7] = [
     "authorization",
-    "cookie",
     "host",
     "content-length",
     "content-type",
@@ -76,8 +76,10 @@ impl Removal {
     }
 
     fn removes_header(&self, name: &[u8]) -> bool {
+        // `cookie` is filtered cookie by cookie, never removed whole by a pattern.
         if name.starts_with(b":")
-            || NEVER_REMOVED
+            || name.eq_ignore_ascii_case(b"cookie")
+            || GATEWAY_HEADERS
                 .iter()
                 .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
         {

@@ -5,7 +5,7 @@
 //! meets a configuration problem.
 
 use super::values::{ConfigError, Section};
-use crate::forwarding::Removal;
+use crate::forwarding::{Removal, GATEWAY_HEADERS};
 use crate::http_url::HttpUrl;
 use crate::identity::UserIdRule;
 use crate::saml::canonical::is_xml_text;
@@ -138,17 +138,6 @@ const RESERVED_BODY: [&str; 5] = [
     "client_id",
     "scope",
     "company_id",
-];
-
-/// Request headers the plugin or Envoy owns; header families may not set them.
-const RESERVED_HEADERS: [&str; 7] = [
-    "authorization",
-    "host",
-    "content-length",
-    "content-type",
-    "transfer-encoding",
-    "connection",
-    "te",
 ];
 
 /// Reads one destination. `default_cluster` is the plugin-wide `tokenServiceCluster`.
@@ -456,7 +445,7 @@ fn check_header_name(name: &str) -> Result<(), &'static str> {
     if !is_token(name) {
         return Err("names an invalid HTTP header");
     }
-    if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+    if GATEWAY_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
         return Err("names a header the gateway sets itself");
     }
     Ok(())

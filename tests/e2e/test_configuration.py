@@ -63,6 +63,6 @@ def test_bad_configuration_is_refused_at_load(name):
             s.start(timeout=30)
         finally:
             s.stop()
-    log = s.envoy_log.read_text()
+    log = s.envoy_log.read_text(errors="replace")
     assert message in log
     assert "BEGIN PRIVATE KEY" not in log and "gateway-secret" not in log

@@ -194,7 +194,7 @@ def test_expiry_notices_once_per_day_gauges_and_an_expired_active_certificate_st
         assert gauges[f"{prefix}.old.active"] == "0"
         assert int(gauges[f"{prefix}.second.active"]) > 700
 
-        log = gateway.envoy_log.read_text()
+        log = gateway.envoy_log.read_text(errors="replace")
         soon = [l for l in log.splitlines()
                 if re.search(r'certificate of key "default" \(active\) expires in [45] day\(s\), within 7 days', l)]
         expired = [l for l in log.splitlines() if 'certificate of key "old" (active) has expired 3 day(s) ago' in l]
