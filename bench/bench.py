@@ -384,8 +384,9 @@ def main() -> int:
         "`principal_propagation` (`jwt_authn` + this plugin, every request a cache hit), `jwt_minimal` "
         "(`jwt_authn` + the minimal filter: the reference in the plugin's place, on the same requests), "
         "`jwt_minimal_identity` (`jwt_authn` + the minimal filter "
-        "also reading the two properties the plugin reads on every cache hit: the user's claim from the "
-        "request's dynamic metadata, where `jwt_authn` put the verified JWT payload, and the route's metadata). The cost of a filter behind `jwt_authn` "
+        "also reading the two properties the plugin reads on every cache hit: the verified JWT payload from the "
+        "request's dynamic metadata, where `jwt_authn` put it (the plugin takes the user id, issuer and origin "
+        "from it), and the route's metadata). The cost of a filter behind `jwt_authn` "
         "is `variant − jwt_only`; a peer's is `peer − plain`.",
         "",
         "## CPU per request (µs, median and min–max over rounds)",
@@ -406,7 +407,7 @@ def main() -> int:
         "| --- | --- | --- |",
         f"| plugin added CPU / minimal proxy-wasm filter added CPU | {summary(ratio['minimal_wasm'])} | ≤ 1.2 |",
         f"| the same, the minimal filter in the plugin's place (behind `jwt_authn`, same requests) | {summary(ratio['jwt_minimal'])} | ≤ 1.2 |",
-        f"| plugin added CPU / the minimal filter's when it also reads the user's claim and the route's metadata (both behind `jwt_authn`) | {summary(ratio['jwt_minimal_identity'])} | — |",
+        f"| plugin added CPU / the minimal filter's when it also reads the verified payload and the route's metadata (both behind `jwt_authn`) | {summary(ratio['jwt_minimal_identity'])} | — |",
         f"| plugin added CPU / credential_injector added CPU | {summary(ratio['credential_injector'])} | — |",
         f"| plugin added CPU / Lua added CPU | {summary(ratio['lua'])} | — |",
         f"| cache-hit p99 with 50 new users/s / without (2 workers; new users signed with RSA-2048) | {summary(hol)} | ≤ 1.5 |",
@@ -424,10 +425,11 @@ def main() -> int:
         f"{PROBE_REPEAT} times per request (`MINIMAL_PROBE`), in the same Envoy after the rounds above "
         f"({args.rounds} rounds of 2 s per variant, A B C C B A): µs of Envoy CPU per call = (with − without) / "
         f"{PROBE_REPEAT}. Repeated calls run warm, so a single call in a request may cost somewhat more. Per hit "
-        "the plugin reads the `claim` and the `route` and the `clock`, and sets a header; the token comes from "
-        "the worker's own copy (no `shared_data` read, no hashing), the hit counter is added up in Wasm and "
-        "reported once a second (no `metric` call per hit), and `:path` is read only for requests without a "
-        "user (no `header`). Before it read one claim it read the whole `metadata` and decoded it in Wasm "
+        "the plugin reads the `payload` and the `route` and the `clock`, all request `headers` at once (the "
+        "inbound credentials it removes), sets a header, and reads the response's `:status` (a `header` of the "
+        "response: a token the backend refuses is dropped); the token comes from the worker's own copy (no "
+        "`shared_data` read, no hashing), and the hit counter is added up in Wasm and reported once a second "
+        "(no `metric` call per hit). Only an exchange reads the whole `metadata` and decodes it in Wasm "
         "(see the steps in V8 below).",
         "",
         "| host call | µs per call, median (min–max) |",
@@ -449,7 +451,7 @@ def main() -> int:
         "| --- | --- |",
         *[f"| {STACKED[name]} | {summary(per_copy[name])} |" for name in STACKED],
         f"| plugin / minimal filter, per copy | {summary(stacked_ratio['stacked_minimal'])} |",
-        f"| plugin / minimal filter reading the claim and the route, per copy | "
+        f"| plugin / minimal filter reading the payload and the route, per copy | "
         f"{summary(stacked_ratio['stacked_minimal_identity'])} |",
         "",
         "## A cache hit's whole Wasm side in V8",
@@ -514,9 +516,10 @@ def main() -> int:
         "## A cache hit's own work in V8",
         "",
         "`examples/hit_bench.rs` in Node times the host-independent steps of a hit (median µs over 5 rounds "
-        "of 2,000). Per hit the plugin reads the user's claim from the request's dynamic metadata and the "
-        "route's metadata (what `jwt_minimal_identity` adds to the minimal filter) and the clock, finds the "
-        "token in the worker's copy and sets the header (the `hit:` steps below); the `shared:` steps are "
+        "of 2,000). Per hit the plugin reads the verified payload from the request's dynamic metadata and the "
+        "route's metadata (what `jwt_minimal_identity` adds to the minimal filter) and the clock, takes the "
+        "principal from the payload's raw root claims, finds the token in the worker's copy and sets the "
+        "header (the `hit:` steps below); the `shared:` steps are "
         "what a hit from shared data (a worker without a copy) does instead. Only an exchange (a miss or a refresh) reads the whole metadata "
         "and decodes every claim with its type, for the assertion's attributes (the `miss:` steps).",
         "",
