@@ -34,6 +34,7 @@ import secrets
 import select
 import signal
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -781,7 +782,7 @@ class TokenHandler(BaseHandler):
             content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
             if content_type != FORM_CONTENT_TYPE:
                 raise OAuthError("invalid_request", f"Content-Type must be {FORM_CONTENT_TYPE}")
-            endpoint = f"http://{HOST}:{self.app.cfg.token_port}{url.path}"
+            endpoint = f"{self.server.base_url}{url.path}"
             user, entry["verified_by"] = validate_exchange(self.headers, form, endpoint, self.app.cfg,
                                                           self.app.state)
         except OAuthError as exc:
@@ -846,6 +847,26 @@ class Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 512  # listen backlog: tests open hundreds of connections at once
 
+    def __init__(self, address, handler, tls: ssl.SSLContext | None = None, host_name: str = HOST):
+        super().__init__(address, handler)
+        self.tls = tls
+        scheme = "https" if tls else "http"
+        # How clients address this server (the token endpoint's expected Recipient).
+        self.base_url = f"{scheme}://{host_name}:{address[1]}"
+
+    def get_request(self):
+        sock, addr = super().get_request()
+        if self.tls is None:
+            return sock, addr
+        # The handshake happens in the request's thread (do_handshake_on_connect), so a
+        # client that refuses the certificate only ends its own connection.
+        return self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], (ssl.SSLError, ConnectionError)):
+            return  # a client that did not trust the certificate: expected in the tests
+        super().handle_error(request, client_address)
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -860,6 +881,10 @@ def parse_args(argv):
     p.add_argument("--client-id", required=True)
     p.add_argument("--client-secret", required=True)
     p.add_argument("--jwt-audience", default="principal-propagation-demo")
+    p.add_argument("--token-tls-port", type=int,
+                   help="also serve the token endpoint over TLS here, as https://localhost:<port>")
+    p.add_argument("--tls-cert", help="PEM certificate (and chain) of the TLS token endpoint")
+    p.add_argument("--tls-key", help="PEM private key of the TLS token endpoint")
     return p.parse_args(argv)
 
 
@@ -878,6 +903,12 @@ def main(argv=None):
         for port, handler in ((cfg.idp_port, IdpHandler), (cfg.token_port, TokenHandler),
                               (cfg.echo_port, EchoHandler)):
             server = Server((HOST, port), handler)
+            server.app = app
+            servers.append(server)
+        if args.token_tls_port:
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls.load_cert_chain(args.tls_cert, args.tls_key)
+            server = Server((HOST, args.token_tls_port), TokenHandler, tls=tls, host_name="localhost")
             server.app = app
             servers.append(server)
     except OSError as exc:

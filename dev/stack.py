@@ -20,6 +20,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import local_ca
 import log_audit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +49,12 @@ class Ports:
     def closed(self) -> int:
         """A port nothing listens on: the 'token service down' cluster."""
         return self.token + 1
+
+    @property
+    def token_tls(self) -> int:
+        """The token server over TLS (https://localhost:<port>), its certificate signed by
+        the local CA (dev/local_ca.py)."""
+        return self.token + 2
 
     def shifted(self, offset: int) -> "Ports":
         return Ports(*(p + offset for p in (self.listener, self.admin, self.idp, self.token, self.echo)))
@@ -152,6 +159,12 @@ def test_destinations(ports: Ports) -> list[dict]:
         destination(ports, "renewing", **{"tokenServiceURL.queries.expires_in": "38"}),
         destination(ports, "own-key", KeyStoreLocation="second"),
         destination(ports, "ec", KeyStoreLocation="ec"),
+        # The token service over TLS, verified against the local CA; and the same service
+        # through a cluster that trusts another CA (its handshake must fail).
+        destination(ports, "tls", tokenServiceCluster="token_service_tls",
+                    tokenServiceURL=f"https://localhost:{ports.token_tls}/oauth/token"),
+        destination(ports, "tls-untrusted", tokenServiceCluster="token_service_tls_untrusted",
+                    tokenServiceURL=f"https://localhost:{ports.token_tls}/oauth/token"),
         destination(
             ports,
             "sf",
@@ -204,6 +217,33 @@ def cluster(name: str, port: int) -> dict:
             ],
         },
     }
+
+
+TLS_DIR = ROOT / ".run" / "tls"
+
+
+def tls_cluster(name: str, port: int, trusted_ca: Path) -> dict:
+    """A cluster to a local TLS server that verifies it: signed by `trusted_ca`, for the
+    name `localhost` (SNI and subject alternative name)."""
+    c = cluster(name, port)
+    c["transport_socket"] = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": "localhost",
+            "common_tls_context": {"validation_context": {
+                "trusted_ca": {"filename": str(trusted_ca)},
+                "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": "localhost"}}],
+            }},
+        },
+    }
+    return c
+
+
+def tls_clusters(ports: Ports) -> list[dict]:
+    tls = local_ca.ensure(TLS_DIR)
+    return [tls_cluster("token_service_tls", ports.token_tls, tls.ca),
+            tls_cluster("token_service_tls_untrusted", ports.token_tls, tls.other_ca)]
 
 
 def route(prefix: str, destination_name: str | None = None) -> dict:
@@ -395,6 +435,7 @@ def envoy_config(ports: Ports, profile: str, config_override: dict | None = None
                 cluster("token_service", ports.token),
                 cluster("token_service_down", ports.closed),
                 cluster("echo", ports.echo),
+                *(tls_clusters(ports) if profile == "test" else []),
             ],
         },
     }
@@ -450,11 +491,14 @@ class Stack:
         p = self.ports
         certs = [key_files(slot)[1] for slot in KEY_SLOTS] + list(self.extra_trusted)
         trusted = [arg for cert in certs for arg in ("--trusted-cert", str(cert))]
+        tls = local_ca.ensure(TLS_DIR)
         self.servers = subprocess.Popen(
             [sys.executable, str(ROOT / "dev" / "servers.py"),
              "--idp-port", str(p.idp), "--token-port", str(p.token), "--echo-port", str(p.echo),
              *trusted, "--trusted-issuer", ISSUER, "--entity-id", ENTITY_ID,
-             "--client-id", CLIENT_ID, "--client-secret", CLIENT_SECRET, "--jwt-audience", JWT_AUDIENCE],
+             "--client-id", CLIENT_ID, "--client-secret", CLIENT_SECRET, "--jwt-audience", JWT_AUDIENCE,
+             "--token-tls-port", str(p.token_tls), "--tls-cert", str(tls.server_cert),
+             "--tls-key", str(tls.server_key)],
             stdout=subprocess.PIPE, stderr=open(self.run_dir / "servers.log", "w"), text=True,
         )
         line = self.servers.stdout.readline()  # the servers print `ready` once listening

@@ -29,6 +29,9 @@ pub enum Failure {
     Overloaded { reason: &'static str },
     /// A fault of the gateway itself (for example no randomness for the assertion ID).
     Internal { reason: &'static str },
+    /// Nothing selects a destination for the request, and the configuration refuses such
+    /// requests (`unmatchedRequests: refuse`).
+    NoDestination,
 }
 
 /// A local reply to send instead of forwarding the request.
@@ -75,6 +78,11 @@ impl Failure {
                 format!("the gateway is busy: {reason}; retry shortly"),
             ),
             Failure::Internal { reason } => (500, "server_error", reason.to_string()),
+            Failure::NoDestination => (
+                403,
+                "access_denied",
+                "no destination is configured for this request".to_string(),
+            ),
         }
     }
 
@@ -136,5 +144,9 @@ mod tests {
         assert!(r.body.contains("temporarily_unavailable"));
         let body: serde_json::Value = serde_json::from_str(&Failure::Timeout.reply().body).unwrap();
         assert_eq!(body["error"], "gateway_timeout");
+        let r = Failure::NoDestination.reply();
+        assert_eq!(r.status, 403);
+        assert_eq!(r.headers.len(), 1, "no WWW-Authenticate, no Retry-After");
+        assert!(r.body.contains("access_denied"));
     }
 }

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod oauth;
 pub mod pairs;
 pub mod saml;
+pub mod selection;
 #[cfg(test)]
 mod testing;
 pub mod time;

@@ -10,6 +10,7 @@ pub use destination::{AssertionEncoding, Destination};
 pub use values::ConfigError;
 
 use crate::keys::{KeyError, KeyPair, SigningKey};
+use crate::selection::{self, Selection};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use values::Section;
@@ -26,8 +27,10 @@ pub const DEFAULT_MAX_EXCHANGES_PER_WORKER: u64 = 256;
 /// Default number of tokens a worker keeps its own copy of.
 pub const DEFAULT_WORKER_CACHE_ENTRIES: u64 = 1024;
 
-const TOP_LEVEL: [&str; 16] = [
+const TOP_LEVEL: [&str; 18] = [
     "allowInsecureTokenService",
+    "destinationRules",
+    "unmatchedRequests",
     "tokenCacheSlots",
     "maxExchangesPerWorker",
     "maxSigningSharePercent",
@@ -49,8 +52,11 @@ const TOP_LEVEL: [&str; 16] = [
 #[derive(Debug, Clone)]
 pub struct PluginConfig {
     pub destinations: Vec<Destination>,
-    /// Index into `destinations` used when the route names none.
-    pub default_destination: Option<usize>,
+    /// How a request finds its destination: route metadata, `destinationRules`,
+    /// `defaultDestination`, `unmatchedRequests`.
+    pub selection: Selection,
+    /// The destinations' names, in order (what route metadata and rules name).
+    pub destination_names: Vec<String>,
     /// Signing keys by name; every destination's `key_name` is present here.
     pub keys: BTreeMap<String, KeyPair>,
     /// `["metadata","filter_metadata",<filter>,<key>]` holds the verified JWT payload.
@@ -140,9 +146,13 @@ impl PluginConfig {
             ),
         };
 
+        let index = |name: &str| destinations.iter().position(|d| d.name == name);
+        let selection = selection::parse(&top, default_destination, &index)?;
+        let destination_names = destinations.iter().map(|d| d.name.clone()).collect();
         Ok(PluginConfig {
             destinations,
-            default_destination,
+            selection,
+            destination_names,
             keys,
             jwt_filter_name: top
                 .string("jwtAuthnFilterName")?
@@ -195,24 +205,6 @@ impl PluginConfig {
     /// The destination with `name`, if configured.
     pub fn destination(&self, name: &str) -> Option<&Destination> {
         self.destinations.iter().find(|d| d.name == name)
-    }
-
-    /// The destination a request propagates to, from the name its route's metadata gives
-    /// (`None`: the route names none, so the default destination, if any): `Ok(None)`
-    /// means the plugin does not apply; `Err` carries the unknown name (the request is
-    /// refused: a route that names a destination must never pass without a token).
-    pub fn route_destination(&self, named: Option<&[u8]>) -> Result<Option<usize>, String> {
-        match named {
-            None => Ok(self.default_destination),
-            Some(bytes) => {
-                let name = String::from_utf8_lossy(bytes);
-                self.destinations
-                    .iter()
-                    .position(|d| d.name == name)
-                    .map(Some)
-                    .ok_or_else(|| name.into_owned())
-            }
-        }
     }
 }
 

@@ -43,7 +43,7 @@ fn accepts_a_pasted_sap_destination_with_defaults() {
     assert_eq!(d.token_service.cluster, "token_service");
     assert_eq!(d.key_name, "default");
     assert_eq!(config.assertion_lifetime_ms, 300_000);
-    assert_eq!(config.default_destination, None);
+    assert_eq!(config.selection.default, None);
 }
 
 #[test]

@@ -16,6 +16,7 @@ use crate::host::{Clock, Level, Telemetry};
 use crate::identity::payload::{claims_from_metadata, root_claims};
 use crate::identity::{principal_from_raw, Identity, Principal, UserIdRule};
 use crate::pairs;
+use crate::selection::{RequestView, Selected};
 use crate::trust::download;
 use envoy_host::EnvoyHost;
 use proxy_wasm::hostcalls;
@@ -198,9 +199,10 @@ impl RootContext for PluginRoot {
         host.log(
             Level::Info,
             &format!(
-                "configured {} destination(s), {} signing key(s)",
+                "configured {} destination(s), {} signing key(s); {}",
                 config.destinations.len(),
-                config.keys.len()
+                config.keys.len(),
+                config.selection.describe(&config.destination_names)
             ),
         );
         let root = self.context_id;
@@ -292,6 +294,15 @@ impl Identity for JwtMetadata<'_> {
     }
 }
 
+/// The request's headers as the selection rules see them.
+struct HeaderView<'a>(&'a [(&'a [u8], &'a [u8])]);
+
+impl RequestView for HeaderView<'_> {
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        pairs::get(self.0, name)
+    }
+}
+
 /// One HTTP request.
 struct PluginRequest {
     context_id: u32,
@@ -350,11 +361,16 @@ impl PluginRequest {
     /// the request needs them.
     /// False if the headers could not be read: the request must then not go on (it could
     /// carry a credential that is not removed).
-    fn prepare_forwarding(&self, config: &PluginConfig, destination: usize) -> bool {
+    fn prepare_forwarding(
+        &self,
+        config: &PluginConfig,
+        destination: usize,
+        read_already: Option<Vec<u8>>,
+    ) -> bool {
         let Some(dest) = config.destinations.get(destination) else {
             return false;
         };
-        let Some(raw) = envoy_host::request_header_pairs() else {
+        let Some(raw) = read_already.or_else(envoy_host::request_header_pairs) else {
             return false;
         };
         let Some(headers) = pairs::parse(&raw) else {
@@ -395,26 +411,48 @@ impl HttpContext for PluginRequest {
         let named = hostcalls::get_property(ROUTE_METADATA_PATH.to_vec())
             .ok()
             .flatten();
-        let destination = match config.route_destination(named.as_deref()) {
-            Ok(Some(index)) => index,
-            Ok(None) => {
-                return if self.answer_trust_download(&config) {
-                    Action::Pause
-                } else {
-                    Action::Continue
-                };
-            }
-            Err(name) => {
-                host.log(
-                    Level::Error,
-                    &format!("route names unknown destination {name:?}"),
-                );
-                host.send_reply(&Failure::Internal {
-                    reason: "the route names an unknown destination",
-                });
-                return Action::Pause;
-            }
+        // The rules need the request's headers: read once, kept for the forwarding.
+        let raw_headers = if named.is_none() && config.selection.has_rules() {
+            envoy_host::request_header_pairs()
+        } else {
+            None
         };
+        let parsed = raw_headers
+            .as_deref()
+            .and_then(pairs::parse)
+            .unwrap_or_default();
+        let view = HeaderView(&parsed);
+        let destination =
+            match config
+                .selection
+                .select(&config.destination_names, named.as_deref(), &view)
+            {
+                Selected::Destination(index) => index,
+                Selected::PassThrough => {
+                    return if self.answer_trust_download(&config) {
+                        Action::Pause
+                    } else {
+                        Action::Continue
+                    };
+                }
+                Selected::Refuse => {
+                    if !self.answer_trust_download(&config) {
+                        host.send_reply(&Failure::NoDestination);
+                    }
+                    return Action::Pause;
+                }
+                Selected::UnknownName(name) => {
+                    host.log(
+                        Level::Error,
+                        &format!("route names unknown destination {name:?}"),
+                    );
+                    host.send_reply(&Failure::Internal {
+                        reason: "the route names an unknown destination",
+                    });
+                    return Action::Pause;
+                }
+            };
+        drop(parsed);
         let identity = JwtMetadata { config: &config };
         let Ok(mut worker) = self.worker.try_borrow_mut() else {
             host.send_reply(&Failure::Internal {
@@ -424,17 +462,17 @@ impl HttpContext for PluginRequest {
         };
         let decision = worker.on_request(&host, &config, self.context_id, destination, &identity);
         drop(worker);
+        // The caller's credentials never reach the backend: every other one is removed
+        // here, `Authorization` is replaced, or removed while waiting (the worker sets the
+        // token on resume); nothing is forwarded on failure.
+        let propagating = matches!(decision, Decision::Forward(_) | Decision::Wait);
+        if propagating && !self.prepare_forwarding(&config, destination, raw_headers) {
+            host.send_reply(&Failure::Internal {
+                reason: "cannot read the request's headers",
+            });
+            return Action::Pause;
+        }
         match decision {
-            // The caller's credentials never reach the backend: replaced here, removed
-            // while waiting (the worker sets the token on resume), never forwarded on failure.
-            Decision::Forward(_) | Decision::Wait
-                if !self.prepare_forwarding(&config, destination) =>
-            {
-                host.send_reply(&Failure::Internal {
-                    reason: "cannot read the request's headers",
-                });
-                Action::Pause
-            }
             Decision::Forward(authorization) => {
                 self.set_http_request_header("authorization", Some(&authorization));
                 self.propagated = Some(destination);

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 
+import pytest
 import yaml
 
 import stack
@@ -42,11 +43,22 @@ def test_envoy_example_is_accepted(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
 
-def test_istio_plugin_config_is_accepted_by_the_plugin(tmp_path):
-    docs = list(yaml.safe_load_all((ROOT / "envoy" / "istio.yaml").read_text()))
-    plugin = next(d for d in docs if d["kind"] == "WasmPlugin")
+def embedded_plugin_config(file: str, kind: str, config_of) -> dict:
+    docs = list(yaml.safe_load_all((ROOT / "envoy" / file).read_text()))
+    return config_of(next(d for d in docs if d["kind"] == kind))
+
+
+EMBEDDED = {
+    "istio": ("istio.yaml", "WasmPlugin", lambda d: d["spec"]["pluginConfig"]),
+    "envoy-gateway": ("envoy-gateway.yaml", "EnvoyExtensionPolicy", lambda d: d["spec"]["wasm"][0]["config"]),
+}
+
+
+@pytest.mark.parametrize("platform", EMBEDDED)
+def test_the_plugin_configuration_of_each_platform_is_accepted_by_the_plugin(tmp_path, platform):
+    plugin = embedded_plugin_config(*EMBEDDED[platform])
     config = envoy_example()
-    wasm_filter(config)["config"]["configuration"]["value"] = json.dumps(plugin["spec"]["pluginConfig"])
+    wasm_filter(config)["config"]["configuration"]["value"] = json.dumps(plugin)
     result = validate(config, tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 

@@ -23,7 +23,7 @@ import stack
 from conftest import Client
 
 PORTS = stack.Ports().shifted(18000)  # below the ephemeral port range
-SWITCHABLE = PORTS.token + 2  # a port the test opens (forwarding to the token server) to heal "refused"
+SWITCHABLE = PORTS.token + 3  # a port the test opens (forwarding to the token server) to heal "refused"
 TIMEOUT_S = 1  # tokenServiceURL.SocketReadTimeoutInSeconds of every destination here
 MARGIN_S = 1.0  # proves there is no hang; not a performance figure
 HEAL_PATH = "/oauth/token/heal"
