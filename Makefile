@@ -12,11 +12,11 @@ WASM_BINDGEN_VERSION := $(shell awk '/^name = "wasm-bindgen"$$/ {getline; gsub(/
 CARGO_BIN   := $(HOME)/.cargo/bin
 export PATH := $(CARGO_BIN):$(PATH)
 
-.PHONY: help setup build keys renew regenerate rotate run test test-unit test-wasm test-e2e lint bench soak fuzz difftest clean
+.PHONY: help setup build keys renew regenerate rotate run test test-unit test-wasm test-e2e test-alerts lint bench soak fuzz difftest clean
 
 help:
 	@echo "make run    - build, install what is missing, start the demo on 127.0.0.1 (Ctrl-C stops)"
-	@echo "make test   - lint, unit tests, core under wasm (Node), end-to-end tests in real Envoy"
+	@echo "make test   - lint, unit tests, core under wasm (Node), alert rules (promtool), end-to-end tests in real Envoy"
 	@echo "make build  - build $(WASM)"
 	@echo "make keys   - create the demo's missing signing keys in .run/keys (BITS=2048|3072)"
 	@echo "make renew SLOT=a|b|second       - new certificate (2 years) for the same key"
@@ -49,6 +49,15 @@ $(VENV)/.installed: dev/requirements.txt
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq xmlsec1 openssl >/dev/null; }
 	xmlsec1 --version
+	@touch $@
+
+# promtool (Debian's prometheus package) checks and unit-tests the alert rules.
+.make/promtool:
+	@mkdir -p .make
+	@command -v promtool >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq prometheus >/dev/null; }
+	promtool --version | head -1
 	@touch $@
 
 .make/wasm-bindgen-$(WASM_BINDGEN_VERSION):
@@ -92,7 +101,7 @@ run: setup build keys
 
 ## Tests ---------------------------------------------------------------------------
 
-test: lint test-unit test-wasm test-e2e
+test: lint test-unit test-wasm test-alerts test-e2e
 
 lint: .make/rust-targets
 	cargo fmt --all -- --check
@@ -101,6 +110,11 @@ lint: .make/rust-targets
 
 test-unit:
 	cargo test
+
+# The alert rules: valid, and firing (or not) as their tests expect.
+test-alerts: .make/promtool
+	promtool check rules envoy/prometheus-rules.yaml
+	promtool test rules tests/prometheus/rules_test.yaml
 
 test-wasm: .make/rust-targets .make/wasm-bindgen-$(WASM_BINDGEN_VERSION)
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \

@@ -314,6 +314,13 @@ def rotate(path: Path) -> list[str]:
     return rotated
 
 
+def example_stats_config() -> dict:
+    """`stats_config` of envoy/envoy.yaml: one source for the example and the stacks."""
+    import yaml  # the stacks run in the project's virtualenv, which has it
+
+    return yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text())["stats_config"]
+
+
 def jwt_provider(ports: Ports, issuer: str, forward: bool = False) -> dict:
     return {
         "issuer": issuer,
@@ -402,6 +409,8 @@ def envoy_config(ports: Ports, profile: str, config_override: dict | None = None
         # xDS from files (the plugin's configuration) needs a node identity.
         "node": {"id": f"principal-propagation-{profile}", "cluster": "principal-propagation"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ports.admin}}},
+        # The example's tags (key and slot of the certificate gauges), as the alerts expect.
+        "stats_config": example_stats_config(),
         "static_resources": {
             "listeners": [
                 {
