@@ -12,12 +12,13 @@ WASM_BINDGEN_VERSION := $(shell awk '/^name = "wasm-bindgen"$$/ {getline; gsub(/
 CARGO_BIN   := $(HOME)/.cargo/bin
 export PATH := $(CARGO_BIN):$(PATH)
 
-.PHONY: help setup build keys renew regenerate rotate run test test-unit test-wasm test-e2e test-alerts lint bench soak fuzz difftest clean
+.PHONY: help setup build image keys renew regenerate rotate run test test-unit test-wasm test-e2e test-alerts lint bench soak fuzz difftest clean
 
 help:
 	@echo "make run    - build, install what is missing, start the demo on 127.0.0.1 (Ctrl-C stops)"
 	@echo "make test   - lint, unit tests, core under wasm (Node), alert rules (promtool), end-to-end tests in real Envoy"
 	@echo "make build  - build $(WASM)"
+	@echo "make image  - the plugin as an OCI image (target/oci, tag IMAGE_TAG = the crate's version)"
 	@echo "make keys   - create the demo's missing signing keys in .run/keys (BITS=2048|3072)"
 	@echo "make renew SLOT=a|b|second       - new certificate (2 years) for the same key"
 	@echo "make regenerate SLOT=a|b|second  - new key and certificate"
@@ -51,6 +52,15 @@ $(VENV)/.installed: dev/requirements.txt
 	xmlsec1 --version
 	@touch $@
 
+# skopeo and a registry (Debian's docker-registry): the image test pushes and pulls back.
+.make/oci-tools:
+	@mkdir -p .make
+	@command -v skopeo >/dev/null && command -v docker-registry >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq skopeo docker-registry >/dev/null; }
+	skopeo --version
+	@touch $@
+
 # promtool (Debian's prometheus package) checks and unit-tests the alert rules.
 .make/promtool:
 	@mkdir -p .make
@@ -70,6 +80,12 @@ $(VENV)/.installed: dev/requirements.txt
 
 build: .make/rust-targets
 	cargo build --release --target wasm32-wasip1 --lib
+
+# The plugin as an OCI image (Wasm image spec, compat variant) in target/oci, for
+# Istio's WasmPlugin and Envoy Gateway; push it with skopeo (see the README).
+IMAGE_TAG ?= $(shell awk -F'"' '/^version = / {print $$2; exit}' Cargo.toml)
+image: build $(VENV)/.installed
+	$(PY) dev/oci_image.py --wasm $(WASM) --out target/oci --tag $(IMAGE_TAG)
 
 PP_KEYS := target/release/pp-keys
 BITS    ?= 2048
@@ -121,7 +137,7 @@ test-wasm: .make/rust-targets .make/wasm-bindgen-$(WASM_BINDGEN_VERSION)
 	  cargo test --target wasm32-unknown-unknown --test wasm_core
 
 # Envoy at trace level, and every stack's log searched for the run's secrets (dev/log_audit.py).
-test-e2e: setup build keys
+test-e2e: setup build keys .make/oci-tools
 	PP_ENVOY_LOG_LEVEL=trace PP_AUDIT_LOGS=1 $(PY) -m pytest -q tests/dev tests/e2e
 
 ## Signer differential tests at scale (`cargo test` runs them on ~300 keys each) ----------
