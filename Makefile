@@ -138,7 +138,7 @@ test-wasm: .make/rust-targets .make/wasm-bindgen-$(WASM_BINDGEN_VERSION)
 
 # Envoy at trace level, and every stack's log searched for the run's secrets (dev/log_audit.py).
 test-e2e: setup build keys .make/oci-tools
-	PP_ENVOY_LOG_LEVEL=trace PP_AUDIT_LOGS=1 $(PY) -m pytest -q tests/dev tests/e2e
+	PP_ENVOY_LOG_LEVEL=trace PP_AUDIT_LOGS=1 $(PY) -m pytest -q tests/dev tests/k8s tests/e2e
 
 ## Signer differential tests at scale (`cargo test` runs them on ~300 keys each) ----------
 
