@@ -38,6 +38,10 @@ def test_200_concurrent_first_requests_over_all_workers_cause_one_exchange(clien
     assert [r.status_code for r in responses] == [200] * 200
     assert all(r.json()["user"] == "crowd" for r in responses)
     assert client.exchanges("crowd") == 1
+    # Workers report their counters once a second: wait for the next report (bounded).
+    deadline = time.monotonic() + 3
+    while int(counters(client).get(joined, "0")) <= before and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert int(counters(client)[joined]) > before, "requests waited on the other worker's exchange"
 
 
@@ -82,4 +86,7 @@ def test_short_lived_tokens_are_refreshed_ahead_without_an_exchange_per_request(
     assert set(statuses) == {(200, "refresher")}
     exchanges = client.exchanges("refresher")
     assert 2 <= exchanges <= 8, f"{exchanges} exchanges for {len(statuses)} requests"
+    deadline = time.monotonic() + 3  # counters are reported once a second
+    while int(counters(client).get(refresh, "0")) <= before and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert int(counters(client)[refresh]) > before
