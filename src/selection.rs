@@ -72,16 +72,17 @@ impl Selection {
     }
 
     /// The destination for a request whose route names `named` (its route metadata, if
-    /// any), else by the rules over `request`, else the default.
+    /// any), else by the rules over `request`, else the default; `index` finds a
+    /// destination by name.
     pub fn select(
         &self,
-        destinations: &[String],
+        index: &dyn Fn(&str) -> Option<usize>,
         named: Option<&[u8]>,
         request: &dyn RequestView,
     ) -> Selected {
         if let Some(bytes) = named {
             let name = String::from_utf8_lossy(bytes);
-            return match destinations.iter().position(|d| *d == name) {
+            return match index(&name) {
                 Some(index) => Selected::Destination(index),
                 None => Selected::UnknownName(name.into_owned()),
             };
@@ -130,9 +131,9 @@ impl Rule {
             AuthorityMatch::Exact(wanted) => request
                 .header(":authority")
                 .is_some_and(|a| authority_is(a, wanted)),
-            AuthorityMatch::Suffix(suffix) => request.header(":authority").is_some_and(|a| {
-                host_of(a, suffix.contains(':')).is_some_and(|h| ends_with_ignore_case(h, suffix))
-            }),
+            AuthorityMatch::Suffix(suffix) => request
+                .header(":authority")
+                .is_some_and(|a| ends_with_ignore_case(host_of(a, suffix.contains(':')), suffix)),
         };
         authority_ok
             && self.path_prefix.as_ref().is_none_or(|prefix| {
@@ -169,22 +170,22 @@ impl Rule {
 }
 
 /// The authority's host, without a port unless `with_port`.
-fn host_of(authority: &[u8], with_port: bool) -> Option<&[u8]> {
+fn host_of(authority: &[u8], with_port: bool) -> &[u8] {
     if with_port {
-        return Some(authority);
+        return authority;
     }
     // An IPv6 literal keeps its brackets: `[::1]:8443` → `[::1]`.
     let end = match authority.iter().rposition(|b| *b == b':') {
         Some(colon) if !authority[colon..].contains(&b']') => colon,
         _ => authority.len(),
     };
-    Some(&authority[..end])
+    &authority[..end]
 }
 
 /// True if `authority` is `wanted` (a host, or host and port when `wanted` has one).
 fn authority_is(authority: &[u8], wanted: &str) -> bool {
     host_of(authority, wanted.contains(':') && !wanted.ends_with(']'))
-        .is_some_and(|h| h.eq_ignore_ascii_case(wanted.as_bytes()))
+        .eq_ignore_ascii_case(wanted.as_bytes())
 }
 
 fn ends_with_ignore_case(text: &[u8], suffix: &str) -> bool {
@@ -338,13 +339,17 @@ mod tests {
         NAMES.iter().map(|s| s.to_string()).collect()
     }
 
+    fn index(name: &str) -> Option<usize> {
+        NAMES.iter().position(|d| *d == name)
+    }
+
     fn selection(config: serde_json::Value) -> Result<Selection, ConfigError> {
         let top = Section::new("", &config).unwrap();
         let default = top
             .string("defaultDestination")
             .unwrap()
             .and_then(|n| NAMES.iter().position(|d| *d == n));
-        parse(&top, default, &|n| NAMES.iter().position(|d| *d == n))
+        parse(&top, default, &index)
     }
 
     #[test]
@@ -356,7 +361,7 @@ mod tests {
         ]}))
         .unwrap();
         let n = names();
-        let pick = |r: &Request| s.select(&n, None, r);
+        let pick = |r: &Request| s.select(&index, None, r);
         assert_eq!(
             pick(&request("api.example.com", "/sap/opu?a")),
             Selected::Destination(0)
@@ -396,11 +401,11 @@ mod tests {
         assert_eq!(pick(&with_header), Selected::Destination(2));
         // Route metadata comes first.
         assert_eq!(
-            s.select(&n, Some(b"sf"), &request("api.example.com", "/sap/")),
+            s.select(&index, Some(b"sf"), &request("api.example.com", "/sap/")),
             Selected::Destination(1)
         );
         assert_eq!(
-            s.select(&n, Some(b"gone"), &request("api.example.com", "/sap/")),
+            s.select(&index, Some(b"gone"), &request("api.example.com", "/sap/")),
             Selected::UnknownName("gone".into())
         );
         let log = s.describe(&n);
@@ -420,40 +425,39 @@ mod tests {
         let n = names();
         let nothing = request("h", "/");
         let s = selection(json!({"defaultDestination": "other"})).unwrap();
-        assert_eq!(s.select(&n, None, &nothing), Selected::Destination(2));
+        assert_eq!(s.select(&index, None, &nothing), Selected::Destination(2));
         let s = selection(json!({"unmatchedRequests": "refuse",
                                  "destinationRules": [{"authority": "a", "destination": "s4"}]}))
         .unwrap();
-        assert_eq!(s.select(&n, None, &nothing), Selected::Refuse);
+        assert_eq!(s.select(&index, None, &nothing), Selected::Refuse);
         assert!(s.describe(&n).ends_with("other requests are refused (403)"));
         assert_eq!(
-            selection(json!({})).unwrap().select(&n, None, &nothing),
+            selection(json!({})).unwrap().select(&index, None, &nothing),
             Selected::PassThrough
         );
     }
 
     #[test]
     fn ports_and_ipv6_literals() {
-        let n = names();
         let s = selection(json!({"destinationRules": [
             {"authority": "api.example.com:8443", "destination": "s4"},
             {"authority": "[::1]", "destination": "sf"}
         ]}))
         .unwrap();
         assert_eq!(
-            s.select(&n, None, &request("api.example.com:8443", "/")),
+            s.select(&index, None, &request("api.example.com:8443", "/")),
             Selected::Destination(0)
         );
         assert_eq!(
-            s.select(&n, None, &request("api.example.com", "/")),
+            s.select(&index, None, &request("api.example.com", "/")),
             Selected::PassThrough
         );
         assert_eq!(
-            s.select(&n, None, &request("[::1]:8080", "/")),
+            s.select(&index, None, &request("[::1]:8080", "/")),
             Selected::Destination(1)
         );
         assert_eq!(
-            s.select(&n, None, &request("[::1]", "/")),
+            s.select(&index, None, &request("[::1]", "/")),
             Selected::Destination(1)
         );
     }

@@ -55,8 +55,6 @@ pub struct PluginConfig {
     /// How a request finds its destination: route metadata, `destinationRules`,
     /// `defaultDestination`, `unmatchedRequests`.
     pub selection: Selection,
-    /// The destinations' names, in order (what route metadata and rules name).
-    pub destination_names: Vec<String>,
     /// Signing keys by name; every destination's `key_name` is present here.
     pub keys: BTreeMap<String, KeyPair>,
     /// `["metadata","filter_metadata",<filter>,<key>]` holds the verified JWT payload.
@@ -148,11 +146,9 @@ impl PluginConfig {
 
         let index = |name: &str| destinations.iter().position(|d| d.name == name);
         let selection = selection::parse(&top, default_destination, &index)?;
-        let destination_names = destinations.iter().map(|d| d.name.clone()).collect();
         Ok(PluginConfig {
             destinations,
             selection,
-            destination_names,
             keys,
             jwt_filter_name: top
                 .string("jwtAuthnFilterName")?
@@ -205,6 +201,11 @@ impl PluginConfig {
     /// The destination with `name`, if configured.
     pub fn destination(&self, name: &str) -> Option<&Destination> {
         self.destinations.iter().find(|d| d.name == name)
+    }
+
+    /// The index of the destination with `name`, if configured.
+    pub fn destination_index(&self, name: &str) -> Option<usize> {
+        self.destinations.iter().position(|d| d.name == name)
     }
 }
 

@@ -202,7 +202,13 @@ impl RootContext for PluginRoot {
                 "configured {} destination(s), {} signing key(s); {}",
                 config.destinations.len(),
                 config.keys.len(),
-                config.selection.describe(&config.destination_names)
+                config.selection.describe(
+                    &config
+                        .destinations
+                        .iter()
+                        .map(|d| d.name.clone())
+                        .collect::<Vec<_>>()
+                )
             ),
         );
         let root = self.context_id;
@@ -422,37 +428,36 @@ impl HttpContext for PluginRequest {
             .and_then(pairs::parse)
             .unwrap_or_default();
         let view = HeaderView(&parsed);
-        let destination =
-            match config
-                .selection
-                .select(&config.destination_names, named.as_deref(), &view)
-            {
-                Selected::Destination(index) => index,
-                Selected::PassThrough => {
-                    return if self.answer_trust_download(&config) {
-                        Action::Pause
-                    } else {
-                        Action::Continue
-                    };
+        let destination = match config.selection.select(
+            &|name| config.destination_index(name),
+            named.as_deref(),
+            &view,
+        ) {
+            Selected::Destination(index) => index,
+            Selected::PassThrough => {
+                return if self.answer_trust_download(&config) {
+                    Action::Pause
+                } else {
+                    Action::Continue
+                };
+            }
+            Selected::Refuse => {
+                if !self.answer_trust_download(&config) {
+                    host.send_reply(&Failure::NoDestination);
                 }
-                Selected::Refuse => {
-                    if !self.answer_trust_download(&config) {
-                        host.send_reply(&Failure::NoDestination);
-                    }
-                    return Action::Pause;
-                }
-                Selected::UnknownName(name) => {
-                    host.log(
-                        Level::Error,
-                        &format!("route names unknown destination {name:?}"),
-                    );
-                    host.send_reply(&Failure::Internal {
-                        reason: "the route names an unknown destination",
-                    });
-                    return Action::Pause;
-                }
-            };
-        drop(parsed);
+                return Action::Pause;
+            }
+            Selected::UnknownName(name) => {
+                host.log(
+                    Level::Error,
+                    &format!("route names unknown destination {name:?}"),
+                );
+                host.send_reply(&Failure::Internal {
+                    reason: "the route names an unknown destination",
+                });
+                return Action::Pause;
+            }
+        };
         let identity = JwtMetadata { config: &config };
         let Ok(mut worker) = self.worker.try_borrow_mut() else {
             host.send_reply(&Failure::Internal {

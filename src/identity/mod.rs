@@ -48,10 +48,12 @@ impl Principal {
     /// A text that differs for every two principals: each optional part length-prefixed
     /// (or marked absent), then the user id.
     pub fn key(&self) -> String {
+        use std::fmt::Write;
         let mut key = String::with_capacity(self.user_id.len() + 64);
         for part in [&self.issuer, &self.origin] {
             match part {
-                Some(text) => key.push_str(&format!("+{}:{text}", text.len())),
+                // Writing into a String cannot fail.
+                Some(text) => drop(write!(key, "+{}:{text}", text.len())),
                 None => key.push('-'),
             }
         }
