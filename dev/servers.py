@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Development and test counterparts for the principal-propagation Envoy Wasm plugin.
 
-One process runs three HTTP servers, all bound to 127.0.0.1:
+One process runs three HTTP servers (four with ``--onprem-port``), all bound to 127.0.0.1:
 
 * identity provider: mints RS256 JWTs for any user and publishes its JWKS, so the
   plugin has an authenticated user to propagate;
@@ -10,7 +10,11 @@ One process runs three HTTP servers, all bound to 127.0.0.1:
   mistakes in the plugin show up here and not in production;
 * echo upstream: reports which user the forwarded bearer token belongs to, so
   tests can see end to end what arrived upstream; requests that name their user
-  (``X-Expected-User``) are counted as carrying that user's token or not.
+  (``X-Expected-User``) are counted as carrying that user's token or not;
+* on-premise backend (optional: ``--onprem-port`` with ``--onprem-user-ca`` and
+  ``--tls-dir``): HTTPS that plays ABAP ICM behind Cloud Connector for the certificate
+  mode, trusting the ``SSL_CLIENT_CERT`` header only on connections authenticated with
+  the gateway's system certificate (dev/onprem.py).
 
 The token server can also fail on purpose (see ``FAULTS``): per request with the path
 ``/oauth/token/fault/<kind>``, or for any token path at run time with
@@ -885,7 +889,15 @@ def parse_args(argv):
                    help="also serve the token endpoint over TLS here, as https://localhost:<port>")
     p.add_argument("--tls-cert", help="PEM certificate (and chain) of the TLS token endpoint")
     p.add_argument("--tls-key", help="PEM private key of the TLS token endpoint")
-    return p.parse_args(argv)
+    p.add_argument("--onprem-port", type=int, help="also run the on-premise backend (dev/onprem.py) here")
+    p.add_argument("--onprem-user-ca", help="PEM CA that signs the user certificates the backend accepts")
+    p.add_argument("--tls-dir", help="the local CA's directory (dev/local_ca.py), for the on-premise backend")
+    args = p.parse_args(argv)
+    if (args.onprem_port is None) != (args.onprem_user_ca is None):
+        p.error("--onprem-port and --onprem-user-ca go together")
+    if args.onprem_port is not None and not args.tls_dir:
+        p.error("--onprem-port needs --tls-dir")
+    return args
 
 
 def main(argv=None):
@@ -911,6 +923,11 @@ def main(argv=None):
             server = Server((HOST, args.token_tls_port), TokenHandler, tls=tls, host_name="localhost")
             server.app = app
             servers.append(server)
+        if args.onprem_port is not None:
+            import local_ca
+            import onprem  # loaded only when asked for (it imports this file for Server)
+            servers.append(onprem.make_server(args.onprem_port, local_ca.ensure(Path(args.tls_dir)),
+                                              Path(args.onprem_user_ca)))
     except OSError as exc:
         print(f"cannot listen: {exc}", file=sys.stderr)
         for server in servers:

@@ -2,6 +2,7 @@
 //! to exactly one local reply (status, headers, JSON body without secrets).
 
 use crate::identity::UserIdError;
+use crate::x509::subject::SubjectError;
 use serde_json::json;
 
 /// Seconds a client is asked to wait before retrying after a token service failure.
@@ -18,6 +19,8 @@ pub enum Failure {
     UserId(UserIdError),
     /// The user id holds characters a SAML assertion (XML 1.0) cannot carry.
     UserIdNotXml,
+    /// The claims make no certificate subject (a value a DN cannot carry, or missing).
+    Subject(SubjectError),
     /// The token service refused the exchange with this OAuth error code.
     Rejected { code: String },
     /// The token service could not be reached or answered something unusable.
@@ -57,6 +60,7 @@ impl Failure {
                 "unauthorized",
                 "user ID contains characters that a SAML assertion cannot carry".to_string(),
             ),
+            Failure::Subject(e) => (401, "unauthorized", e.to_string()),
             Failure::Rejected { code } => (
                 502,
                 "bad_gateway",

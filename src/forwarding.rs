@@ -14,11 +14,10 @@ use crate::http_url::append_query;
 
 /// Headers removed from every propagated request (lower case; a trailing `*` matches a
 /// prefix). `authorization` is not listed: the gateway replaces it.
-pub const DEFAULT_HEADERS: [&str; 7] = [
+pub const DEFAULT_HEADERS: [&str; 6] = [
     "proxy-authorization",
     "x-user-token",
-    "ssl_client_cert",
-    "ssl_client_cert_chain_*",
+    "ssl_client_cert*",
     "x-ssl-client-cert",
     "x-forwarded-client-cert",
     "mysapsso2",
@@ -72,6 +71,15 @@ impl Removal {
             headers: merge(&DEFAULT_HEADERS, headers),
             cookies: merge(&DEFAULT_COOKIES, cookies),
             query_parameters: merge(&DEFAULT_QUERY_PARAMETERS, query_parameters),
+        }
+    }
+
+    /// Also removes the header `name` (unless a pattern covers it already).
+    pub fn add_header(&mut self, name: &str) {
+        let name = name.to_ascii_lowercase();
+        if !self.removes_header(name.as_bytes()) {
+            self.headers.push(name);
+            self.headers.sort();
         }
     }
 

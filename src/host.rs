@@ -46,8 +46,9 @@ pub trait Callouts {
 
 /// The requests paused while they wait for an exchange.
 pub trait Requests {
-    /// Adds `authorization` to the paused request and resumes it; false if it is gone.
-    fn resume(&self, request_id: u32, authorization: &str) -> bool;
+    /// Sets `header` to `value` on the paused request and resumes it (the credential: an
+    /// `Authorization` or a client certificate header); false if it is gone.
+    fn resume(&self, request_id: u32, header: &str, value: &str) -> bool;
     /// Answers the paused request locally with `failure`; false if it is gone.
     fn fail(&self, request_id: u32, failure: &Failure) -> bool;
 }

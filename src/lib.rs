@@ -26,3 +26,4 @@ pub mod selection;
 mod testing;
 pub mod time;
 pub mod trust;
+pub mod x509;

@@ -6,6 +6,31 @@ use serde_json::{json, Value};
 pub const KEY: &str = include_str!("../tests/fixtures/signing-key.pem");
 pub const CERT: &str = include_str!("../tests/fixtures/signing-cert.pem");
 
+/// A CA for users' client certificates (RSA 2048) and one with a P-256 key.
+pub const CA_RSA_KEY: &str = include_str!("../tests/fixtures/ca-rsa-key.pem");
+pub const CA_RSA_CERT: &str = include_str!("../tests/fixtures/ca-rsa-cert.pem");
+pub const CA_EC_KEY: &str = include_str!("../tests/fixtures/ca-ec-key.pem");
+pub const CA_EC_CERT: &str = include_str!("../tests/fixtures/ca-ec-cert.pem");
+
+/// A `PrincipalPropagation` destination signing with key `ca` (see [`with_ca_keys`]).
+pub fn certificate_destination_json(name: &str) -> Value {
+    json!({
+        "Name": name,
+        "Type": "HTTP",
+        "URL": "https://onprem.example",
+        "Authentication": "PrincipalPropagation",
+        "ProxyType": "OnPremise",
+        "clientCertificateIssuerKey": "ca"
+    })
+}
+
+/// `config` with the keys `ca` (RSA CA) and `ca-ec` (P-256 CA) added.
+pub fn with_ca_keys(mut config: Value) -> Value {
+    config["keys"]["ca"] = json!({"privateKey": CA_RSA_KEY, "certificate": CA_RSA_CERT});
+    config["keys"]["ca-ec"] = json!({"privateKey": CA_EC_KEY, "certificate": CA_EC_CERT});
+    config
+}
+
 /// A destination that passes validation.
 pub fn destination_json(name: &str) -> Value {
     json!({

@@ -49,6 +49,8 @@ mod native {
     use x509_cert::time::{Time, Validity};
 
     const DEFAULT_DAYS: u64 = 730;
+    /// A CA's default validity: a year, as the Cloud Connector's generated CAs.
+    const DEFAULT_CA_DAYS: u64 = 365;
 
     pub fn run(args: Vec<String>) -> Result<String, String> {
         let (command, options) = args.split_first().ok_or_else(usage)?;
@@ -65,6 +67,16 @@ mod native {
                 .ok_or("--days must be 1 to 3650")?,
         };
         let (key_path, cert_path) = (Path::new(required("key")?), Path::new(required("cert")?));
+        let ca = match get("ca") {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(_) => return Err("--ca must be true or false".into()),
+        };
+        let days = if ca && get("days").is_none() {
+            DEFAULT_CA_DAYS
+        } else {
+            days
+        };
         match command.as_str() {
             "generate" => {
                 let issuer = required("issuer")?;
@@ -73,7 +85,8 @@ mod native {
                         let bits = match get("bits").unwrap_or("2048") {
                             "2048" => 2048,
                             "3072" => 3072,
-                            _ => return Err("--bits must be 2048 or 3072".into()),
+                            "4096" => 4096,
+                            _ => return Err("--bits must be 2048, 3072 or 4096".into()),
                         };
                         let key = RsaPrivateKey::new(&mut OsRng, bits)
                             .map_err(|e| format!("key generation failed: {e}"))?;
@@ -85,16 +98,18 @@ mod native {
                     ),
                     _ => return Err("--algorithm must be rsa or ec".into()),
                 };
-                let cert = key.self_signed(issuer, days)?;
+                let cert = key.self_signed(issuer, days, ca)?;
                 write_private(key_path, key.pkcs8_pem()?.as_bytes())?;
                 fs::write(cert_path, &cert).map_err(|e| format!("{}: {e}", cert_path.display()))?;
                 check(key_path, cert_path)?;
+                let what = if ca { "CA certificate" } else { "certificate" };
                 Ok(format!(
-                    "generated a {described} key ({}) and a certificate for CN={issuer}, valid {days} days ({})",
+                    "generated a {described} key ({}) and a {what} for CN={issuer}, valid {days} days ({})",
                     key_path.display(),
                     cert_path.display()
                 ))
             }
+            "sample-certificate" => sample_certificate(key_path, cert_path, &options),
             "renew" => {
                 let pem = fs::read_to_string(key_path)
                     .map_err(|e| format!("{}: {e}", key_path.display()))?;
@@ -108,7 +123,8 @@ mod native {
                     Some(issuer) => issuer.to_string(),
                     None => current_cn(key_path, cert_path)?,
                 };
-                let cert = key.self_signed(&issuer, days)?;
+                let was_ca = is_ca(key_path, cert_path);
+                let cert = key.self_signed(&issuer, days, ca || was_ca)?;
                 fs::write(cert_path, &cert).map_err(|e| format!("{}: {e}", cert_path.display()))?;
                 check(key_path, cert_path)?;
                 Ok(format!(
@@ -147,8 +163,10 @@ mod native {
             pem.map(|p| p.to_string()).map_err(|e| e.to_string())
         }
 
-        /// A self-signed end-entity certificate with subject `CN=<issuer>`.
-        fn self_signed(&self, issuer: &str, days: u64) -> Result<String, String> {
+        /// A self-signed certificate with subject `CN=<issuer>`: an end entity, or with
+        /// `ca` a CA (basicConstraints cA, keyUsage keyCertSign and cRLSign) that can sign
+        /// the users' client certificates.
+        fn self_signed(&self, issuer: &str, days: u64, ca: bool) -> Result<String, String> {
             let certificate = match self {
                 Key::Rsa(key) => {
                     let spki = key
@@ -156,7 +174,7 @@ mod native {
                         .to_public_key_der()
                         .map_err(|e| e.to_string())?;
                     let signer = RsaSigningKey::<Sha256>::new(key.as_ref().clone());
-                    certificate_builder(spki.as_bytes(), &signer, issuer, days)?
+                    certificate_builder(spki.as_bytes(), &signer, issuer, days, ca)?
                         .build::<rsa::pkcs1v15::Signature>()
                         .map_err(|e| e.to_string())?
                 }
@@ -166,7 +184,7 @@ mod native {
                         .to_public_key_der()
                         .map_err(|e| e.to_string())?;
                     let signer = p256::ecdsa::SigningKey::from(key.clone());
-                    certificate_builder(spki.as_bytes(), &signer, issuer, days)?
+                    certificate_builder(spki.as_bytes(), &signer, issuer, days, ca)?
                         .build::<p256::ecdsa::DerSignature>()
                         .map_err(|e| e.to_string())?
                 }
@@ -178,9 +196,101 @@ mod native {
     }
 
     fn usage() -> String {
-        "usage: pp-keys generate --issuer <CN> --key <key.pem> --cert <cert.pem> [--bits 2048|3072 | --algorithm ec] [--days N]\n       \
-         pp-keys renew --key <key.pem> --cert <cert.pem> [--issuer <CN>] [--days N]"
+        "usage: pp-keys generate --issuer <CN> --key <key.pem> --cert <cert.pem> [--bits 2048|3072|4096 | --algorithm ec] [--days N] [--ca true]\n       \
+         pp-keys renew --key <key.pem> --cert <cert.pem> [--issuer <CN>] [--days N]\n       \
+         pp-keys sample-certificate --key <ca-key.pem> --cert <ca-cert.pem> --user <user id> [--subject-pattern 'CN=${name}'] [--claims '<JSON>'] [--minutes N] [--out <sample.pem>]"
             .into()
+    }
+
+    /// A user's certificate exactly as the plugin makes it (same code), for the backend's
+    /// certificate mapping (ABAP transaction CERTRULE imports one as its sample).
+    fn sample_certificate(
+        key_path: &Path,
+        cert_path: &Path,
+        options: &HashMap<String, String>,
+    ) -> Result<String, String> {
+        let get = |name: &str| options.get(name).map(String::as_str);
+        use base64::Engine;
+        use principal_propagation::identity::UserIdRule;
+        use principal_propagation::x509::authority::{self, Authority, Request};
+        use principal_propagation::x509::subject::{SubjectPattern, DEFAULT_PATTERN, NAME_CLAIMS};
+        let read =
+            |path: &Path| fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()));
+        let key = SigningKey::from_pem(&read(key_path)?, &read(cert_path)?)
+            .map_err(|e| format!("{}: {e}", cert_path.display()))?;
+        let ca = Authority::of(&key).map_err(|e| format!("{}: {e}", cert_path.display()))?;
+        let user = get("user").ok_or_else(|| format!("--user is required\n{}", usage()))?;
+        let mut claims: serde_json::Value = match get("claims") {
+            Some(text) => serde_json::from_str(text).map_err(|e| format!("--claims: {e}"))?,
+            None => serde_json::json!({}),
+        };
+        let object = claims
+            .as_object_mut()
+            .ok_or("--claims must be a JSON object")?;
+        object.insert("user_name".into(), user.into());
+        let pattern = SubjectPattern::parse(get("subject-pattern").unwrap_or(DEFAULT_PATTERN))
+            .map_err(|e| format!("--subject-pattern {e}"))?;
+        let subject = pattern
+            .resolve(&claims, &UserIdRule::first_claim(&NAME_CLAIMS))
+            .map_err(|e| e.to_string())?;
+        let minutes: u64 = get("minutes")
+            .unwrap_or("10")
+            .parse()
+            .map_err(|_| "--minutes must be a number")?;
+        let holder = p256::SecretKey::random(&mut OsRng)
+            .public_key()
+            .to_public_key_der()
+            .map_err(|e| e.to_string())?;
+        let holder =
+            SubjectPublicKeyInfoOwned::try_from(holder.as_bytes()).map_err(|e| e.to_string())?;
+        let mut serial = [0u8; 16];
+        OsRng.fill_bytes(&mut serial);
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_err(|e| e.to_string())?
+            .as_secs();
+        let unsigned = authority::write(
+            &ca,
+            &Request {
+                subject,
+                holder_key: &holder,
+                serial,
+                not_before_s: now - 60,
+                not_after_s: now + minutes * 60,
+            },
+        )
+        .map_err(|_| "the certificate could not be written".to_string())?;
+        let signature = key
+            .sign(&unsigned.to_be_signed)
+            .map_err(|e| e.to_string())?;
+        let der = unsigned
+            .signed(&signature)
+            .map_err(|_| "the certificate could not be written".to_string())?;
+        let base64 = base64::engine::general_purpose::STANDARD.encode(der);
+        let pem = principal_propagation::keys::CertificateInfo {
+            der_base64: base64,
+            subject_cn: None,
+            not_after_s: 0,
+        }
+        .pem();
+        match get("out") {
+            Some(out) => {
+                fs::write(out, &pem).map_err(|e| format!("{out}: {e}"))?;
+                Ok(format!("wrote a sample user certificate to {out}"))
+            }
+            None => Ok(pem.trim_end().to_string()),
+        }
+    }
+
+    /// Whether the certificate in place is a CA's (renew keeps it one).
+    fn is_ca(key_path: &Path, cert_path: &Path) -> bool {
+        let (Ok(key), Ok(cert)) = (fs::read_to_string(key_path), fs::read_to_string(cert_path))
+        else {
+            return false;
+        };
+        SigningKey::from_pem(&key, &cert)
+            .ok()
+            .is_some_and(|k| principal_propagation::x509::authority::Authority::of(&k).is_ok())
     }
 
     fn parse_options(args: &[String]) -> Result<HashMap<String, String>, String> {
@@ -202,6 +312,7 @@ mod native {
         signer: &'s S,
         issuer: &str,
         days: u64,
+        ca: bool,
     ) -> Result<CertificateBuilder<'s, S>, String>
     where
         S: x509_cert::spki::DynSignatureAlgorithmIdentifier + rsa::signature::Keypair,
@@ -218,10 +329,15 @@ mod native {
             not_after: time(now + Duration::from_secs(days * 86_400))?,
         };
         let spki = SubjectPublicKeyInfoOwned::try_from(spki_der).map_err(|e| e.to_string())?;
-        let profile = Profile::Leaf {
-            issuer: subject.clone(),
-            enable_key_agreement: false,
-            enable_key_encipherment: false,
+        let profile = if ca {
+            Profile::Root
+        } else {
+            Profile::Leaf {
+                issuer: subject.clone(),
+                enable_key_agreement: false,
+                enable_key_encipherment: false,
+                include_subject_key_identifier: true,
+            }
         };
         CertificateBuilder::new(
             profile,

@@ -1,4 +1,6 @@
-//! One SAP `OAuth2SAMLBearerAssertion` destination, read with SAP's property names.
+//! One SAP destination, read with SAP's property names: `OAuth2SAMLBearerAssertion`
+//! (an assertion exchanged for a token) or `PrincipalPropagation` (a short-lived client
+//! certificate for the user).
 //!
 //! An operator can paste a destination exported from the BTP cockpit and add only the
 //! gateway fields. Every property is validated here, at load time, so a request never
@@ -8,9 +10,13 @@ use super::values::{ConfigError, Section};
 use crate::forwarding::{Removal, GATEWAY_HEADERS};
 use crate::http_url::HttpUrl;
 use crate::identity::UserIdRule;
+use crate::keys::KeyPair;
 use crate::saml::canonical::is_xml_text;
+use crate::x509::authority::Authority;
+use crate::x509::subject::{SubjectPattern, DEFAULT_PATTERN, NAME_CLAIMS};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 
 /// `nameIdFormat` values with a built-in user id claim (SAP rules).
 pub const NAMEID_UNSPECIFIED: &str = "urn:oasis:names:tc:SAML:1.1:nameid-format:unspecified";
@@ -46,10 +52,45 @@ pub struct TokenService {
     pub timeout_ms: u64,
 }
 
-/// A validated destination.
+/// A validated destination: what every kind shares, and its kind's own settings.
 #[derive(Debug, Clone)]
 pub struct Destination {
     pub name: String,
+    /// Whose credential: the cache keys it (with the identity provider).
+    pub user_id: UserIdRule,
+    /// `URL.headers.<k>`: added to the forwarded request.
+    pub url_headers: Vec<(String, String)>,
+    /// `URL.queries.<k>`: appended to the forwarded request's path.
+    pub url_queries: Vec<(String, String)>,
+    /// The name of the signing key in the plugin's key set (`KeyStoreLocation`, or
+    /// `clientCertificateIssuerKey` for certificates).
+    pub key_name: String,
+    /// Inbound credentials removed from every propagated request: the defaults and
+    /// `removeRequestHeaders`, `removeCookies`, `removeQueryParameters`.
+    pub removal: Removal,
+    /// `evictTokenOnUpstreamStatus`: a backend answer with one of these statuses drops
+    /// the cached credential it was given (default 401), so the next request makes anew.
+    pub evict_on_status: Vec<u16>,
+    /// Where the credential goes on the propagated request.
+    pub carrier: Carrier,
+    pub kind: Kind,
+    /// Hash of everything that shapes the credential, so a changed destination never
+    /// serves credentials cached under its old settings.
+    pub cache_namespace: String,
+}
+
+/// How a destination propagates the user.
+#[derive(Debug, Clone)]
+pub enum Kind {
+    /// `OAuth2SAMLBearerAssertion`: a signed assertion exchanged for a token.
+    SamlBearer(Box<SamlSettings>),
+    /// `PrincipalPropagation`: a short-lived client certificate for the user.
+    ClientCertificate(CertificateSettings),
+}
+
+/// The settings of an `OAuth2SAMLBearerAssertion` destination.
+#[derive(Debug, Clone)]
+pub struct SamlSettings {
     pub token_service: TokenService,
     pub client_key: Option<String>,
     pub audience: String,
@@ -58,39 +99,88 @@ pub struct Destination {
     pub name_id_format: String,
     pub name_qualifier: Option<String>,
     pub authn_context_class_ref: String,
-    pub user_id: UserIdRule,
     pub scope: Option<String>,
     pub company_id: Option<String>,
     pub encoding: AssertionEncoding,
     pub include_certificate: bool,
     pub skip_user_attributes_prefix: bool,
     pub skip_user_uuid: bool,
-    /// `URL.headers.<k>`: added to the forwarded request.
-    pub url_headers: Vec<(String, String)>,
-    /// `URL.queries.<k>`: appended to the forwarded request's path.
-    pub url_queries: Vec<(String, String)>,
-    /// `KeyStoreLocation`: the name of the signing key in the plugin's key set.
-    pub key_name: String,
-    /// Inbound credentials removed from every propagated request: the defaults and
-    /// `removeRequestHeaders`, `removeCookies`, `removeQueryParameters`.
-    pub removal: Removal,
-    /// `evictTokenOnUpstreamStatus`: a backend answer with one of these statuses drops
-    /// the cached token it was given (default 401), so the next request exchanges anew.
-    pub evict_on_status: Vec<u16>,
-    /// Hash of everything that shapes the token, so a changed destination never serves
-    /// tokens cached under its old settings.
-    pub cache_namespace: String,
 }
+
+/// The settings of a `PrincipalPropagation` destination.
+#[derive(Debug, Clone)]
+pub struct CertificateSettings {
+    /// `clientCertificateSubjectPattern` (default `CN=${name}`).
+    pub subject: SubjectPattern,
+    /// `clientCertificateValidityMinutes`, in milliseconds.
+    pub validity_ms: u64,
+    /// The CA of `clientCertificateIssuerKey`.
+    pub authority: Authority,
+}
+
+/// The header that carries the credential, and what precedes the credential in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Carrier {
+    /// Lower case.
+    pub header: String,
+    pub prefix: &'static str,
+}
+
+impl Carrier {
+    /// The header value for `credential`.
+    pub fn value(&self, credential: &str) -> String {
+        let mut value = String::with_capacity(self.prefix.len() + credential.len());
+        value.push_str(self.prefix);
+        value.push_str(credential);
+        value
+    }
+
+    /// The credential in a header value this carrier wrote.
+    pub fn credential<'v>(&self, value: &'v str) -> Option<&'v str> {
+        value.strip_prefix(self.prefix)
+    }
+}
+
+impl Destination {
+    /// The SAML settings, for a destination of that kind.
+    pub fn saml(&self) -> Option<&SamlSettings> {
+        match &self.kind {
+            Kind::SamlBearer(saml) => Some(saml.as_ref()),
+            Kind::ClientCertificate(_) => None,
+        }
+    }
+
+    /// How long making a credential may take: the token service's read timeout, or for a
+    /// certificate (a signature, no callout) the default one.
+    pub fn exchange_timeout_ms(&self) -> u64 {
+        match &self.kind {
+            Kind::SamlBearer(saml) => saml.token_service.timeout_ms,
+            Kind::ClientCertificate(_) => DEFAULT_READ_TIMEOUT_S * 1000,
+        }
+    }
+}
+
+/// `Authentication` values.
+pub const SAML_BEARER: &str = "OAuth2SAMLBearerAssertion";
+pub const PRINCIPAL_PROPAGATION: &str = "PrincipalPropagation";
 
 /// SAP properties that describe a destination but do not change what the gateway does.
 const INFORMATIONAL: [&str; 3] = ["Description", "ProxyType", "tokenServiceURLType"];
 
-/// Every plain key a destination may have (families are matched by prefix).
-const KNOWN: [&str; 33] = [
+/// Keys every destination may have.
+const COMMON: [&str; 8] = [
     "Name",
     "Type",
     "URL",
     "Authentication",
+    "removeRequestHeaders",
+    "removeCookies",
+    "removeQueryParameters",
+    "evictTokenOnUpstreamStatus",
+];
+
+/// Keys of `OAuth2SAMLBearerAssertion` destinations only.
+const SAML_KEYS: [&str; 22] = [
     "tokenServiceURL",
     "tokenServiceUser",
     "tokenServicePassword",
@@ -113,22 +203,24 @@ const KNOWN: [&str; 33] = [
     "KeyStoreLocation",
     "tokenServiceURL.SocketReadTimeoutInSeconds",
     "tokenServiceCluster",
-    "removeRequestHeaders",
-    "removeCookies",
-    "removeQueryParameters",
-    "evictTokenOnUpstreamStatus",
-    "Description",
-    "ProxyType",
-    "tokenServiceURLType",
 ];
 
-/// Families of `<prefix><name>` keys.
-const FAMILIES: [&str; 5] = [
+/// Keys of `PrincipalPropagation` destinations only.
+const CERTIFICATE_KEYS: [&str; 4] = [
+    "clientCertificateIssuerKey",
+    "clientCertificateSubjectPattern",
+    "clientCertificateValidityMinutes",
+    "clientCertificateHeader",
+];
+
+/// Families of `<prefix><name>` keys every destination may have.
+const COMMON_FAMILIES: [&str; 2] = ["URL.headers.", "URL.queries."];
+
+/// Families of `OAuth2SAMLBearerAssertion` destinations only.
+const SAML_FAMILIES: [&str; 3] = [
     "tokenService.body.",
     "tokenServiceURL.headers.",
     "tokenServiceURL.queries.",
-    "URL.headers.",
-    "URL.queries.",
 ];
 
 /// Form fields the plugin writes itself; `tokenService.body.*` may not replace them.
@@ -140,15 +232,37 @@ const RESERVED_BODY: [&str; 5] = [
     "company_id",
 ];
 
-/// Reads one destination. `default_cluster` is the plugin-wide `tokenServiceCluster`.
+/// The Cloud Connector's largest certificate validity (minutes).
+pub const MAX_CERTIFICATE_MINUTES: u64 = 43_200;
+/// Validity of a user's certificate unless configured: a few minutes, reused meanwhile.
+pub const DEFAULT_CERTIFICATE_MINUTES: u64 = 10;
+/// The header of the user's certificate unless configured (SAP ICM's default).
+pub const DEFAULT_CERTIFICATE_HEADER: &str = "SSL_CLIENT_CERT";
+
+/// Reads one destination. `default_cluster` is the plugin-wide `tokenServiceCluster`;
+/// `keys` the plugin's keys (a certificate destination's CA is checked against them).
 pub fn parse(
     path: &str,
     value: &Value,
     default_cluster: Option<&str>,
+    keys: &BTreeMap<String, KeyPair>,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Destination, ConfigError> {
     let d = Section::new(path, value)?;
-    reject_unknown_keys(&d)?;
+    let authentication = d.required_string("Authentication")?;
+    let certificate = match authentication.as_str() {
+        SAML_BEARER => false,
+        PRINCIPAL_PROPAGATION => true,
+        _ => {
+            return Err(ConfigError::new(
+                d.key("Authentication"),
+                format!(
+                    "is {authentication:?}; supported are {SAML_BEARER} and {PRINCIPAL_PROPAGATION}"
+                ),
+            ))
+        }
+    };
+    reject_unknown_keys(&d, certificate)?;
 
     let name = d.required_string("Name")?;
     if let Some(kind) = d.string("Type")? {
@@ -157,24 +271,54 @@ pub fn parse(
         }
     }
     if let Some(proxy) = d.string("ProxyType")? {
-        if proxy != "Internet" {
+        let on_premise = certificate && proxy == "OnPremise";
+        if proxy != "Internet" && !on_premise {
             return Err(ConfigError::new(
                 d.key("ProxyType"),
-                "must be Internet (on-premise targets are reached through Envoy clusters)",
+                "must be Internet (or OnPremise for PrincipalPropagation; targets are reached through Envoy clusters)",
             ));
         }
     }
     if let Some(url) = d.string("URL")? {
         HttpUrl::parse(&url).map_err(|p| ConfigError::new(d.key("URL"), p))?;
     }
-    let authentication = d.required_string("Authentication")?;
-    if authentication != "OAuth2SAMLBearerAssertion" {
-        return Err(ConfigError::new(
-            d.key("Authentication"),
-            format!("is {authentication:?}; only OAuth2SAMLBearerAssertion is supported"),
-        ));
+    let (kind, user_id, key_name, carrier) = if certificate {
+        certificate_settings(&d, keys)?
+    } else {
+        saml_settings(&d, default_cluster, env)?
+    };
+    let mut removal = removal(&d)?;
+    if carrier.header != "authorization" {
+        // A client must never bring its own copy of the header the gateway fills.
+        removal.add_header(&carrier.header);
     }
+    let mut destination = Destination {
+        user_id,
+        url_headers: family(&d, "URL.headers.", check_header_name)?,
+        url_queries: family(&d, "URL.queries.", |_| Ok(()))?,
+        key_name,
+        removal,
+        evict_on_status: evict_on_status(&d)?,
+        carrier,
+        kind,
+        cache_namespace: String::new(),
+        name,
+    };
+    destination.cache_namespace = namespace_of(value, &destination.kind);
+    if let Kind::SamlBearer(saml) = &destination.kind {
+        check_assertion_values(&d, saml, &destination.user_id)?;
+    }
+    Ok(destination)
+}
 
+type KindParts = (Kind, UserIdRule, String, Carrier);
+
+/// An `OAuth2SAMLBearerAssertion` destination's own settings.
+fn saml_settings(
+    d: &Section<'_>,
+    default_cluster: Option<&str>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<KindParts, ConfigError> {
     let token_url_text = d.required_string("tokenServiceURL")?;
     let token_url = HttpUrl::parse(&token_url_text)
         .map_err(|p| ConfigError::new(d.key("tokenServiceURL"), p))?;
@@ -215,7 +359,7 @@ pub fn parse(
     let name_id_format = d
         .string("nameIdFormat")?
         .unwrap_or_else(|| NAMEID_UNSPECIFIED.to_string());
-    let user_id = user_id_rule(&d, &name_id_format)?;
+    let user_id = user_id_rule(d, &name_id_format)?;
 
     let encoding = match d.string("samlAssertionEncoding")?.as_deref() {
         None | Some("base64url") => AssertionEncoding::Base64Url,
@@ -231,13 +375,13 @@ pub fn parse(
     let token_service = TokenService {
         cluster,
         basic_auth,
-        headers: family(&d, "tokenServiceURL.headers.", check_header_name)?,
-        queries: family(&d, "tokenServiceURL.queries.", |_| Ok(()))?,
-        body: family(&d, "tokenService.body.", check_body_field)?,
+        headers: family(d, "tokenServiceURL.headers.", check_header_name)?,
+        queries: family(d, "tokenServiceURL.queries.", |_| Ok(()))?,
+        body: family(d, "tokenService.body.", check_body_field)?,
         timeout_ms: timeout_s * 1000,
         url: token_url,
     };
-    let mut destination = Destination {
+    let saml = SamlSettings {
         client_key: d.string("clientKey")?,
         audience: d.required_string("audience")?,
         assertion_issuer: d.required_string("assertionIssuer")?,
@@ -249,7 +393,6 @@ pub fn parse(
         authn_context_class_ref: d
             .string("authnContextClassRef")?
             .unwrap_or_else(|| DEFAULT_AUTHN_CONTEXT.to_string()),
-        user_id,
         scope: d.string("scope")?,
         company_id: d.string("companyId")?,
         encoding,
@@ -257,22 +400,73 @@ pub fn parse(
         skip_user_attributes_prefix: d
             .boolean("skipUserAttributesPrefixInSAMLAttributes", false)?,
         skip_user_uuid: d.boolean("skipUserUuidInSAMLAttributes", false)?,
-        url_headers: family(&d, "URL.headers.", check_header_name)?,
-        url_queries: family(&d, "URL.queries.", |_| Ok(()))?,
-        key_name: d.string("KeyStoreLocation")?.unwrap_or_default(),
-        removal: removal(&d)?,
-        evict_on_status: evict_on_status(&d)?,
-        cache_namespace: String::new(),
         token_service,
-        name,
     };
-    destination.cache_namespace = namespace_of(value);
-    check_assertion_values(&d, &destination)?;
-    Ok(destination)
+    let carrier = Carrier {
+        header: "authorization".into(),
+        prefix: "Bearer ",
+    };
+    let key_name = d.string("KeyStoreLocation")?.unwrap_or_default();
+    Ok((Kind::SamlBearer(Box::new(saml)), user_id, key_name, carrier))
+}
+
+/// A `PrincipalPropagation` destination's own settings.
+fn certificate_settings(
+    d: &Section<'_>,
+    keys: &BTreeMap<String, KeyPair>,
+) -> Result<KindParts, ConfigError> {
+    const ISSUER_KEY: &str = "clientCertificateIssuerKey";
+    let key_name = d.required_string(ISSUER_KEY)?;
+    let pair = keys.get(&key_name).ok_or_else(|| {
+        ConfigError::new(
+            d.key(ISSUER_KEY),
+            format!("names no key in `keys`: {key_name:?}"),
+        )
+    })?;
+    let authority = Authority::of(&pair.active).map_err(|e| {
+        ConfigError::new(
+            d.key(ISSUER_KEY),
+            format!("names key {key_name:?}, which {e}"),
+        )
+    })?;
+    let pattern = d
+        .string("clientCertificateSubjectPattern")?
+        .unwrap_or_else(|| DEFAULT_PATTERN.to_string());
+    let subject = SubjectPattern::parse(&pattern)
+        .map_err(|p| ConfigError::new(d.key("clientCertificateSubjectPattern"), p))?;
+    let minutes = d.integer(
+        "clientCertificateValidityMinutes",
+        1..=MAX_CERTIFICATE_MINUTES,
+        DEFAULT_CERTIFICATE_MINUTES,
+    )?;
+    let header = d
+        .string("clientCertificateHeader")?
+        .unwrap_or_else(|| DEFAULT_CERTIFICATE_HEADER.to_string());
+    check_header_name(&header)
+        .map_err(|p| ConfigError::new(d.key("clientCertificateHeader"), p))?;
+    let settings = CertificateSettings {
+        subject,
+        validity_ms: minutes * 60_000,
+        authority,
+    };
+    let carrier = Carrier {
+        header: header.to_ascii_lowercase(),
+        prefix: "",
+    };
+    Ok((
+        Kind::ClientCertificate(settings),
+        UserIdRule::first_claim(&NAME_CLAIMS),
+        key_name,
+        carrier,
+    ))
 }
 
 /// Values written into every assertion must be XML text, or no assertion could be built.
-fn check_assertion_values(d: &Section<'_>, dest: &Destination) -> Result<(), ConfigError> {
+fn check_assertion_values(
+    d: &Section<'_>,
+    dest: &SamlSettings,
+    user_id: &UserIdRule,
+) -> Result<(), ConfigError> {
     let values = [
         ("audience", Some(&dest.audience)),
         ("assertionIssuer", Some(&dest.assertion_issuer)),
@@ -282,9 +476,9 @@ fn check_assertion_values(d: &Section<'_>, dest: &Destination) -> Result<(), Con
         ("authnContextClassRef", Some(&dest.authn_context_class_ref)),
         (
             "SystemUser",
-            match &dest.user_id {
+            match user_id {
                 UserIdRule::SystemUser(user) => Some(user),
-                UserIdRule::Claim { .. } => None,
+                UserIdRule::Claim { .. } | UserIdRule::FirstClaim(_) => None,
             },
         ),
     ];
@@ -299,14 +493,26 @@ fn check_assertion_values(d: &Section<'_>, dest: &Destination) -> Result<(), Con
     Ok(())
 }
 
-/// Refuses keys that are neither SAP properties we support, informational SAP
-/// properties, nor members of a supported family; explains the near misses.
-fn reject_unknown_keys(d: &Section<'_>) -> Result<(), ConfigError> {
+/// Refuses keys that are neither SAP properties we support for this kind, informational
+/// SAP properties, nor members of a supported family; explains the near misses.
+fn reject_unknown_keys(d: &Section<'_>, certificate: bool) -> Result<(), ConfigError> {
+    let (own, own_families, other, other_kind): (&[&str], &[&str], &[&str], &str) = if certificate {
+        (&CERTIFICATE_KEYS, &[], &SAML_KEYS, SAML_BEARER)
+    } else {
+        (
+            &SAML_KEYS,
+            &SAML_FAMILIES,
+            &CERTIFICATE_KEYS,
+            PRINCIPAL_PROPAGATION,
+        )
+    };
     for key in d.fields.keys() {
-        if KNOWN.contains(&key.as_str()) || INFORMATIONAL.contains(&key.as_str()) {
+        let key_str = key.as_str();
+        if COMMON.contains(&key_str) || own.contains(&key_str) || INFORMATIONAL.contains(&key_str) {
             continue;
         }
-        if let Some(prefix) = FAMILIES.iter().find(|p| key.starts_with(*p)) {
+        let families = COMMON_FAMILIES.iter().chain(own_families);
+        if let Some(prefix) = families.clone().find(|p| key.starts_with(*p)) {
             if key.len() > prefix.len() {
                 continue;
             }
@@ -315,7 +521,14 @@ fn reject_unknown_keys(d: &Section<'_>) -> Result<(), ConfigError> {
                 "needs a name after the prefix",
             ));
         }
-        let problem = match key.as_str() {
+        let saml_family = SAML_FAMILIES.iter().any(|p| key.starts_with(p));
+        if other.contains(&key_str) || (certificate && saml_family) {
+            return Err(ConfigError::new(
+                d.key(key),
+                format!("applies to {other_kind} destinations only"),
+            ));
+        }
+        let problem = match key_str {
             "x_user_token.jwks" | "x_user_token.jwks_uri" => {
                 "is not supported yet: verify user JWTs with Envoy's jwt_authn filter (or Istio RequestAuthentication)"
             }
@@ -458,8 +671,14 @@ fn check_body_field(name: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// A short hash of the destination's whole JSON (serde_json keeps object keys sorted).
-fn namespace_of(value: &Value) -> String {
-    let digest = Sha256::digest(value.to_string().as_bytes());
+/// A short hash of the destination's whole JSON (serde_json keeps object keys sorted) and,
+/// for certificates, of the CA that signs them: a new CA key makes new certificates.
+fn namespace_of(value: &Value, kind: &Kind) -> String {
+    let mut hash = Sha256::new();
+    hash.update(value.to_string().as_bytes());
+    if let Kind::ClientCertificate(settings) = kind {
+        hash.update(settings.authority.key_id());
+    }
+    let digest = hash.finalize();
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -6,7 +6,7 @@
 pub mod destination;
 pub mod values;
 
-pub use destination::{AssertionEncoding, Destination};
+pub use destination::{AssertionEncoding, Destination, Kind};
 pub use values::ConfigError;
 
 use crate::keys::{KeyError, KeyPair, SigningKey};
@@ -112,15 +112,20 @@ impl PluginConfig {
         let mut destinations: Vec<Destination> = Vec::with_capacity(list.len());
         for (i, value) in list.iter().enumerate() {
             let path = format!("destinations[{i}]");
-            let mut d = destination::parse(&path, value, default_cluster.as_deref(), env)?;
+            let mut d = destination::parse(&path, value, default_cluster.as_deref(), &keys, env)?;
             if destinations.iter().any(|other| other.name == d.name) {
                 return Err(ConfigError::new(
                     format!("{path}.Name"),
                     format!("{:?} is used by another destination", d.name),
                 ));
             }
+            let Some(saml) = d.saml() else {
+                destinations.push(d);
+                continue;
+            };
+            let cleartext = !saml.token_service.url.full.starts_with("https://");
             d.key_name = resolve_key_name(&path, &d.key_name, &keys)?;
-            if !allow_insecure && !d.token_service.url.full.starts_with("https://") {
+            if !allow_insecure && cleartext {
                 return Err(ConfigError::new(
                     format!("{path}.tokenServiceURL"),
                     "must be https:// (client credentials, assertions and tokens cross it); \

@@ -2,7 +2,9 @@
 use crate::config::destination::{AssertionEncoding, NAMEID_UNSPECIFIED};
 use crate::config::PluginConfig;
 use crate::identity::UserIdRule;
-use crate::testing::{config_json, destination_json, parse, CERT, KEY};
+use crate::testing::{
+    certificate_destination_json, config_json, destination_json, parse, with_ca_keys, CERT, KEY,
+};
 use serde_json::{json, Value};
 
 fn refused(config: Value) -> String {
@@ -34,13 +36,17 @@ fn accepts_a_pasted_sap_destination_with_defaults() {
     }))
     .unwrap();
     let d = &config.destinations[0];
-    assert_eq!(d.assertion_recipient, "http://127.0.0.1:9100/oauth/token");
-    assert_eq!(d.name_id_format, NAMEID_UNSPECIFIED);
+    let saml = d.saml().unwrap();
+    assert_eq!(
+        saml.assertion_recipient,
+        "http://127.0.0.1:9100/oauth/token"
+    );
+    assert_eq!(saml.name_id_format, NAMEID_UNSPECIFIED);
     assert_eq!(d.user_id, UserIdRule::claim("user_name").unwrap());
-    assert_eq!(d.encoding, AssertionEncoding::Base64Url);
-    assert!(d.include_certificate);
-    assert_eq!(d.token_service.timeout_ms, 30_000);
-    assert_eq!(d.token_service.cluster, "token_service");
+    assert_eq!(saml.encoding, AssertionEncoding::Base64Url);
+    assert!(saml.include_certificate);
+    assert_eq!(saml.token_service.timeout_ms, 30_000);
+    assert_eq!(saml.token_service.cluster, "token_service");
     assert_eq!(d.key_name, "default");
     assert_eq!(config.assertion_lifetime_ms, 300_000);
     assert_eq!(config.selection.default, None);
@@ -92,6 +98,8 @@ fn the_client_password_can_come_from_the_environment() {
     let env = |name: &str| (name == "CLIENT_SECRET").then(|| "from-env".to_string());
     let parsed = PluginConfig::parse(config.to_string().as_bytes(), &env).unwrap();
     let (_, password) = parsed.destinations[0]
+        .saml()
+        .unwrap()
         .token_service
         .basic_auth
         .clone()
@@ -135,7 +143,7 @@ fn refuses_bad_configurations_naming_key_and_problem() {
             with_destination(|d| {
                 d.insert("Authentication".into(), json!("BasicAuthentication"));
             }),
-            "only OAuth2SAMLBearerAssertion is supported",
+            "supported are OAuth2SAMLBearerAssertion and PrincipalPropagation",
         ),
         (
             with_destination(|d| {
@@ -490,4 +498,115 @@ fn a_destination_extends_the_credentials_removed_and_the_statuses_that_evict() {
         key("removeCookies", json!({"a": 1})),
         "configuration key `destinations[0].removeCookies` must be a list of strings or a comma-separated string"
     );
+}
+
+#[test]
+fn a_principal_propagation_destination_with_defaults_and_its_refusals() {
+    use crate::config::destination::{Kind, DEFAULT_CERTIFICATE_MINUTES};
+    let config = |change: &dyn Fn(&mut serde_json::Map<String, Value>)| {
+        let mut d = certificate_destination_json("onprem");
+        change(d.as_object_mut().unwrap());
+        with_ca_keys(config_json(vec![destination_json("saml"), d]))
+    };
+    let parsed = parse(&config(&|_| {})).unwrap();
+    let d = &parsed.destinations[1];
+    let Kind::ClientCertificate(settings) = &d.kind else {
+        panic!("not a certificate destination");
+    };
+    assert_eq!(settings.validity_ms, DEFAULT_CERTIFICATE_MINUTES * 60_000);
+    assert_eq!(d.carrier.header, "ssl_client_cert");
+    assert_eq!(d.carrier.value("MIIB"), "MIIB");
+    assert_eq!(d.key_name, "ca");
+    assert_eq!(
+        d.user_id,
+        UserIdRule::first_claim(&crate::x509::subject::NAME_CLAIMS)
+    );
+    assert_eq!(parsed.destinations[0].carrier.value("t"), "Bearer t");
+    let custom = parse(&config(&|d| {
+        d.insert("clientCertificateHeader".into(), json!("X-User-Cert"));
+        d.insert("clientCertificateValidityMinutes".into(), json!(43200));
+        d.insert(
+            "clientCertificateSubjectPattern".into(),
+            json!("CN=${name}, OU=Users, O=ACME, C=DE"),
+        );
+        d.insert("clientCertificateIssuerKey".into(), json!("ca-ec"));
+    }))
+    .unwrap();
+    let d = &custom.destinations[1];
+    assert_eq!(d.carrier.header, "x-user-cert");
+    assert!(
+        d.removal.headers.contains(&"x-user-cert".to_string()),
+        "a client's own copy is removed"
+    );
+    assert_ne!(
+        d.cache_namespace, parsed.destinations[1].cache_namespace,
+        "another CA, other certificates"
+    );
+
+    let refusal = |change: &dyn Fn(&mut serde_json::Map<String, Value>)| refused(config(change));
+    type Change = Box<dyn Fn(&mut serde_json::Map<String, Value>)>;
+    let cases: Vec<(Change, &str)> = vec![
+        (
+            Box::new(|d| drop(d.remove("clientCertificateIssuerKey"))),
+            "`destinations[1].clientCertificateIssuerKey` is required",
+        ),
+        (
+            Box::new(|d| drop(d.insert("clientCertificateIssuerKey".into(), json!("nope")))),
+            "names no key in `keys`: \"nope\"",
+        ),
+        (
+            Box::new(|d| drop(d.insert("clientCertificateIssuerKey".into(), json!("default")))),
+            "names key \"default\", which has a CA certificate without keyUsage keyCertSign",
+        ),
+        (
+            Box::new(|d| drop(d.insert("clientCertificateValidityMinutes".into(), json!(43201)))),
+            "`destinations[1].clientCertificateValidityMinutes` must be",
+        ),
+        (
+            Box::new(|d| drop(d.insert("clientCertificateValidityMinutes".into(), json!(0)))),
+            "`destinations[1].clientCertificateValidityMinutes` must be",
+        ),
+        (
+            Box::new(|d| {
+                drop(d.insert(
+                    "clientCertificateSubjectPattern".into(),
+                    json!("UID=${name}"),
+                ))
+            }),
+            "is not a DN field of the pattern",
+        ),
+        (
+            Box::new(|d| drop(d.insert("clientCertificateHeader".into(), json!("Authorization")))),
+            "names a header the gateway sets itself",
+        ),
+        (
+            Box::new(|d| drop(d.insert("audience".into(), json!("x")))),
+            "`destinations[1].audience` applies to OAuth2SAMLBearerAssertion destinations only",
+        ),
+        (
+            Box::new(|d| drop(d.insert("tokenServiceURL.headers.X".into(), json!("x")))),
+            "applies to OAuth2SAMLBearerAssertion destinations only",
+        ),
+        (
+            Box::new(|d| drop(d.insert("ProxyType".into(), json!("PrivateLink")))),
+            "`destinations[1].ProxyType` must be Internet",
+        ),
+    ];
+    for (change, expected) in cases {
+        let message = refusal(&*change);
+        assert!(
+            message.contains(expected),
+            "{message:?} should contain {expected:?}"
+        );
+    }
+    let mut no_sign = config(&|_| {});
+    no_sign["keys"]["ca"] = json!({
+        "privateKey": include_str!("../../tests/fixtures/ca-nosign-key.pem"),
+        "certificate": include_str!("../../tests/fixtures/ca-nosign-cert.pem"),
+    });
+    assert!(refused(no_sign).contains("without keyUsage keyCertSign"));
+    let saml_with_certificate_key = refused(with_destination(|d| {
+        d.insert("clientCertificateHeader".into(), json!("X"));
+    }));
+    assert!(saml_with_certificate_key.contains("applies to PrincipalPropagation destinations only"));
 }

@@ -1,4 +1,5 @@
 //! The credential kinds: how each kind of destination propagates the user, as a
 //! [`crate::flow::recipe::Recipe`] the exchange engine runs.
 
+pub mod client_certificate;
 pub mod saml_bearer;

@@ -1,6 +1,7 @@
 //! `OAuth2SAMLBearerAssertion` signed by the gateway: write an assertion for the user, sign
 //! it, exchange it at the destination's token service (RFC 7522), read the token answer.
 
+use crate::config::destination::SamlSettings;
 use crate::config::{Destination, PluginConfig};
 use crate::error::Failure;
 use crate::flow::recipe::{Answer, Issued, Recipe, Start, Step, Stepwise};
@@ -40,6 +41,7 @@ pub enum BuildError {
 pub fn start(
     config: &PluginConfig,
     destination: &Destination,
+    saml: &SamlSettings,
     user_id: &str,
     attributes: &[Attribute],
     now_ms: u64,
@@ -53,13 +55,13 @@ pub fn start(
     let content = AssertionContent {
         id,
         issue_instant_ms: now_ms,
-        issuer: &destination.assertion_issuer,
+        issuer: &saml.assertion_issuer,
         name_id: user_id,
-        name_id_format: &destination.name_id_format,
-        name_qualifier: destination.name_qualifier.as_deref(),
-        recipient: &destination.assertion_recipient,
-        audience: &destination.audience,
-        authn_context_class_ref: &destination.authn_context_class_ref,
+        name_id_format: &saml.name_id_format,
+        name_qualifier: saml.name_qualifier.as_deref(),
+        recipient: &saml.assertion_recipient,
+        audience: &saml.audience,
+        authn_context_class_ref: &saml.authn_context_class_ref,
         not_before_ms: now_ms.saturating_sub(config.clock_skew_ms),
         not_on_or_after_ms: now_ms + config.assertion_lifetime_ms,
         attributes,
@@ -69,7 +71,7 @@ pub fn start(
         &unsigned,
         id,
         key,
-        destination.include_certificate,
+        saml.include_certificate,
     ))
 }
 
@@ -98,10 +100,11 @@ impl SamlBearer {
         }
     }
 
-    fn destination(&self) -> Result<&Destination, Failure> {
+    fn destination(&self) -> Result<(&Destination, &SamlSettings), Failure> {
         self.config
             .destinations
             .get(self.destination)
+            .and_then(|d| Some((d, d.saml()?)))
             .ok_or(Failure::Internal {
                 reason: "unknown destination",
             })
@@ -110,8 +113,8 @@ impl SamlBearer {
 
 impl Recipe for SamlBearer {
     fn start(&mut self, input: &Start<'_>) -> Step {
-        let dest = match self.destination() {
-            Ok(dest) => dest,
+        let (dest, saml) = match self.destination() {
+            Ok(found) => found,
             Err(failure) => return Step::Done(Err(failure)),
         };
         let metric = match self.config.keys.get(&dest.key_name) {
@@ -122,6 +125,7 @@ impl Recipe for SamlBearer {
         match start(
             &self.config,
             dest,
+            saml,
             &self.user_id,
             &self.attributes,
             input.now_ms,
@@ -133,12 +137,12 @@ impl Recipe for SamlBearer {
     }
 
     fn signed(&mut self, signed: Result<String, SignError>, log: &dyn Telemetry) -> Step {
-        let dest = match self.destination() {
-            Ok(dest) => dest,
+        let (dest, saml) = match self.destination() {
+            Ok(found) => found,
             Err(failure) => return Step::Done(Err(failure)),
         };
         match signed {
-            Ok(document) => Step::Call(token_request::build(dest, &document)),
+            Ok(document) => Step::Call(token_request::build(saml, &document)),
             Err(e) => Step::Done(Err(cannot_build(log, &dest.name, &BuildError::Signing(e)))),
         }
     }

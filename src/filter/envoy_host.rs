@@ -55,8 +55,9 @@ pub fn request_header_pairs() -> Option<Vec<u8>> {
     }
 }
 
-/// The `Authorization` the request `request_id` was resumed with (taken: asked once).
-pub fn take_resumed_authorization(request_id: u32) -> Option<String> {
+/// The credential header value the request `request_id` was resumed with (taken: asked
+/// once).
+pub fn take_resumed_credential(request_id: u32) -> Option<String> {
     RESUMED_WITH.with(|map| map.borrow_mut().remove(&request_id))
 }
 
@@ -243,22 +244,15 @@ impl Callouts for EnvoyHost {
 }
 
 impl Requests for EnvoyHost {
-    fn resume(&self, request_id: u32, authorization: &str) -> bool {
+    fn resume(&self, request_id: u32, header: &str, value: &str) -> bool {
         if hostcalls::set_effective_context(request_id).is_err() {
             return false;
         }
-        let _ = hostcalls::set_map_value(
-            MapType::HttpRequestHeaders,
-            "authorization",
-            Some(authorization),
-        );
+        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, header, Some(value));
         if hostcalls::resume_http_request().is_err() {
             return false;
         }
-        RESUMED_WITH.with(|map| {
-            map.borrow_mut()
-                .insert(request_id, authorization.to_string())
-        });
+        RESUMED_WITH.with(|map| map.borrow_mut().insert(request_id, value.to_string()));
         true
     }
 

@@ -401,7 +401,7 @@ impl Context for PluginRequest {
         // try_borrow: should a host ever end a stream from inside a worker callback,
         // the worker skips the gone request itself (resume/fail report it missing).
         if self.waiting {
-            envoy_host::take_resumed_authorization(self.context_id);
+            envoy_host::take_resumed_credential(self.context_id);
             if let Ok(mut worker) = self.worker.try_borrow_mut() {
                 worker.forget_request(self.context_id);
             }
@@ -477,20 +477,29 @@ impl HttpContext for PluginRequest {
             });
             return Action::Pause;
         }
+        let carrier = config.destinations.get(destination).map(|d| &d.carrier);
+        if propagating && carrier.is_some_and(|c| c.header != "authorization") {
+            // The gateway sends no `Authorization` where the credential rides elsewhere.
+            self.set_http_request_header("authorization", None);
+        }
         match decision {
-            Decision::Forward(authorization) => {
-                self.set_http_request_header("authorization", Some(&authorization));
+            Decision::Forward(value) => {
+                let Some(carrier) = carrier else {
+                    return Action::Pause;
+                };
+                self.set_http_request_header(&carrier.header, Some(&value));
                 self.propagated = Some(destination);
                 if config
                     .destinations
                     .get(destination)
                     .is_some_and(|d| !d.evict_on_status.is_empty())
                 {
-                    self.forwarded_with = Some(authorization);
+                    self.forwarded_with = Some(value);
                 }
                 Action::Continue
             }
             Decision::Wait => {
+                // Removed while waiting: the worker sets it on resume.
                 self.set_http_request_header("authorization", None);
                 self.waiting = true;
                 self.propagated = Some(destination);
@@ -532,13 +541,13 @@ impl HttpContext for PluginRequest {
         let forwarded_with = self
             .forwarded_with
             .take()
-            .or_else(|| envoy_host::take_resumed_authorization(self.context_id));
-        let Some(authorization) = forwarded_with else {
+            .or_else(|| envoy_host::take_resumed_credential(self.context_id));
+        let Some(carried) = forwarded_with else {
             return Action::Continue;
         };
         let identity = JwtMetadata { config: &config };
         if let Ok(mut worker) = self.worker.try_borrow_mut() {
-            worker.on_backend_refused(&EnvoyHost, &config, destination, &identity, &authorization);
+            worker.on_backend_refused(&EnvoyHost, &config, destination, &identity, &carried);
         }
         Action::Continue
     }

@@ -8,10 +8,13 @@
 
 use super::exchanges::NewExchange;
 use super::outcome::failure_of;
-use super::{bearer, Decision, Worker};
+use super::recipe::Recipe;
+use super::{Decision, Worker};
 use crate::cache::{CacheKey, Entry};
-use crate::config::{Destination, PluginConfig};
+use crate::config::destination::SamlSettings;
+use crate::config::{Destination, Kind, PluginConfig};
 use crate::coordination::slot;
+use crate::credentials::client_certificate::ClientCertificate;
 use crate::credentials::saml_bearer::SamlBearer;
 use crate::error::Failure;
 use crate::host::Host;
@@ -21,6 +24,7 @@ use crate::saml::assertion::Attribute;
 use crate::saml::canonical::is_xml_text;
 use serde_json::Value;
 use std::rc::Rc;
+use x509_cert::name::Name;
 
 impl Worker {
     /// Decides a request for `config.destinations[destination]` from the user's verified
@@ -53,18 +57,19 @@ impl Worker {
                 }
             }
         };
-        if !is_xml_text(&principal.user_id) {
+        if dest.saml().is_some() && !is_xml_text(&principal.user_id) {
             return Decision::Fail(Failure::UserIdNotXml);
         }
         let principal_key = principal.key();
         let now_ms = host.now_ms();
         if let Some(token) = self.hot.get(&dest.cache_namespace, &principal_key, now_ms) {
             self.counters.add(Metric::CacheHit, 1);
-            return Decision::Forward(bearer(token));
+            return Decision::Forward(dest.carrier.value(token));
         }
-        let mut attributes = || {
+        // What shapes the credential besides the principal (read only for an exchange).
+        let mut shaping = || {
             let claims = claims.take().or_else(|| identity.claims())?;
-            Some(attributes_of(&claims, dest))
+            Some(shaping_of(&claims, dest))
         };
         let key = CacheKey::new(&dest.cache_namespace, &principal_key, config.cache_slots);
         match slot::read_entry(host, &key).and_then(|e| e.live_at(now_ms)) {
@@ -85,22 +90,22 @@ impl Worker {
                     && self.exchanges.len() < config.max_exchanges_per_worker
                 {
                     // Refresh in the background; this request goes on with the current token.
-                    if let Some(attributes) = attributes() {
+                    if let Some(Ok(shaping)) = shaping() {
                         let refresh = self.new_exchange(
+                            host,
                             config,
                             destination,
-                            dest,
                             key,
                             &principal,
-                            attributes,
+                            shaping,
                             None,
                         );
-                        if self.queue(host, refresh) {
+                        if refresh.is_ok_and(|refresh| self.queue(host, refresh)) {
                             self.counters.add(Metric::Refresh, 1);
                         }
                     }
                 }
-                return Decision::Forward(bearer(&access_token));
+                return Decision::Forward(dest.carrier.value(&access_token));
             }
             Some(entry) => return Decision::Fail(failure_of(entry)),
             None => self.counters.add(Metric::CacheMiss, 1),
@@ -114,18 +119,23 @@ impl Worker {
                 reason: "too many new users at once",
             });
         }
-        let Some(attributes) = attributes() else {
-            return Decision::Fail(Failure::NotAuthenticated);
+        let shaping = match shaping() {
+            Some(Ok(shaping)) => shaping,
+            Some(Err(failure)) => return Decision::Fail(failure),
+            None => return Decision::Fail(Failure::NotAuthenticated),
         };
-        let exchange = self.new_exchange(
+        let exchange = match self.new_exchange(
+            host,
             config,
             destination,
-            dest,
             key,
             &principal,
-            attributes,
+            shaping,
             Some(request_id),
-        );
+        ) {
+            Ok(exchange) => exchange,
+            Err(failure) => return Decision::Fail(failure),
+        };
         if self.queue(host, exchange) {
             Decision::Wait
         } else {
@@ -135,46 +145,94 @@ impl Worker {
         }
     }
 
-    /// The exchange for `principal` at `dest`, by the destination's credential kind.
+    /// The exchange for `principal` at `config.destinations[destination]`, by the
+    /// destination's credential kind.
     #[allow(clippy::too_many_arguments)]
     fn new_exchange(
-        &self,
+        &mut self,
+        host: &dyn Host,
         config: &Rc<PluginConfig>,
         destination: usize,
-        dest: &Destination,
         key: CacheKey,
         principal: &Principal,
-        attributes: Vec<Attribute>,
+        shaping: Shaping,
         waiter: Option<u32>,
-    ) -> NewExchange {
-        NewExchange {
-            key,
-            recipe: Box::new(SamlBearer::new(
+    ) -> Result<NewExchange, Failure> {
+        let dest = config
+            .destinations
+            .get(destination)
+            .ok_or(Failure::Internal {
+                reason: "unknown destination",
+            })?;
+        let user_id = principal.user_id.clone();
+        let recipe: Box<dyn Recipe> = match shaping {
+            Shaping::Attributes(attributes) => Box::new(SamlBearer::new(
                 Rc::clone(config),
                 destination,
-                principal.user_id.clone(),
+                user_id,
                 attributes,
             )),
+            Shaping::Subject(subject) => {
+                let holder_key = self
+                    .holder_key
+                    .at(host.now_ms(), |seed| host.fill_random(seed))
+                    .ok_or(Failure::Internal {
+                        reason: "no randomness for the certificate's key",
+                    })?;
+                Box::new(ClientCertificate::new(
+                    Rc::clone(config),
+                    destination,
+                    user_id,
+                    subject,
+                    holder_key,
+                ))
+            }
+        };
+        Ok(NewExchange {
+            key,
+            recipe,
             config: Rc::clone(config),
             waiter,
-            timeout_ms: dest.token_service.timeout_ms,
+            timeout_ms: dest.exchange_timeout_ms(),
             namespace: Rc::from(dest.cache_namespace.as_str()),
             principal: principal.key(),
-        }
+            carrier: dest.carrier.clone(),
+        })
+    }
+}
+
+/// What shapes a credential besides the principal, read from the claims.
+enum Shaping {
+    /// The assertion's SAML attributes.
+    Attributes(Vec<Attribute>),
+    /// The certificate's subject.
+    Subject(Name),
+}
+
+/// The claims' part in the destination's credential: SAML attributes, or the certificate
+/// subject (a user whose claims make no valid subject is refused, 401).
+fn shaping_of(claims: &Value, dest: &Destination) -> Result<Shaping, Failure> {
+    match &dest.kind {
+        Kind::SamlBearer(saml) => Ok(Shaping::Attributes(attributes_of(claims, dest, saml))),
+        Kind::ClientCertificate(settings) => settings
+            .subject
+            .resolve(claims, &dest.user_id)
+            .map(Shaping::Subject)
+            .map_err(Failure::Subject),
     }
 }
 
 /// SAML attributes for the assertion; values XML cannot carry are left out. A destination
 /// with `SystemUser` has none: its one token serves every user, so no user's attributes
 /// (their groups, their personal data) may shape it.
-fn attributes_of(claims: &Value, dest: &Destination) -> Vec<Attribute> {
+fn attributes_of(claims: &Value, dest: &Destination, saml: &SamlSettings) -> Vec<Attribute> {
     if matches!(dest.user_id, UserIdRule::SystemUser(_)) {
         return Vec::new();
     }
     attributes::from_claims(
         claims,
-        dest.skip_user_attributes_prefix,
-        dest.skip_user_uuid,
+        saml.skip_user_attributes_prefix,
+        saml.skip_user_uuid,
     )
     .into_iter()
     .filter(|a| is_xml_text(&a.name) && a.values.iter().all(|v| is_xml_text(v)))

@@ -47,20 +47,21 @@ impl RecentEvictions {
 
 impl Worker {
     /// The backend answered a request for `config.destinations[destination]` that carried
-    /// `authorization` with one of the destination's eviction statuses: drops that token for
-    /// the request's principal, here and on every worker. True if a token was dropped.
+    /// `carried` (the value of its credential header) with one of the destination's
+    /// eviction statuses: drops that credential for the request's principal, here and on
+    /// every worker. True if one was dropped.
     pub fn on_backend_refused(
         &mut self,
         host: &dyn Host,
         config: &PluginConfig,
         destination: usize,
         identity: &dyn Identity,
-        authorization: &str,
+        carried: &str,
     ) -> bool {
         let Some(dest) = config.destinations.get(destination) else {
             return false;
         };
-        let Some(access_token) = authorization.strip_prefix("Bearer ") else {
+        let Some(access_token) = dest.carrier.credential(carried) else {
             return false;
         };
         let principal = match identity.quick_principal(&dest.user_id) {

@@ -20,6 +20,7 @@ use super::recipe::{Answer, Issued, Recipe, Start, Step, Stepwise};
 use super::scheduler;
 use super::Worker;
 use crate::cache::{CacheKey, Entry, ID_LEN};
+use crate::config::destination::Carrier;
 use crate::config::PluginConfig;
 use crate::coordination::notice::{Notice, WAKE};
 use crate::coordination::registry;
@@ -139,6 +140,8 @@ pub struct Exchange {
     /// (see [`crate::identity::Principal::key`]).
     namespace: Rc<str>,
     principal: String,
+    /// Where the waiting requests get the credential.
+    carrier: Carrier,
 }
 
 /// What is needed to queue an exchange.
@@ -150,6 +153,7 @@ pub struct NewExchange {
     pub timeout_ms: u64,
     pub namespace: Rc<str>,
     pub principal: String,
+    pub carrier: Carrier,
 }
 
 impl Worker {
@@ -190,6 +194,7 @@ impl Worker {
             signing_ns: 0,
             namespace: new.namespace,
             principal: new.principal,
+            carrier: new.carrier,
         };
         self.exchanges.insert(new.key.id, exchange);
         true
@@ -531,6 +536,7 @@ impl Worker {
         answer(
             host,
             &exchange.waiters,
+            &exchange.carrier,
             result.map(|issued| issued.access_token),
         );
     }
@@ -557,7 +563,7 @@ impl Worker {
                 *times,
             );
         }
-        answer(host, &exchange.waiters, answer_of(entry));
+        answer(host, &exchange.waiters, &exchange.carrier, answer_of(entry));
     }
 
     /// Ends an exchange nobody needs any more, releasing its lock.
@@ -571,6 +577,7 @@ impl Worker {
             answer(
                 host,
                 &exchange.waiters,
+                &exchange.carrier,
                 Err(exchange.state.expiry_failure()),
             );
         }
@@ -639,7 +646,7 @@ impl Worker {
                 .iter()
                 .partition(|w| w.answer_by_ms <= now_ms);
             exchange.waiters = waiting;
-            answer(host, &late, Err(failure));
+            answer(host, &late, &exchange.carrier, Err(failure));
         }
         let ids: Vec<[u8; ID_LEN]> = self.exchanges.keys().copied().collect();
         for id in ids {
@@ -837,13 +844,18 @@ fn exchange_deadline(state: &State) -> Option<u64> {
     }
 }
 
-/// Resumes (with the token) or answers (with the failure) every waiter.
-fn answer(host: &dyn Host, waiters: &[Waiter], outcome: Result<String, Failure>) {
+/// Resumes (with the credential) or answers (with the failure) every waiter.
+fn answer(
+    host: &dyn Host,
+    waiters: &[Waiter],
+    carrier: &Carrier,
+    outcome: Result<String, Failure>,
+) {
     match outcome {
-        Ok(access_token) => {
-            let authorization = super::bearer(&access_token);
+        Ok(credential) => {
+            let value = carrier.value(&credential);
             for waiter in waiters {
-                host.resume(waiter.request, &authorization);
+                host.resume(waiter.request, &carrier.header, &value);
             }
         }
         Err(failure) => {

@@ -34,6 +34,7 @@ use crate::coordination::{registry, slot};
 use crate::error::Failure;
 use crate::host::Host;
 use crate::metrics::{Counters, Metric};
+use crate::x509::holder::HolderKey;
 use exchanges::{Exchange, State};
 use hot::HotTokens;
 use pacing::Roots;
@@ -45,7 +46,8 @@ pub use outcome::FAILURE_BACKOFF_MS;
 /// What to do with a request right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Forward with this `Authorization` value.
+    /// Forward with this value in the destination's carrier header (`Authorization` for a
+    /// token).
     Forward(String),
     /// Pause; the worker resumes or answers the request later.
     Wait,
@@ -70,6 +72,8 @@ pub struct Worker {
     scheduler: Scheduler,
     hot: HotTokens,
     evictions: eviction::RecentEvictions,
+    /// The public key this worker's client certificates certify.
+    holder_key: HolderKey,
     counters: Counters,
     roots: Roots,
     /// The VM's queue, and the root that registered it last (it gets the messages).
@@ -211,10 +215,6 @@ impl Worker {
             .values()
             .any(|e| matches!(e.state, State::Elsewhere { .. }))
     }
-}
-
-fn bearer(access_token: &str) -> String {
-    format!("Bearer {access_token}")
 }
 
 #[cfg(test)]

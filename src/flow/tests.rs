@@ -27,6 +27,8 @@ struct FakeHost {
     dispatched: RefCell<Vec<(u32, TokenRequest)>>,
     queues: RefCell<HashMap<u32, Vec<Vec<u8>>>>,
     resumed: RefCell<Vec<(u32, String)>>,
+    /// The header each resumed request got its credential in.
+    resumed_headers: RefCell<Vec<String>>,
     failed: RefCell<Vec<(u32, Failure)>>,
     gone: RefCell<Vec<u32>>,
     refuse_dispatch: Cell<bool>,
@@ -96,11 +98,12 @@ impl Callouts for FakeHost {
 }
 
 impl Requests for FakeHost {
-    fn resume(&self, id: u32, authorization: &str) -> bool {
+    fn resume(&self, id: u32, header: &str, value: &str) -> bool {
         if self.gone.borrow().contains(&id) {
             return false;
         }
-        self.resumed.borrow_mut().push((id, authorization.into()));
+        self.resumed_headers.borrow_mut().push(header.into());
+        self.resumed.borrow_mut().push((id, value.into()));
         true
     }
     fn fail(&self, id: u32, failure: &Failure) -> bool {
@@ -342,7 +345,7 @@ fn a_vanished_lock_holder_is_taken_over_after_its_deadline() {
     h.now_ns.set(T0 + SECOND);
     w2.on_tick(&h, 2);
     assert_eq!(h.dispatches(), 1, "still within the holder's deadline");
-    let timeout_ms = c.destinations[0].token_service.timeout_ms;
+    let timeout_ms = c.destinations[0].saml().unwrap().token_service.timeout_ms;
     h.now_ns.set(T0 + (timeout_ms + RESPONSE_GRACE_MS) * MS);
     w2.on_tick(&h, 2);
     assert_eq!(h.dispatches(), 2);
@@ -621,7 +624,12 @@ fn an_unconfigured_worker_or_no_randomness_fails_the_request_closed() {
 
 #[test]
 fn a_callout_without_response_is_a_timeout_only_once_its_timeout_has_passed() {
-    let timeout_ns = config().destinations[0].token_service.timeout_ms * MS;
+    let timeout_ns = config().destinations[0]
+        .saml()
+        .unwrap()
+        .token_service
+        .timeout_ms
+        * MS;
     for (elapsed_ns, expected) in [
         (SECOND, "reset"),
         (timeout_ns / 10 * 9 - MS, "reset"),
@@ -1001,7 +1009,7 @@ fn repro_a_callout_that_never_answers_is_ended_and_the_user_starts_afresh() {
     deliver(&h, &mut w, 1);
     assert_eq!(h.dispatches(), 1);
     // The host drops the callout (its root context was torn down): no response ever.
-    let timeout_ns = c.destinations[0].token_service.timeout_ms * MS;
+    let timeout_ns = c.destinations[0].saml().unwrap().token_service.timeout_ms * MS;
     h.now_ns.set(T0 + timeout_ns + SECOND);
     w.on_tick(&h, 1);
     assert_eq!(
@@ -1069,7 +1077,7 @@ fn repro_a_holder_that_comes_back_late_neither_duplicates_nor_releases_the_new_l
     assert_eq!(h.dispatches(), 1);
     // w1's callout overruns the lock's deadline (w1 is stuck: no tick ends it); w2 takes
     // over and exchanges.
-    let timeout_ms = c.destinations[0].token_service.timeout_ms;
+    let timeout_ms = c.destinations[0].saml().unwrap().token_service.timeout_ms;
     h.now_ns.set(T0 + (timeout_ms + RESPONSE_GRACE_MS + 1) * MS);
     w2.on_request(&h, &c, 2, 0, &Some(&alice()));
     deliver(&h, &mut w2, 2);
@@ -1181,7 +1189,7 @@ fn every_waiter_is_answered_within_its_destinations_timeout_whatever_the_state()
     h.clock_step_ns.set(100_000);
     deliver(&h, &mut w, 1);
     h.clock_step_ns.set(0);
-    let timeout_ms = c.destinations[0].token_service.timeout_ms;
+    let timeout_ms = c.destinations[0].saml().unwrap().token_service.timeout_ms;
     // A request joins later; it waits its own full time.
     h.now_ns.set(T0 + SECOND);
     w.on_request(&h, &c, 2, 0, &Some(&alice()));
@@ -1208,7 +1216,7 @@ fn waiters_on_another_worker_are_answered_at_their_own_deadline() {
     w2.on_request(&h, &c, 2, 0, &Some(&alice()));
     deliver(&h, &mut w2, 2);
     assert!(w2.waits_elsewhere());
-    let timeout_ms = c.destinations[0].token_service.timeout_ms;
+    let timeout_ms = c.destinations[0].saml().unwrap().token_service.timeout_ms;
     h.now_ns.set(T0 + (timeout_ms + WAITER_GRACE_MS) * MS);
     w2.on_tick(&h, 2);
     assert_eq!(*h.failed.borrow(), vec![(2, Failure::Timeout)]);
@@ -1407,6 +1415,7 @@ fn queue_scripted(
             timeout_ms: 1_000,
             namespace: Rc::from("scripted"),
             principal: "user".into(),
+            carrier: c.destinations[0].carrier.clone(),
         }
     ));
     key
@@ -1634,5 +1643,114 @@ fn a_token_the_backend_refused_is_dropped_everywhere_and_exchanged_anew() {
     assert!(
         h.logs.borrow().iter().all(|l| !l.contains("tok-")),
         "no token logged"
+    );
+}
+
+/// A configuration whose destination 0 makes client certificates (`PrincipalPropagation`).
+fn certificate_config(pattern: &str) -> Rc<PluginConfig> {
+    let mut d = crate::testing::certificate_destination_json("onprem");
+    d["clientCertificateSubjectPattern"] = json!(pattern);
+    let config = crate::testing::with_ca_keys(config_json(vec![d, destination_json("saml")]));
+    Rc::new(parse(&config).unwrap())
+}
+
+#[test]
+fn a_client_certificate_is_minted_once_carried_in_its_header_and_reused() {
+    use base64::Engine;
+    use x509_cert::der::Decode;
+    let (h, c) = (host(), certificate_config("CN=${name},O=ACME"));
+    let mut w = worker(&h, &c, 1);
+    for id in 1..=3 {
+        assert_eq!(w.on_request(&h, &c, id, 0, &Some(&alice())), Decision::Wait);
+    }
+    deliver(&h, &mut w, 1);
+    sign_to_the_end(&h, &mut w, 1);
+    assert_eq!(h.dispatches(), 0, "no callout");
+    let resumed = h.resumed.borrow().clone();
+    assert_eq!(resumed.len(), 3);
+    assert!(h
+        .resumed_headers
+        .borrow()
+        .iter()
+        .all(|n| n == "ssl_client_cert"));
+    let value = &resumed[0].1;
+    assert!(
+        resumed.iter().all(|(_, v)| v == value),
+        "one certificate for all"
+    );
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(value)
+        .expect("single-line base64");
+    let certificate = x509_cert::Certificate::from_der(&der).unwrap();
+    let tbs = &certificate.tbs_certificate;
+    assert_eq!(tbs.subject.to_string(), "CN=alice,O=ACME");
+    assert_eq!(
+        tbs.issuer.to_string(),
+        "O=principal-propagation tests,CN=Test users CA"
+    );
+    let not_before = tbs.validity.not_before.to_unix_duration().as_secs();
+    let not_after = tbs.validity.not_after.to_unix_duration().as_secs();
+    assert_eq!(
+        not_before,
+        (T0 / MS - 60_000) / 1000,
+        "backdated by the clock skew"
+    );
+    assert_eq!(
+        not_after,
+        (T0 / MS + 600_000) / 1000,
+        "ten minutes by default"
+    );
+    // Cached: the next request is a hit with the same certificate, without a prefix.
+    assert_eq!(
+        w.on_request(&h, &c, 9, 0, &Some(&alice())),
+        Decision::Forward(value.clone())
+    );
+    // Another user gets another certificate with another serial.
+    assert_eq!(w.on_request(&h, &c, 10, 0, &Some(&bob())), Decision::Wait);
+    deliver(&h, &mut w, 1);
+    sign_to_the_end(&h, &mut w, 1);
+    let bob_value = h.resumed.borrow().last().unwrap().1.clone();
+    let bob_der = base64::engine::general_purpose::STANDARD
+        .decode(&bob_value)
+        .unwrap();
+    let bob_certificate = x509_cert::Certificate::from_der(&bob_der).unwrap();
+    assert_eq!(
+        bob_certificate.tbs_certificate.subject.to_string(),
+        "CN=bob,O=ACME"
+    );
+    assert_ne!(
+        bob_certificate.tbs_certificate.serial_number,
+        tbs.serial_number
+    );
+    assert_eq!(
+        bob_certificate.tbs_certificate.subject_public_key_info, tbs.subject_public_key_info,
+        "one holder key per worker and period"
+    );
+}
+
+#[test]
+fn claims_that_make_no_subject_are_refused_before_any_signature() {
+    let (h, c) = (host(), certificate_config("CN=${name},EMAIL=${mail}"));
+    let mut w = worker(&h, &c, 1);
+    let long = json!({"user_name": "x".repeat(10_240), "email": "a@x"});
+    let no_mail = json!({"user_name": "carol"});
+    let control = json!({"user_name": "a\u{1}b", "email": "a@x"});
+    for (id, claims) in [(1, long), (2, no_mail), (3, control)] {
+        match w.on_request(&h, &c, id, 0, &Some(&claims)) {
+            Decision::Fail(failure @ Failure::Subject(_)) => {
+                assert_eq!(failure.reply().status, 401);
+                assert!(
+                    !failure.description().contains("xxxx"),
+                    "never echoes the value"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(!w.signing());
+    // The SAML destination next to it still refuses a user id XML cannot carry.
+    assert_eq!(
+        w.on_request(&h, &c, 4, 1, &Some(&json!({"user_name": "a\u{1}b"}))),
+        Decision::Fail(Failure::UserIdNotXml)
     );
 }

@@ -103,6 +103,20 @@ pub fn principal_from_raw(rule: &UserIdRule, pairs: &[(&[u8], &[u8])]) -> Option
             RawClaim::Absent | RawClaim::Unknown => return None,
         },
         UserIdRule::Claim { .. } => return None,
+        UserIdRule::FirstClaim(claims) => {
+            let mut found = None;
+            for claim in claims {
+                match raw_claim(pairs, claim) {
+                    RawClaim::String(user_id) => {
+                        found = Some(user_id);
+                        break;
+                    }
+                    RawClaim::Absent => continue,
+                    RawClaim::Unknown => return None,
+                }
+            }
+            found?
+        }
     };
     let provider = |claim| match raw_claim(pairs, claim) {
         RawClaim::Absent => Some(None),
@@ -124,9 +138,16 @@ pub enum UserIdRule {
     SystemUser(String),
     /// A claim: a root key, or a `$.`-prefixed JSON path such as `$.ext_attr.user`.
     Claim { name: String, path: Vec<String> },
+    /// The first present of these root claims (the Cloud Connector's `${name}`).
+    FirstClaim(Vec<String>),
 }
 
 impl UserIdRule {
+    /// A rule reading the first present of `claims`.
+    pub fn first_claim(claims: &[&str]) -> Self {
+        UserIdRule::FirstClaim(claims.iter().map(|c| c.to_string()).collect())
+    }
+
     /// A rule reading `source`: a root claim name, or a JSON path starting with `$.`.
     pub fn claim(source: &str) -> Result<Self, &'static str> {
         let path: Vec<String> = match source.strip_prefix("$.") {
@@ -181,6 +202,17 @@ pub fn user_id(rule: &UserIdRule, claims: &Value) -> Result<String, UserIdError>
     let (name, path) = match rule {
         UserIdRule::SystemUser(user) => return Ok(user.clone()),
         UserIdRule::Claim { name, path } => (name, path),
+        UserIdRule::FirstClaim(names) => {
+            let present = names
+                .iter()
+                .find(|n| !matches!(claims.get(n.as_str()), None | Some(Value::Null)));
+            return match present {
+                Some(name) => string_value(name, &claims[name.as_str()]),
+                None => Err(UserIdError::Missing {
+                    claim: names.join(", "),
+                }),
+            };
+        }
     };
     let mut value = claims;
     for step in path {
@@ -190,18 +222,18 @@ pub fn user_id(rule: &UserIdRule, claims: &Value) -> Result<String, UserIdError>
                 claim: name.clone(),
             })?;
     }
+    string_value(name, value)
+}
+
+/// The user id in claim `name`'s `value`: a string that is not blank.
+fn string_value(name: &str, value: &Value) -> Result<String, UserIdError> {
+    let claim = name.to_string();
     match value {
         // A blank id names nobody: refused like an empty one.
-        Value::String(s) if s.trim().is_empty() => Err(UserIdError::Empty {
-            claim: name.clone(),
-        }),
+        Value::String(s) if s.trim().is_empty() => Err(UserIdError::Empty { claim }),
         Value::String(s) => Ok(s.clone()),
-        Value::Null => Err(UserIdError::Missing {
-            claim: name.clone(),
-        }),
-        _ => Err(UserIdError::NotAString {
-            claim: name.clone(),
-        }),
+        Value::Null => Err(UserIdError::Missing { claim }),
+        _ => Err(UserIdError::NotAString { claim }),
     }
 }
 

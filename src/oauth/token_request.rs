@@ -1,6 +1,7 @@
 //! The SAML bearer token request (RFC 7522 §2.1) for one destination.
 
-use crate::config::{AssertionEncoding, Destination};
+use crate::config::destination::SamlSettings;
+use crate::config::AssertionEncoding;
 use crate::http_url::append_query;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
@@ -29,7 +30,7 @@ impl std::fmt::Debug for TokenRequest {
 }
 
 /// Builds the form POST that exchanges `signed_assertion` at the destination's token service.
-pub fn build(destination: &Destination, signed_assertion: &str) -> TokenRequest {
+pub fn build(destination: &SamlSettings, signed_assertion: &str) -> TokenRequest {
     let service = &destination.token_service;
     let assertion = match destination.encoding {
         AssertionEncoding::Base64Url => URL_SAFE_NO_PAD.encode(signed_assertion),
@@ -122,10 +123,11 @@ mod tests {
                 "tokenServiceURL.SocketReadTimeoutInSeconds": "7"
             }),
             Some("ts"),
+            &Default::default(),
             &|_| None,
         )
         .unwrap();
-        let r = build(&d, "<a>é</a>");
+        let r = build(d.saml().unwrap(), "<a>é</a>");
         assert_eq!(r.cluster, "ts");
         assert_eq!(r.timeout_ms, 7000);
         let h = |n: &str| {

@@ -31,7 +31,8 @@ pub fn published_key<'a>(config: &'a PluginConfig, name: &str) -> Option<Publish
     let pair = config.keys.get(name)?;
     let mut entity_ids = Vec::new();
     let mut name_id_formats = Vec::new();
-    for destination in config.destinations.iter().filter(|d| d.key_name == name) {
+    let saml = config.destinations.iter().filter(|d| d.key_name == name);
+    for destination in saml.filter_map(|d| d.saml()) {
         if !entity_ids.contains(&destination.assertion_issuer.as_str()) {
             entity_ids.push(destination.assertion_issuer.as_str());
         }
