@@ -51,6 +51,12 @@ class Ports:
         return self.token + 1
 
     @property
+    def onprem(self) -> int:
+        """The on-premise backend (dev/onprem.py): HTTPS, trusts a forwarded user
+        certificate only from the gateway's system certificate, as ABAP ICM does."""
+        return self.echo + 1
+
+    @property
     def token_tls(self) -> int:
         """The token server over TLS (https://localhost:<port>), its certificate signed by
         the local CA (dev/local_ca.py)."""
@@ -62,11 +68,15 @@ class Ports:
 
 PP_KEYS = ROOT / "target" / "release" / "pp-keys"
 KEY_DIR = ROOT / ".run" / "keys"
-# Key files of the demo: the active/passive pair `a`/`b` of key `default`, and `second`
-# (the test profile's per-destination key). Each reaches Envoy as PP_KEY_<X>/PP_CERT_<X>.
-KEY_SLOTS = ("a", "b", "second", "ec")
+# Key files of the demo: the active/passive pair `a`/`b` of key `default`, `second` (the
+# test profile's per-destination key) and `ca`, the CA that signs the users' client
+# certificates. Each reaches Envoy as PP_KEY_<X>/PP_CERT_<X>.
+KEY_SLOTS = ("a", "b", "second", "ec", "ca")
 # Slots holding a P-256 key (ECDSA-SHA256) instead of RSA.
 EC_SLOTS = ("ec",)
+# Slots holding a CA (`pp-keys generate --ca true`).
+CA_SLOTS = ("ca",)
+USERS_CA = "principal-propagation users CA"
 # Further variables PP_EXTRA_0.. passed to the Wasm VM (tests put extra keys there).
 EXTRA_ENV_SLOTS = 4
 
@@ -84,8 +94,9 @@ def ensure_keys() -> None:
         if not PP_KEYS.exists():
             raise RuntimeError(f"{PP_KEYS} is missing: run `make keys`")
         algorithm = ["--algorithm", "ec"] if slot in EC_SLOTS else []
-        subprocess.run([str(PP_KEYS), "generate", "--issuer", ISSUER, "--key", str(key), "--cert", str(cert),
-                        *algorithm], check=True, stdout=subprocess.DEVNULL)
+        issuer, ca = (USERS_CA, ["--ca", "true"]) if slot in CA_SLOTS else (ISSUER, [])
+        subprocess.run([str(PP_KEYS), "generate", "--issuer", issuer, "--key", str(key), "--cert", str(cert),
+                        *algorithm, *ca], check=True, stdout=subprocess.DEVNULL)
 
 
 def trusted_cert(label: str) -> Path:
@@ -122,6 +133,22 @@ def destination(ports: Ports, name: str, path: str = "/oauth/token", **extra) ->
         "assertionIssuer": ISSUER,
         "nameIdFormat": "urn:oasis:names:tc:SAML:1.1:nameid-format:unspecified",
         "authnContextClassRef": "urn:oasis:names:tc:SAML:2.0:ac:classes:PreviousSession",
+    }
+    d.update(extra)
+    return d
+
+
+def onprem_destination(name: str = "onprem", **extra) -> dict:
+    """An SAP PrincipalPropagation destination: a short-lived client certificate for the
+    user, signed by the `users-ca` key, in SSL_CLIENT_CERT to the on-premise backend."""
+    d = {
+        "Name": name,
+        "Type": "HTTP",
+        "URL": "https://localhost/onprem",
+        "Authentication": "PrincipalPropagation",
+        "ProxyType": "OnPremise",
+        "clientCertificateIssuerKey": "users-ca",
+        "clientCertificateValidityMinutes": 10,
     }
     d.update(extra)
     return d
@@ -185,10 +212,10 @@ def test_destinations(ports: Ports) -> list[dict]:
 
 
 def plugin_config(ports: Ports, profile: str) -> dict:
-    destinations = [destination(ports, "dev")]
+    destinations = [destination(ports, "dev"), onprem_destination()]
     if profile == "test":
         destinations += test_destinations(ports)
-    keys = {"default": {"active": key_ref("a"), "passive": key_ref("b")}}
+    keys = {"default": {"active": key_ref("a"), "passive": key_ref("b")}, "users-ca": key_ref("ca")}
     if profile == "test":
         keys["second"] = key_ref("second")
         keys["ec"] = key_ref("ec")
@@ -246,8 +273,22 @@ def tls_clusters(ports: Ports) -> list[dict]:
             tls_cluster("token_service_tls_untrusted", ports.token_tls, tls.other_ca)]
 
 
-def route(prefix: str, destination_name: str | None = None) -> dict:
-    r = {"match": {"prefix": prefix}, "route": {"cluster": "echo", "timeout": "15s"}}
+def onprem_cluster(ports: Ports) -> dict:
+    """The on-premise backend over TLS: Envoy verifies the server (local CA, `localhost`)
+    and authenticates with the gateway's own system certificate, the connection the
+    backend trusts a forwarded user certificate on (Envoy's UpstreamTlsContext with a
+    client certificate)."""
+    tls = local_ca.ensure(TLS_DIR)
+    c = tls_cluster("onprem", ports.onprem, tls.ca)
+    c["transport_socket"]["typed_config"]["common_tls_context"]["tls_certificates"] = [{
+        "certificate_chain": {"filename": str(tls.gateway_cert)},
+        "private_key": {"filename": str(tls.gateway_key)},
+    }]
+    return c
+
+
+def route(prefix: str, destination_name: str | None = None, cluster_name: str = "echo") -> dict:
+    r = {"match": {"prefix": prefix}, "route": {"cluster": cluster_name, "timeout": "15s"}}
     if destination_name:
         r["metadata"] = {"filter_metadata": {"principal_propagation": {"destination": destination_name}}}
     return r
@@ -360,6 +401,7 @@ def envoy_config(ports: Ports, profile: str, config_override: dict | None = None
         # The default destination in front of a direct response: measures the gateway alone.
         routes.append({"match": {"prefix": "/direct"},
                        "direct_response": {"status": 200, "body": {"inline_string": "ok"}}})
+    routes.append(route("/onprem/", "onprem", "onprem"))
     routes.append(route("/"))  # the default destination
     plugin = config_override if config_override is not None else plugin_config(ports, profile)
     if plugin_file is None:
@@ -444,6 +486,7 @@ def envoy_config(ports: Ports, profile: str, config_override: dict | None = None
                 cluster("token_service", ports.token),
                 cluster("token_service_down", ports.closed),
                 cluster("echo", ports.echo),
+                onprem_cluster(ports),
                 *(tls_clusters(ports) if profile == "test" else []),
             ],
         },
@@ -498,7 +541,7 @@ class Stack:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ensure_keys()
         p = self.ports
-        certs = [key_files(slot)[1] for slot in KEY_SLOTS] + list(self.extra_trusted)
+        certs = [key_files(slot)[1] for slot in KEY_SLOTS if slot not in CA_SLOTS] + list(self.extra_trusted)
         trusted = [arg for cert in certs for arg in ("--trusted-cert", str(cert))]
         tls = local_ca.ensure(TLS_DIR)
         self.servers = subprocess.Popen(
@@ -507,7 +550,9 @@ class Stack:
              *trusted, "--trusted-issuer", ISSUER, "--entity-id", ENTITY_ID,
              "--client-id", CLIENT_ID, "--client-secret", CLIENT_SECRET, "--jwt-audience", JWT_AUDIENCE,
              "--token-tls-port", str(p.token_tls), "--tls-cert", str(tls.server_cert),
-             "--tls-key", str(tls.server_key)],
+             "--tls-key", str(tls.server_key),
+             "--onprem-port", str(p.onprem), "--onprem-user-ca", str(key_files("ca")[1]),
+             "--tls-dir", str(TLS_DIR)],
             stdout=subprocess.PIPE, stderr=open(self.run_dir / "servers.log", "w"), text=True,
         )
         line = self.servers.stdout.readline()  # the servers print `ready` once listening
@@ -595,9 +640,11 @@ principal-propagation demo is up (Ctrl-C to stop):
   identity provider          http://127.0.0.1:{p.idp}/token?user=alice
   token server (UAA rules)   http://127.0.0.1:{p.token}/stats
   echo upstream              http://127.0.0.1:{p.echo}
+  on-premise backend (ICM)   https://localhost:{p.onprem} (through the gateway at /onprem/)
 
 Try:
   curl -s -H "Authorization: Bearer $(curl -s 'http://127.0.0.1:{p.idp}/token?user=alice')" http://127.0.0.1:{p.listener}/hello
+  curl -s -H "Authorization: Bearer $(curl -s 'http://127.0.0.1:{p.idp}/token?user=alice')" http://127.0.0.1:{p.listener}/onprem/hello
   curl -s -i http://127.0.0.1:{p.listener}/hello
 Logs: {stack.envoy_log}
 """,

@@ -28,7 +28,7 @@ CASES = {
     ),
     "wrong-authentication": (
         lambda c: c["destinations"][0].update({"Authentication": "BasicAuthentication"}),
-        "only OAuth2SAMLBearerAssertion is supported",
+        "supported are OAuth2SAMLBearerAssertion and PrincipalPropagation",
     ),
     "key-env-unset": (
         lambda c: c["keys"]["default"]["active"].update({"privateKeyEnv": "PP_NOT_SET"}),

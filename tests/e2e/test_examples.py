@@ -10,6 +10,7 @@ import subprocess
 import pytest
 import yaml
 
+import local_ca
 import stack
 from conftest import ROOT
 
@@ -20,15 +21,36 @@ def validate(config: dict, tmp_path) -> subprocess.CompletedProcess:
     path = tmp_path / "envoy.yaml"
     path.write_text(yaml.safe_dump(config))
     env = dict(os.environ, PP_SIGNING_KEY=(FIXTURES / "signing-key.pem").read_text(),
-               PP_SIGNING_CERT=(FIXTURES / "signing-cert.pem").read_text(), PP_CLIENT_SECRET="example-secret")
+               PP_SIGNING_CERT=(FIXTURES / "signing-cert.pem").read_text(), PP_CLIENT_SECRET="example-secret",
+               PP_USERS_CA_KEY=(FIXTURES / "ca-rsa-key.pem").read_text(),
+               PP_USERS_CA_CERT=(FIXTURES / "ca-rsa-cert.pem").read_text())
     return subprocess.run([str(stack.VENV_BIN / "envoy"), "--mode", "validate", "-c", str(path)],
                           env=env, capture_output=True, text=True, timeout=120)
 
 
 def envoy_example() -> dict:
+    """The example with the plugin built here and the TLS files of /etc/envoy/tls/ replaced
+    by the local CA's (Envoy reads them even in validate mode)."""
     config = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text())
     wasm = wasm_filter(config)
     wasm["config"]["vm_config"]["code"]["local"]["filename"] = str(stack.WASM)
+    tls = local_ca.ensure(stack.TLS_DIR)
+    local = {"/etc/envoy/tls/gateway-system.pem": tls.gateway_cert,
+             "/etc/envoy/tls/gateway-system-key.pem": tls.gateway_key,
+             "/etc/envoy/tls/abap-ca.pem": tls.ca}
+
+    def replace(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "filename" and value in local:
+                    node[key] = str(local[value])
+                else:
+                    replace(value)
+        elif isinstance(node, list):
+            for item in node:
+                replace(item)
+
+    replace(config)
     return config
 
 

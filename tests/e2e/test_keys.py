@@ -61,7 +61,40 @@ def test_renew_keeps_the_key_and_regenerate_replaces_it(tmp_path):
 
 def test_bad_requests_are_refused_with_a_reason(tmp_path):
     result = pp_keys("generate", "--issuer", "gw", "--bits", "1024", "--key", str(tmp_path / "k"), "--cert", str(tmp_path / "c"))
-    assert result.returncode == 2 and "--bits must be 2048 or 3072" in result.stderr
+    assert result.returncode == 2 and "--bits must be 2048, 3072 or 4096" in result.stderr
     result = pp_keys("renew", "--key", str(tmp_path / "missing.pem"), "--cert", str(tmp_path / "c.pem"))
     assert result.returncode == 2 and "missing.pem" in result.stderr
     assert pp_keys("generate", "--key", "k").returncode == 2
+
+
+def test_generate_ca_makes_a_certificate_authority_for_the_users_certificates(tmp_path):
+    key, cert = tmp_path / "ca-key.pem", tmp_path / "ca.pem"
+    result = pp_keys("generate", "--ca", "true", "--issuer", "Users CA", "--bits", "4096",
+                     "--key", str(key), "--cert", str(cert))
+    assert result.returncode == 0, result.stderr
+    assert "CA certificate" in result.stdout
+    text = openssl_x509(cert, "-text")
+    assert "Public-Key: (4096 bit)" in text
+    ca = x509.load_pem_x509_certificate(cert.read_bytes())
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert ca.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
+    assert (ca.not_valid_after_utc - ca.not_valid_before_utc).days in (365, 366), "a year, as SAP's"
+    # openssl takes it as an issuer: a sample user certificate verifies against it.
+    sample = tmp_path / "sample.pem"
+    made = pp_keys("sample-certificate", "--key", str(key), "--cert", str(cert), "--user", "alice", "--out", str(sample))
+    assert made.returncode == 0, made.stderr
+    verify = subprocess.run(["openssl", "verify", "-no-CApath", "-no-CAstore", "-CAfile", str(cert),
+                             "-purpose", "sslclient", "-x509_strict", str(sample)],
+                            capture_output=True, text=True, timeout=30)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    # Renewing keeps it a CA.
+    assert pp_keys("renew", "--key", str(key), "--cert", str(cert)).returncode == 0
+    renewed = x509.load_pem_x509_certificate(cert.read_bytes())
+    assert renewed.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
+    # An end-entity certificate cannot sign users' certificates.
+    leaf_key, leaf = tmp_path / "k.pem", tmp_path / "c.pem"
+    assert pp_keys("generate", "--issuer", "gw", "--key", str(leaf_key), "--cert", str(leaf)).returncode == 0
+    refused = pp_keys("sample-certificate", "--key", str(leaf_key), "--cert", str(leaf), "--user", "alice")
+    assert refused.returncode == 2 and "not a CA" in refused.stderr
+    too_long = pp_keys("sample-certificate", "--key", str(key), "--cert", str(cert), "--user", "x" * 65)
+    assert too_long.returncode == 2 and "longer than 64" in too_long.stderr

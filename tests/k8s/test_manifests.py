@@ -31,9 +31,9 @@ def _documents():
 
 
 def real(kind):
-    """A fresh copy of the example document of that kind (each kind appears once)."""
+    """A fresh copy of the first example document of that kind."""
     found = [d for path in MANIFESTS for d in load_documents(path) if d["kind"] == kind]
-    assert len(found) == 1, kind
+    assert found, kind
     return copy.deepcopy(found[0])
 
 
