@@ -69,13 +69,13 @@ class Ports:
 PP_KEYS = ROOT / "target" / "release" / "pp-keys"
 KEY_DIR = ROOT / ".run" / "keys"
 # Key files of the demo: the active/passive pair `a`/`b` of key `default`, `second` (the
-# test profile's per-destination key) and `ca`, the CA that signs the users' client
-# certificates. Each reaches Envoy as PP_KEY_<X>/PP_CERT_<X>.
-KEY_SLOTS = ("a", "b", "second", "ec", "ca")
+# test profile's per-destination key) and `ca` / `ca_ec`, CAs that sign the users' client
+# certificates (RSA-2048 and P-256). Each reaches Envoy as PP_KEY_<X>/PP_CERT_<X>.
+KEY_SLOTS = ("a", "b", "second", "ec", "ca", "ca_ec")
 # Slots holding a P-256 key (ECDSA-SHA256) instead of RSA.
-EC_SLOTS = ("ec",)
+EC_SLOTS = ("ec", "ca_ec")
 # Slots holding a CA (`pp-keys generate --ca true`).
-CA_SLOTS = ("ca",)
+CA_SLOTS = ("ca", "ca_ec")
 USERS_CA = "principal-propagation users CA"
 # Further variables PP_EXTRA_0.. passed to the Wasm VM (tests put extra keys there).
 EXTRA_ENV_SLOTS = 4

@@ -13,3 +13,15 @@ fn ecdsa_signed_sample_matches_its_golden_file() {
         common::sample::GOLDEN_EC
     );
 }
+
+#[test]
+fn user_certificates_match_their_golden_files() {
+    assert_eq!(
+        common::sample::user_certificate(false),
+        common::sample::USER_CERTIFICATE_RSA
+    );
+    assert_eq!(
+        common::sample::user_certificate(true),
+        common::sample::USER_CERTIFICATE_EC
+    );
+}

@@ -65,12 +65,36 @@ fn configuration_and_token_request_work_in_wasm() {
     let config =
         PluginConfig::parse(config.to_string().as_bytes(), &env).expect("valid configuration");
     let destination = &config.destinations[0];
-    let signed = saml_bearer::start(&config, destination, "alice", &[], 1_795_323_921_000, "_a1")
-        .expect("assertion")
-        .finish()
-        .expect("signature");
-    let request = token_request::build(destination, &signed);
+    let saml = destination.saml().expect("a SAML destination");
+    let signed = saml_bearer::start(
+        &config,
+        destination,
+        saml,
+        "alice",
+        &[],
+        1_795_323_921_000,
+        "_a1",
+    )
+    .expect("assertion")
+    .finish()
+    .expect("signature");
+    let request = token_request::build(saml, &signed);
     let form: Vec<(String, String)> = form_urlencoded::parse(&request.body).into_owned().collect();
     assert_eq!(form[0].1, "urn:ietf:params:oauth:grant-type:saml2-bearer");
     assert!(!form[1].1.contains('='), "base64url without padding");
+}
+
+/// The user's certificate is written by the x509-cert builder and signed by the stepwise
+/// signers in wasm as natively: the same DER for the same inputs (RSA is deterministic,
+/// P-256 uses RFC 6979 nonces).
+#[wasm_bindgen_test]
+fn a_user_certificate_is_the_same_in_wasm() {
+    assert_eq!(
+        common::sample::user_certificate(false),
+        common::sample::USER_CERTIFICATE_RSA
+    );
+    assert_eq!(
+        common::sample::user_certificate(true),
+        common::sample::USER_CERTIFICATE_EC
+    );
 }

@@ -61,3 +61,57 @@ fn signed_sample_with(key_pem: &str, cert_pem: &str) -> String {
     let unsigned = write(&content).expect("all values are XML text");
     sign_enveloped(&unsigned, content.id, &key, true).expect("signature")
 }
+
+#[allow(dead_code)]
+pub const USER_CERTIFICATE_RSA: &str = include_str!("../fixtures/golden-user-certificate-rsa.b64");
+#[allow(dead_code)]
+pub const USER_CERTIFICATE_EC: &str = include_str!("../fixtures/golden-user-certificate-ec.b64");
+
+/// A fixed user's certificate (a hostile CN, fixed serial, holder key and times), signed
+/// by the RSA or the P-256 test CA: single-line base64 of the DER, as the header carries it.
+#[allow(dead_code)]
+pub fn user_certificate(ec: bool) -> String {
+    use base64::Engine;
+    use principal_propagation::identity::UserIdRule;
+    use principal_propagation::x509::authority::{self, Authority, Request};
+    use principal_propagation::x509::holder::HolderKey;
+    use principal_propagation::x509::subject::{SubjectPattern, NAME_CLAIMS};
+    let (key_pem, cert_pem) = if ec {
+        (
+            include_str!("../fixtures/ca-ec-key.pem"),
+            include_str!("../fixtures/ca-ec-cert.pem"),
+        )
+    } else {
+        (
+            include_str!("../fixtures/ca-rsa-key.pem"),
+            include_str!("../fixtures/ca-rsa-cert.pem"),
+        )
+    };
+    let key = SigningKey::from_pem(key_pem, cert_pem).expect("test CA");
+    let ca = Authority::of(&key).expect("a CA");
+    let claims = serde_json::json!({"user_name": "#a,b+c=\"d\"\\<e>;ü ", "email": "a@example.com"});
+    let subject = SubjectPattern::parse("CN=${name},EMAIL=${mail},O=ACME,C=DE")
+        .expect("pattern")
+        .resolve(&claims, &UserIdRule::first_claim(&NAME_CLAIMS))
+        .expect("subject");
+    let holder = HolderKey::default()
+        .at(0, |seed| {
+            seed.fill(7);
+            true
+        })
+        .expect("holder key");
+    let unsigned = authority::write(
+        &ca,
+        &Request {
+            subject,
+            holder_key: &holder,
+            serial: [0x5a; 16],
+            not_before_s: 1_800_000_000,
+            not_after_s: 1_800_000_660,
+        },
+    )
+    .expect("certificate");
+    let signature = key.sign(&unsigned.to_be_signed).expect("signature");
+    let der = unsigned.signed(&signature).expect("signed certificate");
+    base64::engine::general_purpose::STANDARD.encode(der)
+}

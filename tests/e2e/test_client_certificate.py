@@ -241,3 +241,35 @@ def test_pp_keys_makes_a_sample_certificate_like_the_runtime_ones(tmp_path):
                              "-purpose", "sslclient", "-x509_strict", str(out)],
                             capture_output=True, text=True, timeout=30)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+GOLDEN_TIME = 1_800_000_100  # within the golden certificates' validity (tests/common/sample.rs)
+
+
+@pytest.mark.parametrize("algorithm", ["rsa", "ec"])
+def test_the_golden_user_certificates_verify_with_openssl_and_cryptography(algorithm, tmp_path):
+    """The bytes the plugin makes natively and in wasm (tests/golden.rs, wasm_core.rs)."""
+    fixtures = stack.ROOT / "tests" / "fixtures"
+    der = base64.b64decode((fixtures / f"golden-user-certificate-{algorithm}.b64").read_text(), validate=True)
+    certificate = x509.load_der_x509_certificate(der)
+    ca_path = fixtures / f"ca-{algorithm}-cert.pem"
+    ca = x509.load_pem_x509_certificate(ca_path.read_bytes())
+    certificate.verify_directly_issued_by(ca)
+    user = '#a,b+c="d"\\<e>;\u00fc '
+    expected = x509.Name([
+        x509.NameAttribute(NameOID.COUNTRY_NAME, "DE"),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ACME"),
+        x509.NameAttribute(NameOID.EMAIL_ADDRESS, "a@example.com"),
+        x509.NameAttribute(NameOID.COMMON_NAME, user),
+    ])
+    assert certificate.subject == expected
+    assert certificate.subject.rfc4514_string() == expected.rfc4514_string()
+    pem = tmp_path / "user.pem"
+    pem.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    verify = subprocess.run(["openssl", "verify", "-no-CApath", "-no-CAstore", "-attime", str(GOLDEN_TIME),
+                             "-CAfile", str(ca_path), "-purpose", "sslclient", "-x509_strict", str(pem)],
+                            capture_output=True, text=True, timeout=30)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    late = subprocess.run(["openssl", "verify", "-no-CApath", "-no-CAstore", "-attime", str(GOLDEN_TIME + 3600),
+                           "-CAfile", str(ca_path), str(pem)], capture_output=True, text=True, timeout=30)
+    assert late.returncode != 0 and "expired" in late.stdout + late.stderr
