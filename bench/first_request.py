@@ -16,11 +16,11 @@ server's own time would come on top of the SAML flow's latency.
 
 Each round runs, for every flow in a rotating order and then in the reverse order (A B
 C D D C B A), a batch of brand-new users one at a time (sequential, so latency is not
-queueing): each user's single request is timed at the client (a new connection each, as
-for any first request), and the CPU time of Envoy's worker thread over the batch (the
-kernel's per-thread run time, `/proc/<pid>/task/<tid>/schedstat`, in ns; the
-clock-tick counts of `/proc/.../stat` are too coarse for a few ms per user) divided by
-the batch's users is the CPU per new user. Per round and flow: the latency P50 and P95
+queueing): each user's single request is timed at the client (a new connection each),
+and the CPU time of Envoy's worker thread over the batch (the kernel's per-thread run
+time, `/proc/<pid>/task/<tid>/schedstat`, in ns; the clock-tick counts of
+`/proc/.../stat` are too coarse for a few ms per user) divided by the batch's users is
+the CPU per new user. Per round and flow: the latency P50 and P95
 over its users, and the CPU per new user; the ratios X.509 / SAML are taken within each
 round, per algorithm, then summarised over rounds.
 """
@@ -46,7 +46,7 @@ import memory  # noqa: E402
 import stack  # noqa: E402
 
 # Not head_of_line's (184xx) nor flood's (18501, 18510-18513, 18521-18522, 18599).
-PORTS = stack.Ports(listener=18551, admin=18598, idp=18560, token=18561, echo=18565)
+PORTS = stack.Ports(listener=18551, admin=18598, idp=18560, token=18561, echo=18565, onprem=18569)
 TOKEN_LISTENER, UPSTREAM_LISTENER = 18571, 18572
 ALGORITHMS = {"rsa": "RSA-2048", "ec": "P-256"}
 # Flow -> (credential kind, algorithm, key name in the plugin's `keys`).
@@ -112,6 +112,7 @@ def check_credentials() -> dict[str, str]:
     certificate for the user, issued and signed by the destination's CA, in
     SSL_CLIENT_CERT; the SAML flows the token service's bearer token."""
     from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
     checked = {}
     for flow, (kind, _, key) in FLOWS.items():
@@ -130,7 +131,8 @@ def check_credentials() -> dict[str, str]:
             ca = x509.load_pem_x509_certificate(stack.key_files(KEY_SLOTS[key])[1].read_bytes())
             certificate.verify_directly_issued_by(ca)
             assert certificate.subject.rfc4514_string() == f"CN={user}", certificate.subject
-            checked[flow] = f"{certificate.signature_algorithm_oid._name} certificate for CN={user}"
+            signer = "ECDSA" if isinstance(ca.public_key(), ec.EllipticCurvePublicKey) else "RSA"
+            checked[flow] = f"certificate for CN={user}, {signer}-{certificate.signature_hash_algorithm.name}"
     return checked
 
 

@@ -44,17 +44,14 @@ class Ports:
     idp: int = 9000
     token: int = 9100
     echo: int = 9200
+    # The on-premise backend (dev/onprem.py): HTTPS, trusts a forwarded user certificate
+    # only from the gateway's system certificate, as ABAP ICM does.
+    onprem: int = 9300
 
     @property
     def closed(self) -> int:
         """A port nothing listens on: the 'token service down' cluster."""
         return self.token + 1
-
-    @property
-    def onprem(self) -> int:
-        """The on-premise backend (dev/onprem.py): HTTPS, trusts a forwarded user
-        certificate only from the gateway's system certificate, as ABAP ICM does."""
-        return self.echo + 1
 
     @property
     def token_tls(self) -> int:
@@ -63,7 +60,8 @@ class Ports:
         return self.token + 2
 
     def shifted(self, offset: int) -> "Ports":
-        return Ports(*(p + offset for p in (self.listener, self.admin, self.idp, self.token, self.echo)))
+        return Ports(*(p + offset for p in (self.listener, self.admin, self.idp, self.token, self.echo,
+                                            self.onprem)))
 
 
 PP_KEYS = ROOT / "target" / "release" / "pp-keys"

@@ -30,7 +30,7 @@ mod sample;
 /// What a target checks: it panics when the input breaks a rule.
 pub type Check = fn(&[u8]);
 
-pub const TARGETS: [(&str, Check); 9] = [
+pub const TARGETS: [(&str, Check); 10] = [
     ("config", config),
     ("metadata_claims", metadata_claims),
     ("json_claims", json_claims),
@@ -40,6 +40,7 @@ pub const TARGETS: [(&str, Check); 9] = [
     ("trust_path", trust_path),
     ("forwarding", forwarding),
     ("payload_pairs", payload_pairs),
+    ("subject", subject),
 ];
 
 const KEY: &str = include_str!("../tests/fixtures/signing-key.pem");
@@ -354,4 +355,71 @@ pub fn payload_pairs(data: &[u8]) {
             }
         }
     }
+}
+
+/// A subject pattern (first line) and the user's claims (the rest, JSON) → the user's
+/// certificate subject: refused, or a name whose every value fits a DN, that encodes and
+/// decodes to itself, and whose certificate the builder writes.
+pub fn subject(data: &[u8]) {
+    use principal_propagation::x509::authority::{self, Authority, Request};
+    use principal_propagation::x509::subject::{SubjectPattern, NAME_CLAIMS};
+    use x509_cert::der::{Decode, Encode};
+    let text = String::from_utf8_lossy(data);
+    let (pattern, claims) = text.split_once('\n').unwrap_or((&text, "{}"));
+    let Ok(pattern) = SubjectPattern::parse(pattern) else {
+        return;
+    };
+    let Ok(claims) = serde_json::from_str::<Value>(claims) else {
+        return;
+    };
+    let Ok(name) = pattern.resolve(&claims, &UserIdRule::first_claim(&NAME_CLAIMS)) else {
+        return;
+    };
+    let der = name.to_der().expect("a subject encodes");
+    assert_eq!(
+        x509_cert::name::Name::from_der(&der).expect("and decodes"),
+        name
+    );
+    for rdn in name.0.iter() {
+        assert_eq!(rdn.0.len(), 1, "one attribute per RDN");
+        for atv in rdn.0.iter() {
+            let value = std::str::from_utf8(atv.value.value()).expect("text");
+            assert!(
+                !value.trim().is_empty() && !value.chars().any(char::is_control),
+                "{value:?}"
+            );
+            assert!(value.chars().count() <= 255);
+        }
+    }
+    static CA: OnceLock<Authority> = OnceLock::new();
+    let ca = CA.get_or_init(|| {
+        let key = SigningKey::from_pem(
+            include_str!("../tests/fixtures/ca-ec-key.pem"),
+            include_str!("../tests/fixtures/ca-ec-cert.pem"),
+        )
+        .expect("test CA");
+        Authority::of(&key).expect("a CA")
+    });
+    static HOLDER: OnceLock<x509_cert::spki::SubjectPublicKeyInfoOwned> = OnceLock::new();
+    let holder = HOLDER.get_or_init(|| {
+        let der = include_bytes!("../tests/fixtures/ca-ec-cert.pem");
+        let pem = std::str::from_utf8(der).expect("PEM");
+        use x509_cert::der::DecodePem;
+        x509_cert::Certificate::from_pem(pem)
+            .expect("certificate")
+            .tbs_certificate
+            .subject_public_key_info
+    });
+    let unsigned = authority::write(
+        ca,
+        &Request {
+            subject: name,
+            holder_key: holder,
+            serial: [1; 16],
+            not_before_s: 1_800_000_000,
+            not_after_s: 1_800_000_600,
+        },
+    )
+    .expect("a certificate for any subject that resolved");
+    assert!(!unsigned.to_be_signed.is_empty());
 }

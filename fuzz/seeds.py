@@ -96,6 +96,13 @@ def main() -> None:
                              "ftp://x", "https://x:99999/", "https://x/#frag"]):
         write("http_url", f"url-{i}", url.encode())
 
+    patterns = ["CN=${name}", "CN=${name},O=ACME,C=DE", "CN=${name}, EMAIL=${mail}, OU=Users\\, ext, L=${display_name}",
+                "CN=${login_name},ST=${st}", "C=${country}", "CN=", "XX=${name}", "CN=${a b}", "CN=a\\"]
+    for i, pattern in enumerate(patterns):
+        for j, user in enumerate(HOSTILE + ["#lead", " lead", "trail ", "a,CN=admin", "x" * 64, "x" * 65]):
+            claims = {"user_name": user, "email": f"{user}@example.com", "st": user, "country": user[:2]}
+            write("subject", f"pattern-{i}-user-{j}", f"{pattern}\n{json.dumps(claims, ensure_ascii=False)}".encode())
+
     for i, path in enumerate(["", "/", "/default", "/default/active.pem", "/default/passive.pem",
                               "/nope/active.pem", "/default/../x", "?download=1", "/default/active.pem?x"]):
         write("trust_path", f"path-{i}", path.encode())
