@@ -16,12 +16,5 @@ fn ecdsa_signed_sample_matches_its_golden_file() {
 
 #[test]
 fn user_certificates_match_their_golden_files() {
-    assert_eq!(
-        common::sample::user_certificate(false),
-        common::sample::USER_CERTIFICATE_RSA
-    );
-    assert_eq!(
-        common::sample::user_certificate(true),
-        common::sample::USER_CERTIFICATE_EC
-    );
+    common::sample::assert_user_certificates_are_golden();
 }

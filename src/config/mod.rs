@@ -208,6 +208,13 @@ impl PluginConfig {
         self.destinations.iter().find(|d| d.name == name)
     }
 
+    /// The name of `destinations[index]`, for log lines (`?` if there is none).
+    pub fn destination_name(&self, index: usize) -> &str {
+        self.destinations
+            .get(index)
+            .map_or("?", |d| d.name.as_str())
+    }
+
     /// The index of the destination with `name`, if configured.
     pub fn destination_index(&self, name: &str) -> Option<usize> {
         self.destinations.iter().position(|d| d.name == name)

@@ -114,12 +114,10 @@ impl Recipe for ClientCertificate {
     }
 
     fn describe(&self) -> (&str, &str) {
-        let name = self
-            .config
-            .destinations
-            .get(self.destination)
-            .map_or("?", |d| d.name.as_str());
-        (name, &self.user_id)
+        (
+            self.config.destination_name(self.destination),
+            &self.user_id,
+        )
     }
 }
 

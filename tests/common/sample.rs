@@ -67,6 +67,13 @@ pub const USER_CERTIFICATE_RSA: &str = include_str!("../fixtures/golden-user-cer
 #[allow(dead_code)]
 pub const USER_CERTIFICATE_EC: &str = include_str!("../fixtures/golden-user-certificate-ec.b64");
 
+/// Both golden user certificates are made again, byte for byte.
+#[allow(dead_code)]
+pub fn assert_user_certificates_are_golden() {
+    assert_eq!(user_certificate(false), USER_CERTIFICATE_RSA);
+    assert_eq!(user_certificate(true), USER_CERTIFICATE_EC);
+}
+
 /// A fixed user's certificate (a hostile CN, fixed serial, holder key and times), signed
 /// by the RSA or the P-256 test CA: single-line base64 of the DER, as the header carries it.
 #[allow(dead_code)]

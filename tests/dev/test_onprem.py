@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT / "dev"))
 
 import local_ca  # noqa: E402
 import onprem  # noqa: E402
+from test_servers import wait_ready  # noqa: E402  (the same start-up wait)
 
-READY_TIMEOUT = 20.0
 USER_CA_NAME = "principal-propagation user CA"
 # Every character RFC 4514 escapes, a leading '#', a trailing space, and non-ASCII.
 HOSTILE_CN = r'#a,b+c="d"\<e>;#f ü€😀 '
@@ -485,20 +485,6 @@ def test_the_local_ca_is_remade_whole_when_a_file_is_missing(tmp_path):
 
 
 # --------------------------------------------------------- standalone, servers.py
-
-
-def wait_ready(proc, log_path):
-    deadline = time.monotonic() + READY_TIMEOUT
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while time.monotonic() < deadline:
-            if sel.select(timeout=max(0.0, deadline - time.monotonic())):
-                line = proc.stdout.readline()
-                if line.strip() == b"ready":
-                    return
-                if not line:
-                    break
-    raise RuntimeError(f"not ready: {log_path.read_text(errors='replace')}")
 
 
 def free_port():
