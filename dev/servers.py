@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Development and test counterparts for the principal-propagation Envoy Wasm plugin.
 
-One process runs three HTTP servers (four with ``--onprem-port``), all bound to 127.0.0.1:
+One process runs three HTTP servers (more with ``--onprem-port`` and ``--sts-port``), all
+bound to 127.0.0.1:
 
 * identity provider: mints RS256 JWTs for any user and publishes its JWKS, so the
   plugin has an authenticated user to propagate;
@@ -14,7 +15,12 @@ One process runs three HTTP servers (four with ``--onprem-port``), all bound to 
 * on-premise backend (optional: ``--onprem-port`` with ``--onprem-user-ca`` and
   ``--tls-dir``): HTTPS that plays ABAP ICM behind Cloud Connector for the certificate
   mode, trusting the ``SSL_CLIENT_CERT`` header only on connections authenticated with
-  the gateway's system certificate (dev/onprem.py).
+  the gateway's system certificate (dev/onprem.py);
+* development Microsoft Entra ID token service (optional: ``--sts-port``): the v2.0 token
+  endpoint's on-behalf-of grant returning SAML 2.0 (dev/sts.py). It redeems the IdP's
+  Entra-style tokens (``GET /token?user=<id>&idp=entra``), and the token server trusts its
+  assertions (Issuer ``https://sts.windows.net/<tenant>/``, its certificate only) beside
+  the gateway's.
 
 The token server can also fail on purpose (see ``FAULTS``): per request with the path
 ``/oauth/token/fault/<kind>``, or for any token path at run time with
@@ -30,6 +36,7 @@ identity provider do expose them, on purpose, to tests).
 import argparse
 import base64
 import binascii
+import hashlib
 import hmac
 import json
 import math
@@ -43,6 +50,7 @@ import struct
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from html import unescape
@@ -111,6 +119,11 @@ class Config:
     client_id: str
     client_secret: str
     jwt_audience: str
+    # More SAML issuers, each with the only certificates its assertions may be signed with:
+    # ((issuer, [(label, x509.Certificate), ...]), ...). The development STS (dev/sts.py)
+    # is one. The assertion's Issuer picks the certificates, so no issuer's key can sign
+    # for another.
+    other_issuers: tuple = ()
 
 
 class SharedState:
@@ -234,12 +247,55 @@ class SharedState:
 # --------------------------------------------------------------- identity provider
 
 
-class IdentityProvider:
-    """Mints RS256 JWTs with an in-memory key generated at start-up."""
+ENTRA_LOGIN = "https://login.microsoftonline.com"
 
-    def __init__(self, issuer, audience):
+
+def entra_issuer(tenant):
+    """`iss` of a Microsoft Entra ID v2.0 access token for `tenant`."""
+    return f"{ENTRA_LOGIN}/{tenant}/v2.0"
+
+
+@dataclass(frozen=True)
+class EntraApp:
+    """What the identity provider needs to mint Microsoft Entra ID v2.0 access tokens
+    (``GET /token?idp=entra``): the tenant, the gateway's app registration (the token's
+    audience, the app that redeems it on behalf of the user) and the front-end app the
+    user signed in to (``azp``). dev/sts.py has the development values."""
+
+    tenant: str
+    client_id: str
+    frontend_client_id: str
+
+    def claims(self, user, now):
+        """The claims Entra puts in a v2.0 access token for the gateway's API."""
+        payload = {"aud": self.client_id, "iss": entra_issuer(self.tenant), "iat": now, "nbf": now,
+                   "exp": now + 3600, "azp": self.frontend_client_id, "azpacr": "0",
+                   "scp": "access_as_user", "tid": self.tenant, "uti": secrets.token_urlsafe(16),
+                   "ver": "2.0"}
+        if user is not None:
+            # Stable per user like Entra's: `oid` is the user's object id in the tenant,
+            # `sub` a pairwise id (per user and app, 43 base64url characters).
+            pairwise = hashlib.sha256(f"{self.tenant}\0{self.client_id}\0{user}".encode()).digest()
+            payload.update(
+                oid=str(uuid.uuid5(uuid.NAMESPACE_URL, f"{ENTRA_LOGIN}/{self.tenant}/users/{user}")),
+                sub=base64.urlsafe_b64encode(pairwise).rstrip(b"=").decode("ascii"),
+                preferred_username=user,
+                name=user.split("@")[0].replace(".", " ").title())
+        return payload
+
+
+class IdentityProvider:
+    """Mints RS256 JWTs with an in-memory key generated at start-up.
+
+    ``GET /token?user=<id>`` gives this IdP's own tokens; with ``&idp=entra`` the same key
+    (and kid, so the same JWKS verifies it) signs a Microsoft Entra ID v2.0 access token
+    for the gateway app instead (see `EntraApp`; dev/sts.py redeems it). Other query
+    parameters and ``claims`` (JSON) add to or override the payload either way."""
+
+    def __init__(self, issuer, audience, entra=None):
         self.issuer = issuer
         self.audience = audience
+        self.entra = entra  # EntraApp or None (then idp=entra is refused)
         self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self._minted = []  # every JWT issued, for the tests' log audit (GET /minted)
         self._lock = threading.Lock()
@@ -247,6 +303,10 @@ class IdentityProvider:
     def minted(self):
         with self._lock:
             return list(self._minted)
+
+    def public_key(self):
+        """The key the JWKS publishes (for in-process verifiers such as dev/sts.py)."""
+        return self._key.public_key()
 
     def jwks(self):
         numbers = self._key.public_key().public_numbers()
@@ -260,11 +320,18 @@ class IdentityProvider:
         if user is None and raw_claims is None:
             raise ValueError("user or claims query parameter required")
         now = int(time.time())
-        payload = {"iss": self.issuer, "aud": self.audience, "iat": now, "exp": now + 3600}
-        if user is not None:
-            payload.update(sub=user, user_name=user)
+        consumed = ("user", "claims")
+        if params.get("idp", [None])[0] == "entra":
+            if self.entra is None:
+                raise ValueError("this identity provider has no Entra ID profile")
+            payload = self.entra.claims(user, now)
+            consumed += ("idp",)
+        else:
+            payload = {"iss": self.issuer, "aud": self.audience, "iat": now, "exp": now + 3600}
+            if user is not None:
+                payload.update(sub=user, user_name=user)
         for name, values in params.items():
-            if name not in ("user", "claims"):
+            if name not in consumed:
                 payload[name] = values[0]
         if raw_claims is not None:
             try:
@@ -412,6 +479,19 @@ def verify_signature(data, root, trusted_certs):
     raise invalid_grant(f"signature invalid: {problem}")
 
 
+def trust_for(root, cfg):
+    """The issuer an assertion is held to and the certificates that may sign it, chosen by
+    its (not yet verified) Issuer: one of `cfg.other_issuers`, else the gateway's
+    (`trusted_issuer`, `trusted_certs`). check_issuer then requires the *signed* Issuer
+    to be that same issuer."""
+    issuer = root.find(saml("Issuer"))
+    claimed = (issuer.text or "").strip() if issuer is not None else None
+    for other, certs in cfg.other_issuers:
+        if claimed == other:
+            return other, certs
+    return cfg.trusted_issuer, cfg.trusted_certs
+
+
 def check_issuer(assertion, trusted_issuer):
     issuer = assertion.find(saml("Issuer"))
     if issuer is None or (issuer.text or "").strip() != trusted_issuer:
@@ -506,9 +586,10 @@ def validate_exchange(headers, form, endpoint, cfg, state):
     check_grant_type(form)
     data = decode_assertion(form)
     root = parse_assertion(data)
-    assertion, verified_by = verify_signature(data, root, cfg.trusted_certs)
+    issuer, certs = trust_for(root, cfg)
+    assertion, verified_by = verify_signature(data, root, certs)
     now = time.time()
-    check_issuer(assertion, cfg.trusted_issuer)
+    check_issuer(assertion, issuer)
     check_issue_instant(assertion, now)
     user = check_subject(assertion, endpoint, now)
     check_conditions(assertion, cfg.entity_id, now)
@@ -856,7 +937,7 @@ class Server(ThreadingHTTPServer):
         self.tls = tls
         scheme = "https" if tls else "http"
         # How clients address this server (the token endpoint's expected Recipient).
-        self.base_url = f"{scheme}://{host_name}:{address[1]}"
+        self.base_url = f"{scheme}://{host_name}:{self.server_address[1]}"  # the bound port, also for 0
 
     def get_request(self):
         sock, addr = super().get_request()
@@ -892,23 +973,63 @@ def parse_args(argv):
     p.add_argument("--onprem-port", type=int, help="also run the on-premise backend (dev/onprem.py) here")
     p.add_argument("--onprem-user-ca", help="PEM CA that signs the user certificates the backend accepts")
     p.add_argument("--tls-dir", help="the local CA's directory (dev/local_ca.py), for the on-premise backend")
+    import sts  # its development constants are the defaults (it imports this file for Server)
+    p.add_argument("--sts-port", type=int,
+                   help="also run the development Microsoft Entra ID token service (dev/sts.py) here; "
+                        "the token server then trusts its assertions too")
+    p.add_argument("--sts-tenant", default=sts.DEV_TENANT_ID,
+                   help="the Entra tenant id (token path /<tenant>/oauth2/v2.0/token; also the tenant of "
+                        "the IdP's idp=entra tokens)")
+    p.add_argument("--sts-client-id", default=sts.DEV_GATEWAY_CLIENT_ID,
+                   help="the gateway's app registration: the only client, and the audience of idp=entra tokens")
+    p.add_argument("--sts-client-secret", default=sts.DEV_GATEWAY_CLIENT_SECRET)
+    p.add_argument("--sts-client-cert", action="append", default=[],
+                   help="PEM certificate whose key may sign client assertions (repeat for several)")
+    p.add_argument("--sts-entity", action="append", default=[], metavar="ENTITY_ID=REPLY_URL",
+                   help="a SAML enterprise application: Identifier (entity id) and first reply URL, the "
+                        "assertions' Recipient (repeat for several; default: --entity-id = this token "
+                        "server's http://127.0.0.1:<token-port>/oauth/token)")
+    p.add_argument("--sts-public-url", action="append", default=[],
+                   help="another token URL client assertions may name as aud (besides the one posted to)")
     args = p.parse_args(argv)
     if (args.onprem_port is None) != (args.onprem_user_ca is None):
         p.error("--onprem-port and --onprem-user-ca go together")
     if args.onprem_port is not None and not args.tls_dir:
         p.error("--onprem-port needs --tls-dir")
+    if args.sts_port is None and (args.sts_client_cert or args.sts_entity or args.sts_public_url):
+        p.error("--sts-client-cert, --sts-entity and --sts-public-url need --sts-port")
+    entities = {}
+    for spec in args.sts_entity or [f"{args.entity_id}=http://{HOST}:{args.token_port}/oauth/token"]:
+        entity_id, sep, reply_url = spec.partition("=")
+        if not (sep and entity_id and reply_url):
+            p.error(f"--sts-entity {spec!r} is not ENTITY_ID=REPLY_URL")
+        entities[entity_id] = reply_url
+    args.sts_entities = entities
+    if args.sts_port is not None and sts.sts_issuer(args.sts_tenant) == args.trusted_issuer:
+        p.error("--trusted-issuer must not be the STS's issuer")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    import sts
     trusted_certs = []
     for path in args.trusted_cert:
         with open(path, "rb") as f:
             trusted_certs.append((Path(path).stem, x509.load_pem_x509_certificate(f.read())))
+    idp = IdentityProvider(f"http://{HOST}:{args.idp_port}", args.jwt_audience,
+                           EntraApp(args.sts_tenant, args.sts_client_id, sts.DEV_FRONTEND_CLIENT_ID))
+    token_service = None
+    other_issuers = ()
+    if args.sts_port is not None:
+        token_service = sts.Sts(tenant=args.sts_tenant, client_id=args.sts_client_id,
+                                client_secret=args.sts_client_secret, client_certs=args.sts_client_cert,
+                                user_token_key=idp.public_key(), entities=args.sts_entities,
+                                public_urls=args.sts_public_url)
+        other_issuers = ((token_service.issuer, [("sts", token_service.certificate)]),)
     cfg = Config(args.idp_port, args.token_port, args.echo_port, trusted_certs, args.trusted_issuer,
-                 args.entity_id, args.client_id, args.client_secret, args.jwt_audience)
-    app = App(cfg, SharedState(), IdentityProvider(f"http://{HOST}:{cfg.idp_port}", cfg.jwt_audience))
+                 args.entity_id, args.client_id, args.client_secret, args.jwt_audience, other_issuers)
+    app = App(cfg, SharedState(), idp)
 
     servers = []
     try:
@@ -928,6 +1049,8 @@ def main(argv=None):
             import onprem  # loaded only when asked for (it imports this file for Server)
             servers.append(onprem.make_server(args.onprem_port, local_ca.ensure(Path(args.tls_dir)),
                                               Path(args.onprem_user_ca)))
+        if token_service is not None:
+            servers.append(sts.make_server(args.sts_port, token_service))
     except OSError as exc:
         print(f"cannot listen: {exc}", file=sys.stderr)
         for server in servers:

@@ -23,6 +23,12 @@ pub enum Failure {
     Subject(SubjectError),
     /// The token service refused the exchange with this OAuth error code.
     Rejected { code: String },
+    /// The identity provider refused to issue the assertion (on-behalf-of) with this
+    /// code (`invalid_grant AADSTS65001`): a set-up problem of the gateway's application.
+    AssertionRefused { code: String },
+    /// The identity provider refused the user's own token (expired, another audience,
+    /// not verifiable): the user must sign in again.
+    UserTokenRefused { code: String },
     /// The token service could not be reached or answered something unusable.
     Unavailable { reason: &'static str },
     /// The token service did not answer within the configured timeout.
@@ -65,6 +71,16 @@ impl Failure {
                 502,
                 "bad_gateway",
                 format!("token service rejected the SAML bearer assertion: {code}"),
+            ),
+            Failure::AssertionRefused { code } => (
+                502,
+                "bad_gateway",
+                format!("identity provider refused to issue the SAML assertion: {code}"),
+            ),
+            Failure::UserTokenRefused { code } => (
+                401,
+                "unauthorized",
+                format!("identity provider refused the user's token: {code}"),
             ),
             Failure::Unavailable { reason } => (
                 503,

@@ -105,7 +105,56 @@ pub struct SamlSettings {
     pub include_certificate: bool,
     pub skip_user_attributes_prefix: bool,
     pub skip_user_uuid: bool,
+    /// Where the assertion comes from when the gateway does not sign it: the user's
+    /// identity provider (Microsoft Entra ID's on-behalf-of flow returning SAML).
+    pub assertion_service: Option<AssertionService>,
 }
+
+/// A token service that issues the SAML assertion for the user in exchange for the
+/// user's own token (Entra ID on-behalf-of, `requested_token_type` SAML): SAP's
+/// assertion provided by the client, here provided by the gateway's identity provider.
+#[derive(Debug, Clone)]
+pub struct AssertionService {
+    /// `assertionServiceURL`: the token endpoint (`…/oauth2/v2.0/token`).
+    pub url: HttpUrl,
+    /// `assertionServiceCluster`: the Envoy cluster that reaches it.
+    pub cluster: String,
+    /// `assertionServiceClientId`: the gateway's application (its `client_id`).
+    pub client_id: String,
+    pub credential: ClientCredential,
+    /// `assertionServiceScope` (default `<audience>/.default`, or `spn:<audience>/.default`
+    /// for an audience without a URI scheme).
+    pub scope: String,
+    /// `assertionServiceTokenType`: the `requested_token_type` URN (SAML 2.0 unless
+    /// `saml1`).
+    pub token_type: &'static str,
+    /// `assertionServiceTimeoutInSeconds`, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+/// How the gateway authenticates at the assertion service.
+#[derive(Clone)]
+pub enum ClientCredential {
+    /// `assertionServiceClientSecret` (or `…Env`).
+    Secret(String),
+    /// `assertionServiceClientAssertionKey`: a key in `keys` that signs an RFC 7523
+    /// `client_assertion` JWT (Entra's certificate credential).
+    AssertionKey(String),
+}
+
+impl std::fmt::Debug for ClientCredential {
+    /// Never prints the secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientCredential::Secret(_) => f.write_str("Secret(..)"),
+            ClientCredential::AssertionKey(key) => write!(f, "AssertionKey({key:?})"),
+        }
+    }
+}
+
+/// `requested_token_type` values.
+pub const SAML2_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:saml2";
+pub const SAML1_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:saml1";
 
 /// The settings of a `PrincipalPropagation` destination.
 #[derive(Debug, Clone)]
@@ -203,6 +252,35 @@ const SAML_KEYS: [&str; 22] = [
     "KeyStoreLocation",
     "tokenServiceURL.SocketReadTimeoutInSeconds",
     "tokenServiceCluster",
+];
+
+/// Keys of an `OAuth2SAMLBearerAssertion` destination whose assertion comes from an
+/// assertion service.
+const ASSERTION_SERVICE_KEYS: [&str; 9] = [
+    "assertionServiceURL",
+    "assertionServiceCluster",
+    "assertionServiceClientId",
+    "assertionServiceClientSecret",
+    "assertionServiceClientSecretEnv",
+    "assertionServiceClientAssertionKey",
+    "assertionServiceScope",
+    "assertionServiceTokenType",
+    "assertionServiceTimeoutInSeconds",
+];
+
+/// Keys that shape the assertion the gateway signs: meaningless when an assertion
+/// service writes it (refused rather than silently ignored).
+const GATEWAY_ASSERTION_KEYS: [&str; 10] = [
+    "assertionIssuer",
+    "assertionRecipient",
+    "nameIdFormat",
+    "nameQualifier",
+    "authnContextClassRef",
+    "SystemUser",
+    "includeSigningCertificateInSAMLAssertion",
+    "skipUserAttributesPrefixInSAMLAttributes",
+    "skipUserUuidInSAMLAttributes",
+    "KeyStoreLocation",
 ];
 
 /// Keys of `PrincipalPropagation` destinations only.
@@ -356,10 +434,18 @@ fn saml_settings(
         DEFAULT_READ_TIMEOUT_S,
     )?;
 
+    let assertion_service = assertion_service(d, env)?;
     let name_id_format = d
         .string("nameIdFormat")?
         .unwrap_or_else(|| NAMEID_UNSPECIFIED.to_string());
-    let user_id = user_id_rule(d, &name_id_format)?;
+    let user_id = match (&assertion_service, d.string("userIdSource")?) {
+        // The identity provider names the user in its assertion; the cache keys the
+        // principal by the token's `sub` (present in every JWT) unless told otherwise.
+        (Some(_), None) => {
+            UserIdRule::claim("sub").map_err(|p| ConfigError::new(d.key("userIdSource"), p))?
+        }
+        _ => user_id_rule(d, &name_id_format)?,
+    };
 
     let encoding = match d.string("samlAssertionEncoding")?.as_deref() {
         None | Some("base64url") => AssertionEncoding::Base64Url,
@@ -381,10 +467,24 @@ fn saml_settings(
         timeout_ms: timeout_s * 1000,
         url: token_url,
     };
+    let audience = d.required_string("audience")?;
+    let assertion_service = match assertion_service {
+        Some(mut service) => {
+            if service.scope.is_empty() {
+                service.scope = default_scope(&audience);
+            }
+            Some(service)
+        }
+        None => None,
+    };
+    let assertion_issuer = match &assertion_service {
+        Some(_) => String::new(),
+        None => d.required_string("assertionIssuer")?,
+    };
     let saml = SamlSettings {
         client_key: d.string("clientKey")?,
-        audience: d.required_string("audience")?,
-        assertion_issuer: d.required_string("assertionIssuer")?,
+        audience,
+        assertion_issuer,
         assertion_recipient: d
             .string("assertionRecipient")?
             .unwrap_or_else(|| token_url_text.clone()),
@@ -401,13 +501,103 @@ fn saml_settings(
             .boolean("skipUserAttributesPrefixInSAMLAttributes", false)?,
         skip_user_uuid: d.boolean("skipUserUuidInSAMLAttributes", false)?,
         token_service,
+        assertion_service,
     };
     let carrier = Carrier {
         header: "authorization".into(),
         prefix: "Bearer ",
     };
-    let key_name = d.string("KeyStoreLocation")?.unwrap_or_default();
+    let key_name = match &saml.assertion_service {
+        Some(AssertionService {
+            credential: ClientCredential::AssertionKey(key),
+            ..
+        }) => key.clone(),
+        _ => d.string("KeyStoreLocation")?.unwrap_or_default(),
+    };
     Ok((Kind::SamlBearer(Box::new(saml)), user_id, key_name, carrier))
+}
+
+/// `assertionService*`: where the assertion comes from when the gateway does not sign
+/// it; `None` when `assertionServiceURL` is not set. The scope is left empty when not
+/// configured (its default needs the audience).
+fn assertion_service(
+    d: &Section<'_>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<AssertionService>, ConfigError> {
+    let Some(url_text) = d.string("assertionServiceURL")? else {
+        if let Some(key) = ASSERTION_SERVICE_KEYS
+            .iter()
+            .find(|k| d.fields.contains_key(**k))
+        {
+            return Err(ConfigError::new(
+                d.key(key),
+                "needs assertionServiceURL (the token endpoint that issues the assertion)",
+            ));
+        }
+        return Ok(None);
+    };
+    if let Some(key) = GATEWAY_ASSERTION_KEYS
+        .iter()
+        .find(|k| d.fields.contains_key(**k))
+    {
+        return Err(ConfigError::new(
+            d.key(key),
+            "does not apply: the identity provider at assertionServiceURL writes the assertion",
+        ));
+    }
+    let url =
+        HttpUrl::parse(&url_text).map_err(|p| ConfigError::new(d.key("assertionServiceURL"), p))?;
+    let secret = d.inline_or_env("assertionServiceClientSecret", env)?;
+    let key = d.string("assertionServiceClientAssertionKey")?;
+    let credential = match (secret, key) {
+        (Some(secret), None) => ClientCredential::Secret(secret),
+        (None, Some(key)) => ClientCredential::AssertionKey(key),
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                d.key("assertionServiceClientAssertionKey"),
+                "and assertionServiceClientSecret are both set; use one",
+            ))
+        }
+        (None, None) => {
+            return Err(ConfigError::new(
+                d.key("assertionServiceClientSecret"),
+                "is required (or assertionServiceClientSecretEnv, or assertionServiceClientAssertionKey)",
+            ))
+        }
+    };
+    let token_type = match d.string("assertionServiceTokenType")?.as_deref() {
+        None | Some("saml2") => SAML2_TOKEN_TYPE,
+        Some("saml1") => SAML1_TOKEN_TYPE,
+        Some(_) => {
+            return Err(ConfigError::new(
+                d.key("assertionServiceTokenType"),
+                "must be saml2 or saml1",
+            ))
+        }
+    };
+    Ok(Some(AssertionService {
+        url,
+        cluster: d.required_string("assertionServiceCluster")?,
+        client_id: d.required_string("assertionServiceClientId")?,
+        credential,
+        scope: d.string("assertionServiceScope")?.unwrap_or_default(),
+        token_type,
+        timeout_ms: d.integer(
+            "assertionServiceTimeoutInSeconds",
+            1..=600,
+            DEFAULT_READ_TIMEOUT_S,
+        )? * 1000,
+    }))
+}
+
+/// Entra's scope for a SAML target: `<entity id>/.default`, with `spn:` before an entity
+/// id that has no URI scheme.
+fn default_scope(audience: &str) -> String {
+    if audience.contains("://") {
+        format!("{audience}/.default")
+    } else {
+        format!("spn:{audience}/.default")
+    }
 }
 
 /// A `PrincipalPropagation` destination's own settings.
@@ -508,7 +698,12 @@ fn reject_unknown_keys(d: &Section<'_>, certificate: bool) -> Result<(), ConfigE
     };
     for key in d.fields.keys() {
         let key_str = key.as_str();
-        if COMMON.contains(&key_str) || own.contains(&key_str) || INFORMATIONAL.contains(&key_str) {
+        let service_key = !certificate && ASSERTION_SERVICE_KEYS.contains(&key_str);
+        if COMMON.contains(&key_str)
+            || own.contains(&key_str)
+            || INFORMATIONAL.contains(&key_str)
+            || service_key
+        {
             continue;
         }
         let families = COMMON_FAMILIES.iter().chain(own_families);
@@ -522,7 +717,9 @@ fn reject_unknown_keys(d: &Section<'_>, certificate: bool) -> Result<(), ConfigE
             ));
         }
         let saml_family = SAML_FAMILIES.iter().any(|p| key.starts_with(p));
-        if other.contains(&key_str) || (certificate && saml_family) {
+        let other_kind_key =
+            other.contains(&key_str) || (certificate && ASSERTION_SERVICE_KEYS.contains(&key_str));
+        if other_kind_key || (certificate && saml_family) {
             return Err(ConfigError::new(
                 d.key(key),
                 format!("applies to {other_kind} destinations only"),

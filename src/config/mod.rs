@@ -124,7 +124,29 @@ impl PluginConfig {
                 continue;
             };
             let cleartext = !saml.token_service.url.full.starts_with("https://");
-            d.key_name = resolve_key_name(&path, &d.key_name, &keys)?;
+            let service = saml.assertion_service.as_ref();
+            let service_cleartext = service.is_some_and(|s| !s.url.full.starts_with("https://"));
+            match service {
+                // Signs client assertions only with a key that is named, never a default.
+                Some(s) => {
+                    if matches!(s.credential, destination::ClientCredential::AssertionKey(_))
+                        && !keys.contains_key(&d.key_name)
+                    {
+                        return Err(ConfigError::new(
+                            format!("{path}.assertionServiceClientAssertionKey"),
+                            format!("names no key in `keys`: {:?}", d.key_name),
+                        ));
+                    }
+                }
+                None => d.key_name = resolve_key_name(&path, &d.key_name, &keys)?,
+            }
+            if !allow_insecure && service_cleartext {
+                return Err(ConfigError::new(
+                    format!("{path}.assertionServiceURL"),
+                    "must be https:// (the user's token, client credentials and assertions cross it); \
+                     set allowInsecureTokenService to true only for a development token service",
+                ));
+            }
             if !allow_insecure && cleartext {
                 return Err(ConfigError::new(
                     format!("{path}.tokenServiceURL"),

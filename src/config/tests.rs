@@ -7,6 +7,9 @@ use crate::testing::{
 };
 use serde_json::{json, Value};
 
+/// A change to a destination's JSON.
+type Edit = dyn Fn(&mut serde_json::Map<String, Value>);
+
 fn refused(config: Value) -> String {
     parse(&config)
         .expect_err("configuration must be refused")
@@ -544,8 +547,7 @@ fn a_principal_propagation_destination_with_defaults_and_its_refusals() {
     );
 
     let refusal = |change: &dyn Fn(&mut serde_json::Map<String, Value>)| refused(config(change));
-    type Change = Box<dyn Fn(&mut serde_json::Map<String, Value>)>;
-    let cases: Vec<(Change, &str)> = vec![
+    let cases: Vec<(Box<Edit>, &str)> = vec![
         (
             Box::new(|d| drop(d.remove("clientCertificateIssuerKey"))),
             "`destinations[1].clientCertificateIssuerKey` is required",
@@ -609,4 +611,133 @@ fn a_principal_propagation_destination_with_defaults_and_its_refusals() {
         d.insert("clientCertificateHeader".into(), json!("X"));
     }));
     assert!(saml_with_certificate_key.contains("applies to PrincipalPropagation destinations only"));
+}
+
+#[test]
+fn an_assertion_from_the_identity_provider_is_configured_or_refused_clearly() {
+    use crate::config::destination::{ClientCredential, SAML1_TOKEN_TYPE};
+    let service = |change: &dyn Fn(&mut serde_json::Map<String, Value>)| {
+        let mut d = destination_json("entra");
+        let fields = d.as_object_mut().unwrap();
+        fields.remove("assertionIssuer");
+        fields.insert(
+            "assertionServiceURL".into(),
+            json!("http://127.0.0.1:9400/t/oauth2/v2.0/token"),
+        );
+        fields.insert("assertionServiceCluster".into(), json!("sts"));
+        fields.insert("assertionServiceClientId".into(), json!("gateway-app"));
+        fields.insert(
+            "assertionServiceClientSecretEnv".into(),
+            json!("STS_SECRET"),
+        );
+        change(fields);
+        config_json(vec![d])
+    };
+    let env = |name: &str| (name == "STS_SECRET").then(|| "app-secret".to_string());
+    let parse_env = |config: &Value| PluginConfig::parse(config.to_string().as_bytes(), &env);
+    let config = parse_env(&service(&|_| {})).unwrap();
+    let d = &config.destinations[0];
+    let s = d.saml().unwrap().assertion_service.as_ref().unwrap();
+    assert_eq!(s.scope, "spn:dev-token-server/.default");
+    assert!(matches!(&s.credential, ClientCredential::Secret(secret) if secret == "app-secret"));
+    assert_eq!(
+        d.user_id,
+        UserIdRule::claim("sub").unwrap(),
+        "the token's subject by default"
+    );
+    assert!(!format!("{s:?}").contains("app-secret"));
+    let saml1 = parse_env(&service(&|d| {
+        d.insert("assertionServiceTokenType".into(), json!("saml1"));
+        d.insert("audience".into(), json!("https://target.example"));
+    }))
+    .unwrap();
+    let s1 = saml1.destinations[0]
+        .saml()
+        .unwrap()
+        .assertion_service
+        .clone()
+        .unwrap();
+    assert_eq!(
+        (s1.token_type, s1.scope.as_str()),
+        (SAML1_TOKEN_TYPE, "https://target.example/.default")
+    );
+    let keyed = parse_env(&service(&|d| {
+        d.remove("assertionServiceClientSecretEnv");
+        d.insert(
+            "assertionServiceClientAssertionKey".into(),
+            json!("default"),
+        );
+    }))
+    .unwrap();
+    assert_eq!(keyed.destinations[0].key_name, "default");
+
+    let refused_with = |change: &dyn Fn(&mut serde_json::Map<String, Value>)| {
+        parse_env(&service(change))
+            .expect_err("refused")
+            .to_string()
+    };
+    let cases: Vec<(&Edit, &str)> = vec![
+        (
+            &|d| drop(d.insert("assertionIssuer".into(), json!("gw"))),
+            "`destinations[0].assertionIssuer` does not apply",
+        ),
+        (
+            &|d| drop(d.insert("KeyStoreLocation".into(), json!("default"))),
+            "`destinations[0].KeyStoreLocation` does not apply",
+        ),
+        (
+            &|d| drop(d.insert("SystemUser".into(), json!("TECH"))),
+            "`destinations[0].SystemUser` does not apply",
+        ),
+        (
+            &|d| drop(d.remove("assertionServiceClientSecretEnv")),
+            "`destinations[0].assertionServiceClientSecret` is required",
+        ),
+        (
+            &|d| {
+                drop(d.insert(
+                    "assertionServiceClientAssertionKey".into(),
+                    json!("default"),
+                ))
+            },
+            "are both set",
+        ),
+        (
+            &|d| {
+                d.remove("assertionServiceClientSecretEnv");
+                d.insert("assertionServiceClientAssertionKey".into(), json!("nope"));
+            },
+            "`destinations[0].assertionServiceClientAssertionKey` names no key",
+        ),
+        (
+            &|d| drop(d.insert("assertionServiceTokenType".into(), json!("jwt"))),
+            "must be saml2 or saml1",
+        ),
+        (
+            &|d| drop(d.remove("assertionServiceCluster")),
+            "`destinations[0].assertionServiceCluster` is required",
+        ),
+        (
+            &|d| drop(d.remove("assertionServiceURL")),
+            "needs assertionServiceURL",
+        ),
+    ];
+    for (change, expected) in cases {
+        let message = refused_with(change);
+        assert!(
+            message.contains(expected),
+            "{message:?} should contain {expected:?}"
+        );
+    }
+    let mut https_needed = service(&|_| {});
+    https_needed
+        .as_object_mut()
+        .unwrap()
+        .remove("allowInsecureTokenService");
+    https_needed["destinations"][0]["tokenServiceURL"] = json!("https://uaa.example/oauth/token");
+    let message = parse_env(&https_needed).unwrap_err().to_string();
+    assert!(
+        message.contains("`destinations[0].assertionServiceURL` must be https://"),
+        "{message}"
+    );
 }

@@ -2,4 +2,5 @@
 //! [`crate::flow::recipe::Recipe`] the exchange engine runs.
 
 pub mod client_certificate;
+pub mod on_behalf_of;
 pub mod saml_bearer;

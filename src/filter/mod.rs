@@ -14,6 +14,7 @@ use crate::flow::{Decision, Worker};
 use crate::forwarding::{self, Additions, Edit};
 use crate::host::{Clock, Level, Telemetry};
 use crate::identity::payload::{claims_from_metadata, root_claims};
+use crate::identity::user_token;
 use crate::identity::{principal_from_raw, Identity, Principal, UserIdRule};
 use crate::pairs;
 use crate::selection::{RequestView, Selected};
@@ -297,6 +298,21 @@ impl Identity for JwtMetadata<'_> {
             &self.config.jwt_filter_name,
             &self.config.jwt_payload_key,
         )
+    }
+
+    /// The one `Authorization: Bearer` token of the request (read as raw pairs: a value
+    /// need not be UTF-8); none when there are two, which would be ambiguous.
+    fn raw_token(&self) -> Option<String> {
+        let raw = envoy_host::request_header_pairs()?;
+        let headers = pairs::parse(&raw)?;
+        let mut values = headers
+            .iter()
+            .filter(|(name, _)| name.eq_ignore_ascii_case(b"authorization"));
+        let (_, value) = values.next()?;
+        if values.next().is_some() {
+            return None;
+        }
+        user_token::bearer_token(value).map(str::to_string)
     }
 }
 

@@ -15,10 +15,11 @@ use crate::config::destination::SamlSettings;
 use crate::config::{Destination, Kind, PluginConfig};
 use crate::coordination::slot;
 use crate::credentials::client_certificate::ClientCertificate;
+use crate::credentials::on_behalf_of::OnBehalfOf;
 use crate::credentials::saml_bearer::SamlBearer;
 use crate::error::Failure;
 use crate::host::Host;
-use crate::identity::{self, attributes, Identity, Principal, UserIdRule};
+use crate::identity::{self, attributes, user_token, Identity, Principal, UserIdRule};
 use crate::metrics::Metric;
 use crate::saml::assertion::Attribute;
 use crate::saml::canonical::is_xml_text;
@@ -69,7 +70,7 @@ impl Worker {
         // What shapes the credential besides the principal (read only for an exchange).
         let mut shaping = || {
             let claims = claims.take().or_else(|| identity.claims())?;
-            Some(shaping_of(&claims, dest))
+            Some(shaping_of(&claims, dest, identity))
         };
         let key = CacheKey::new(&dest.cache_namespace, &principal_key, config.cache_slots);
         match slot::read_entry(host, &key).and_then(|e| e.live_at(now_ms)) {
@@ -166,6 +167,12 @@ impl Worker {
             })?;
         let user_id = principal.user_id.clone();
         let recipe: Box<dyn Recipe> = match shaping {
+            Shaping::UserToken(user_token) => Box::new(OnBehalfOf::new(
+                Rc::clone(config),
+                destination,
+                user_id,
+                user_token,
+            )),
             Shaping::Attributes(attributes) => Box::new(SamlBearer::new(
                 Rc::clone(config),
                 destination,
@@ -207,12 +214,31 @@ enum Shaping {
     Attributes(Vec<Attribute>),
     /// The certificate's subject.
     Subject(Name),
+    /// The user's own verified token, for the identity provider (on-behalf-of).
+    UserToken(String),
 }
 
-/// The claims' part in the destination's credential: SAML attributes, or the certificate
-/// subject (a user whose claims make no valid subject is refused, 401).
-fn shaping_of(claims: &Value, dest: &Destination) -> Result<Shaping, Failure> {
+/// The claims' part in the destination's credential: SAML attributes, the certificate
+/// subject (a user whose claims make no valid subject is refused, 401), or the user's
+/// verified token for the identity provider.
+fn shaping_of(
+    claims: &Value,
+    dest: &Destination,
+    identity: &dyn Identity,
+) -> Result<Shaping, Failure> {
     match &dest.kind {
+        Kind::SamlBearer(saml) if saml.assertion_service.is_some() => {
+            match identity.raw_token() {
+                Some(token) if user_token::payload_matches(&token, claims) => {
+                    Ok(Shaping::UserToken(token))
+                }
+                // Another token than the one jwt_authn verified: never passed on.
+                Some(_) => Err(Failure::NotAuthenticated),
+                None => Err(Failure::Internal {
+                    reason: "the user's token is not in the request: the jwt_authn provider must keep it (forward: true)",
+                }),
+            }
+        }
         Kind::SamlBearer(saml) => Ok(Shaping::Attributes(attributes_of(claims, dest, saml))),
         Kind::ClientCertificate(settings) => settings
             .subject

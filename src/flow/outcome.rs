@@ -72,6 +72,17 @@ pub fn entry_after(
             code: code.clone(),
             until_ms: now_ms + config.failure_hold_ms,
         }),
+        Err(Failure::AssertionRefused { code }) => {
+            (config.failure_hold_ms > 0).then(|| Entry::Rejected {
+                code: format!("{ASSERTION_REFUSED}{code}"),
+                until_ms: now_ms + config.failure_hold_ms,
+            })
+        }
+        // Held only briefly: the user comes back with a new token at once.
+        Err(Failure::UserTokenRefused { code }) => Some(Entry::Rejected {
+            code: format!("{USER_TOKEN_REFUSED}{code}"),
+            until_ms: now_ms + FAILURE_BACKOFF_MS,
+        }),
         Err(failure) => Some(Entry::Failed {
             timeout: *failure == Failure::Timeout,
             until_ms: now_ms + FAILURE_BACKOFF_MS,
@@ -111,6 +122,15 @@ pub fn report(
                 ),
             );
         }
+        Err(Failure::AssertionRefused { code } | Failure::UserTokenRefused { code }) => {
+            counts(Metric::ExchangeRejected);
+            log.log(
+                Level::Warn,
+                &format!(
+                    "destination {destination}: the identity provider refused the on-behalf-of exchange for user {user:?}: {code}"
+                ),
+            );
+        }
         Err(failure) => {
             counts(Metric::ExchangeFailed);
             log.log(
@@ -124,6 +144,12 @@ pub fn report(
     }
 }
 
+/// How a stored rejection says the identity provider refused (not the token service):
+/// a backslash starts no OAuth error code (RFC 6749 §5.2 excludes it), so the prefixes
+/// cannot be mistaken for one.
+const ASSERTION_REFUSED: &str = "\\assertion ";
+const USER_TOKEN_REFUSED: &str = "\\user-token ";
+
 /// What the waiters of an exchange that found `entry` stored get.
 pub fn answer_of(entry: Entry) -> Result<String, Failure> {
     match entry {
@@ -135,7 +161,15 @@ pub fn answer_of(entry: Entry) -> Result<String, Failure> {
 /// The failure a stored failure entry stands for.
 pub fn failure_of(entry: Entry) -> Failure {
     match entry {
-        Entry::Rejected { code, .. } => Failure::Rejected { code },
+        Entry::Rejected { code, .. } => {
+            if let Some(code) = code.strip_prefix(ASSERTION_REFUSED) {
+                Failure::AssertionRefused { code: code.into() }
+            } else if let Some(code) = code.strip_prefix(USER_TOKEN_REFUSED) {
+                Failure::UserTokenRefused { code: code.into() }
+            } else {
+                Failure::Rejected { code }
+            }
+        }
         Entry::Failed { timeout: true, .. } => Failure::Timeout,
         Entry::Failed { timeout: false, .. } => Failure::Unavailable {
             reason: "the last exchange failed moments ago; retrying shortly",

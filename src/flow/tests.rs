@@ -1754,3 +1754,210 @@ fn claims_that_make_no_subject_are_refused_before_any_signature() {
         Decision::Fail(Failure::UserIdNotXml)
     );
 }
+
+/// A request's identity with the raw token the client sent.
+struct WithToken {
+    claims: Value,
+    token: Option<String>,
+}
+
+impl Identity for WithToken {
+    fn claims(&self) -> Option<Value> {
+        Some(self.claims.clone())
+    }
+    fn raw_token(&self) -> Option<String> {
+        self.token.clone()
+    }
+}
+
+/// A compact JWT whose payload is `claims` (the signature is not checked here: Envoy's
+/// jwt_authn verified it).
+fn jwt_of(claims: &Value) -> String {
+    use base64::Engine;
+    let b64 = |v: String| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+    format!(
+        "{}.{}.c2ln",
+        b64(r#"{"alg":"RS256"}"#.into()),
+        b64(claims.to_string())
+    )
+}
+
+/// Destination 0 gets its assertion from an on-behalf-of identity provider.
+fn on_behalf_of_config(credential: Value) -> Rc<PluginConfig> {
+    let mut d = destination_json("entra");
+    let fields = d.as_object_mut().unwrap();
+    fields.remove("assertionIssuer");
+    fields.insert(
+        "assertionServiceURL".into(),
+        json!("https://login.example/t/oauth2/v2.0/token"),
+    );
+    fields.insert("assertionServiceCluster".into(), json!("sts"));
+    fields.insert("assertionServiceClientId".into(), json!("gateway-app"));
+    for (k, v) in credential.as_object().unwrap() {
+        fields.insert(k.clone(), v.clone());
+    }
+    Rc::new(parse(&config_json(vec![d])).unwrap())
+}
+
+fn entra_user(name: &str) -> WithToken {
+    let claims =
+        json!({"sub": format!("sub-{name}"), "preferred_username": name, "exp": 1_900_000_000});
+    WithToken {
+        token: Some(jwt_of(&claims)),
+        claims,
+    }
+}
+
+fn saml_answer(xml: &str) -> Vec<u8> {
+    use base64::Engine;
+    json!({
+        "token_type": "Bearer",
+        "access_token": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(xml),
+        "issued_token_type": "urn:ietf:params:oauth:token-type:saml2",
+        "expires_in": 3599
+    })
+    .to_string()
+    .into_bytes()
+}
+
+#[test]
+fn an_identity_provider_assertion_is_exchanged_in_two_callouts_and_only_the_token_is_cached() {
+    use base64::Engine;
+    let (h, c) = (
+        host(),
+        on_behalf_of_config(json!({"assertionServiceClientSecret": "app-secret"})),
+    );
+    let mut w = worker(&h, &c, 1);
+    let alice = entra_user("alice");
+    assert_eq!(w.on_request(&h, &c, 1, 0, &alice), Decision::Wait);
+    assert_eq!(w.on_request(&h, &c, 2, 0, &alice), Decision::Wait, "joins");
+    deliver(&h, &mut w, 1);
+    let (_, obo) = h.dispatched.borrow()[0].clone();
+    assert_eq!(obo.cluster, "sts");
+    let form = form_of(&obo);
+    assert_eq!(form["assertion"], alice.token.clone().unwrap());
+    assert_eq!(form["requested_token_use"], "on_behalf_of");
+    assert_eq!(form["scope"], "spn:dev-token-server/.default");
+    assert!(obo
+        .headers
+        .iter()
+        .any(|(k, v)| k == "authorization" && v.starts_with("Basic ")));
+    let xml = "<saml2:Assertion ID=\"_1\">alice</saml2:Assertion>";
+    w.on_callout_response(&h, 1, 101, Some(200), &saml_answer(xml));
+    let (_, exchange) = h.dispatched.borrow()[1].clone();
+    assert_eq!(exchange.cluster, "token_service");
+    let assertion = form_of(&exchange)["assertion"].clone();
+    assert_eq!(
+        assertion,
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(xml),
+        "passed on as issued"
+    );
+    w.on_callout_response(&h, 1, 102, Some(200), OK);
+    assert_eq!(
+        *h.resumed.borrow(),
+        vec![
+            (1, "Bearer tok-1".to_string()),
+            (2, "Bearer tok-1".to_string())
+        ]
+    );
+    assert_eq!(
+        w.on_request(&h, &c, 3, 0, &alice),
+        Decision::Forward("Bearer tok-1".into()),
+        "the token is cached; no third callout"
+    );
+    assert_eq!(h.dispatches(), 2);
+}
+
+#[test]
+fn identity_provider_refusals_map_to_401_or_502_and_the_token_must_be_the_verified_one() {
+    let c = on_behalf_of_config(json!({"assertionServiceClientSecret": "app-secret"}));
+    let refusal = |body: &str| {
+        let h = host();
+        let mut w = worker(&h, &c, 1);
+        assert_eq!(
+            w.on_request(&h, &c, 1, 0, &entra_user("bob")),
+            Decision::Wait
+        );
+        deliver(&h, &mut w, 1);
+        w.on_callout_response(&h, 1, 101, Some(400), body.as_bytes());
+        assert_eq!(h.dispatches(), 1, "no RFC 7522 call after a refusal");
+        let failure = h.failed.borrow()[0].1.clone();
+        failure
+    };
+    let expired = refusal(
+        r#"{"error":"invalid_grant","error_description":"AADSTS500133: Assertion is not within its valid time range.","error_codes":[500133]}"#,
+    );
+    assert_eq!(
+        expired,
+        Failure::UserTokenRefused {
+            code: "invalid_grant AADSTS500133".into()
+        }
+    );
+    assert_eq!(expired.reply().status, 401);
+    let consent = refusal(
+        r#"{"error":"invalid_grant","error_description":"AADSTS65001: The user or administrator has not consented","error_codes":[65001]}"#,
+    );
+    assert_eq!(consent.reply().status, 502);
+    assert!(consent.description().contains("invalid_grant AADSTS65001"));
+    let mfa = refusal(r#"{"error":"interaction_required","error_codes":[50076]}"#);
+    assert_eq!(mfa.reply().status, 502);
+
+    let (h, mut w) = {
+        let h = host();
+        let w = worker(&h, &c, 1);
+        (h, w)
+    };
+    let mut forged = entra_user("carol");
+    forged.token = Some(jwt_of(
+        &json!({"sub": "sub-admin", "preferred_username": "admin"}),
+    ));
+    assert_eq!(
+        w.on_request(&h, &c, 1, 0, &forged),
+        Decision::Fail(Failure::NotAuthenticated),
+        "a token other than the verified one is never passed on"
+    );
+    let mut missing = entra_user("dave");
+    missing.token = None;
+    assert!(matches!(
+        w.on_request(&h, &c, 2, 0, &missing),
+        Decision::Fail(Failure::Internal { .. })
+    ));
+    assert_eq!(h.dispatches(), 0);
+}
+
+#[test]
+fn a_key_credential_signs_a_client_assertion_before_the_on_behalf_of_call() {
+    use base64::Engine;
+    let (h, c) = (
+        host(),
+        on_behalf_of_config(json!({"assertionServiceClientAssertionKey": "default"})),
+    );
+    let mut w = worker(&h, &c, 1);
+    assert_eq!(
+        w.on_request(&h, &c, 1, 0, &entra_user("erin")),
+        Decision::Wait
+    );
+    deliver(&h, &mut w, 1);
+    sign_to_the_end(&h, &mut w, 1);
+    let (_, obo) = h.dispatched.borrow()[0].clone();
+    let form = form_of(&obo);
+    assert_eq!(
+        form["client_assertion_type"],
+        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+    );
+    let parts: Vec<&str> = form["client_assertion"].split('.').collect();
+    assert_eq!(parts.len(), 3);
+    let payload: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(parts[1])
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(payload["iss"], "gateway-app");
+    assert_eq!(payload["aud"], "https://login.example/t/oauth2/v2.0/token");
+    let signature = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(parts[2])
+        .unwrap();
+    assert_eq!(signature.len(), 256, "RS256 with the 2048-bit test key");
+    assert!(!obo.headers.iter().any(|(k, _)| k == "authorization"));
+}

@@ -3,6 +3,7 @@
 
 pub mod attributes;
 pub mod payload;
+pub mod user_token;
 
 use serde_json::Value;
 use std::fmt;
@@ -18,6 +19,13 @@ pub trait Identity {
 
     /// Every verified claim; `None`: no authenticated user.
     fn claims(&self) -> Option<Value>;
+
+    /// The user's JWT as the client sent it (`Authorization: Bearer`), for an exchange
+    /// that passes it on (on-behalf-of); `None` if the request has none. Only its match
+    /// with [`Identity::claims`] makes it the verified one (see [`user_token`]).
+    fn raw_token(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Claims already at hand (tests, or a host that decodes them anyway).

@@ -31,15 +31,21 @@ impl std::fmt::Debug for TokenRequest {
 
 /// Builds the form POST that exchanges `signed_assertion` at the destination's token service.
 pub fn build(destination: &SamlSettings, signed_assertion: &str) -> TokenRequest {
-    let service = &destination.token_service;
     let assertion = match destination.encoding {
         AssertionEncoding::Base64Url => URL_SAFE_NO_PAD.encode(signed_assertion),
         AssertionEncoding::Base64 => STANDARD.encode(signed_assertion),
     };
+    build_encoded(destination, &assertion)
+}
+
+/// The same request for an assertion that is encoded already: one an identity provider
+/// issued, passed on as issued.
+pub fn build_encoded(destination: &SamlSettings, assertion: &str) -> TokenRequest {
+    let service = &destination.token_service;
 
     let mut form = form_urlencoded::Serializer::new(String::new());
     form.append_pair("grant_type", SAML2_BEARER_GRANT);
-    form.append_pair("assertion", &assertion);
+    form.append_pair("assertion", assertion);
     if let Some(client_id) = &destination.client_key {
         form.append_pair("client_id", client_id);
     }

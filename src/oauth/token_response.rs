@@ -111,6 +111,32 @@ fn expires_in(value: Option<&Value>) -> Result<u64, Failure> {
     }
 }
 
+/// The RFC 6749 §5.2 `error` code of an error answer, with Microsoft Entra's numeric
+/// code when it gives one (`invalid_grant AADSTS500133`): what an operator looks up.
+/// `None` if the body is no such answer.
+pub fn error_detail(body: &[u8]) -> Option<(String, Option<u64>)> {
+    if body.len() > MAX_RESPONSE_BYTES {
+        return None;
+    }
+    let code = oauth_error(body)?;
+    let json: Value = serde_json::from_slice(body).ok()?;
+    let numeric = json
+        .get("error_codes")
+        .and_then(Value::as_array)
+        .and_then(|codes| codes.first())
+        .and_then(Value::as_u64)
+        .or_else(|| {
+            // Older answers carry it only as the description's prefix: "AADSTS50013: …".
+            let description = json.get("error_description")?.as_str()?;
+            let digits = description.strip_prefix("AADSTS")?;
+            let end = digits
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(digits.len());
+            digits[..end.min(9)].parse().ok()
+        });
+    Some((code, numeric))
+}
+
 /// The RFC 6749 §5.2 `error` code, if the body is such an answer with a valid code.
 fn oauth_error(body: &[u8]) -> Option<String> {
     let json: Value = serde_json::from_slice(body).ok()?;
@@ -129,6 +155,26 @@ mod tests {
 
     fn ok(body: &str) -> Result<IssuedToken, Failure> {
         parse(Some(200), body.as_bytes())
+    }
+
+    #[test]
+    fn reads_entra_error_codes() {
+        let entra = br#"{"error":"invalid_grant","error_description":"AADSTS500133: Assertion is not within its valid time range.","error_codes":[500133]}"#;
+        assert_eq!(
+            error_detail(entra),
+            Some(("invalid_grant".into(), Some(500133)))
+        );
+        let prefix_only = br#"{"error":"invalid_grant","error_description":"AADSTS65001: The user or administrator has not consented"}"#;
+        assert_eq!(
+            error_detail(prefix_only),
+            Some(("invalid_grant".into(), Some(65001)))
+        );
+        assert_eq!(
+            error_detail(br#"{"error":"invalid_client"}"#),
+            Some(("invalid_client".into(), None))
+        );
+        assert_eq!(error_detail(br#"{"error":"bad\"code"}"#), None);
+        assert_eq!(error_detail(b"<html>"), None);
     }
 
     #[test]

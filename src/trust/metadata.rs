@@ -32,7 +32,11 @@ pub fn published_key<'a>(config: &'a PluginConfig, name: &str) -> Option<Publish
     let mut entity_ids = Vec::new();
     let mut name_id_formats = Vec::new();
     let saml = config.destinations.iter().filter(|d| d.key_name == name);
-    for destination in saml.filter_map(|d| d.saml()) {
+    // Destinations whose identity provider signs the assertion publish nothing here.
+    let signed_here = saml
+        .filter_map(|d| d.saml())
+        .filter(|s| s.assertion_service.is_none());
+    for destination in signed_here {
         if !entity_ids.contains(&destination.assertion_issuer.as_str()) {
             entity_ids.push(destination.assertion_issuer.as_str());
         }
