@@ -49,7 +49,7 @@ BEHIND_JWT = ("jwt_minimal", "jwt_minimal_identity", "principal_propagation")
 # bench/hit_host.mjs with cold caches: bytes written over between two requests (the L2
 # cache of this machine's cores is 512 KiB).
 COLD_BYTES = 1 << 20
-BENCH_PORTS = stack.Ports(listener=18001, admin=18099, idp=18200, token=18210, echo=18220, onprem=18229)
+BENCH_PORTS = stack.Ports(listener=18001, admin=18099, idp=18200, token=18210, echo=18220, onprem=18229, sts=18228)
 
 
 def router() -> dict:

@@ -46,7 +46,7 @@ import memory  # noqa: E402
 import stack  # noqa: E402
 
 # Not head_of_line's (184xx) nor flood's (18501, 18510-18513, 18521-18522, 18599).
-PORTS = stack.Ports(listener=18551, admin=18598, idp=18560, token=18561, echo=18565, onprem=18569)
+PORTS = stack.Ports(listener=18551, admin=18598, idp=18560, token=18561, echo=18565, onprem=18569, sts=18568)
 TOKEN_LISTENER, UPSTREAM_LISTENER = 18571, 18572
 ALGORITHMS = {"rsa": "RSA-2048", "ec": "P-256"}
 # Flow -> (credential kind, algorithm, key name in the plugin's `keys`).

@@ -35,7 +35,7 @@ import head_of_line  # noqa: E402
 import memory  # noqa: E402
 import stack  # noqa: E402
 
-PORTS = stack.Ports(listener=18501, admin=18599, idp=18510, token=18511, echo=18512, onprem=18519)
+PORTS = stack.Ports(listener=18501, admin=18599, idp=18510, token=18511, echo=18512, onprem=18519, sts=18518)
 TOKEN_LISTENER, UPSTREAM_LISTENER = 18521, 18522
 NEW_USERS_PER_SECOND = 500
 HIT_USER = "flood-cached"

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "dev"))
 import memory  # noqa: E402
 import stack  # noqa: E402
 
-PORTS = stack.Ports(listener=18401, admin=18499, idp=18410, token=18411, echo=18412, onprem=18419)
+PORTS = stack.Ports(listener=18401, admin=18499, idp=18410, token=18411, echo=18412, onprem=18419, sts=18418)
 TOKEN_LISTENER, UPSTREAM_LISTENER = 18421, 18422
 ARRIVALS_PER_SECOND = 50
 HIT_USER = "hol-cached"

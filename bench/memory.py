@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "dev"))
 import load  # noqa: E402
 import stack  # noqa: E402
 
-PORTS = stack.Ports(listener=18301, admin=18399, idp=18310, token=18311, echo=18312, onprem=18319)  # the dev servers'
+PORTS = stack.Ports(listener=18301, admin=18399, idp=18310, token=18311, echo=18312, onprem=18319, sts=18318)  # the dev servers'
 TOKEN_LISTENER, UPSTREAM_LISTENER = 18321, 18322  # Envoy's stand-ins
 TOKEN = "b" * 800
 LUA_USER = """

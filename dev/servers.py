@@ -29,8 +29,8 @@ shows the modes set and how many token requests each path served in each mode;
 ``GET /upstream`` lists what reached the echo upstream.
 
 Dev/test only: keys and state live in memory. Tokens, assertions, passwords and
-keys are never logged (``GET /requests`` on the token server and ``GET /minted`` on the
-identity provider do expose them, on purpose, to tests).
+keys are never logged (``GET /requests`` on the token server, ``GET /minted`` on the
+identity provider and ``GET /_sts/requests`` on the STS do expose them, on purpose, to tests).
 """
 
 import argparse

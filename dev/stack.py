@@ -22,6 +22,7 @@ from pathlib import Path
 
 import local_ca
 import log_audit
+import sts
 
 ROOT = Path(__file__).resolve().parent.parent
 # PP_WASM: another build of the plugin (to compare two versions in the same benchmark).
@@ -35,6 +36,16 @@ CLIENT_SECRET = "gateway-secret"
 CLIENT_SECRET_ENV = "PP_CLIENT_SECRET"  # the plugin reads the password from the VM's environment
 JWT_AUDIENCE = "principal-propagation-demo"
 SECOND_ISSUER = "https://second-idp.example"  # a second jwt_authn provider in the test profile
+# The Entra-style flow: user tokens from `GET /token?idp=entra` for the gateway's app, which
+# the development Entra token endpoint (dev/sts.py) exchanges for a SAML assertion.
+ENTRA_ISSUER = f"https://login.microsoftonline.com/{sts.DEV_TENANT_ID}/v2.0"
+STS_SECRET_ENV = "PP_STS_SECRET"
+# An audience jwt_authn accepts but the STS does not (the gateway's app is the only one it
+# redeems tokens for): a token issued for another application reaches the STS.
+OTHER_APP_AUDIENCE = "api://another-application"
+# An enterprise application whose Identifier is not the target's entity id: Entra issues
+# the assertion, the target refuses it (XSUAA's "Error validating SAML message").
+MISCONFIGURED_ENTITY = "misconfigured-target"
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,8 @@ class Ports:
     # The on-premise backend (dev/onprem.py): HTTPS, trusts a forwarded user certificate
     # only from the gateway's system certificate, as ABAP ICM does.
     onprem: int = 9300
+    # The development Entra ID token endpoint (dev/sts.py): on-behalf-of, SAML out.
+    sts: int = 9400
 
     @property
     def closed(self) -> int:
@@ -61,7 +74,7 @@ class Ports:
 
     def shifted(self, offset: int) -> "Ports":
         return Ports(*(p + offset for p in (self.listener, self.admin, self.idp, self.token, self.echo,
-                                            self.onprem)))
+                                            self.onprem, self.sts)))
 
 
 PP_KEYS = ROOT / "target" / "release" / "pp-keys"
@@ -75,6 +88,8 @@ EC_SLOTS = ("ec", "ca_ec")
 # Slots holding a CA (`pp-keys generate --ca true`).
 CA_SLOTS = ("ca", "ca_ec")
 USERS_CA = "principal-propagation users CA"
+# Keys whose certificates the development STS accepts client assertions from.
+STS_CLIENT_CERT_SLOTS = ("a", "ec")
 # Further variables PP_EXTRA_0.. passed to the Wasm VM (tests put extra keys there).
 EXTRA_ENV_SLOTS = 4
 
@@ -104,7 +119,7 @@ def trusted_cert(label: str) -> Path:
 
 def key_environment() -> dict[str, str]:
     """The secrets Envoy passes to the Wasm VM (so none is in the configuration)."""
-    env = {CLIENT_SECRET_ENV: CLIENT_SECRET}
+    env = {CLIENT_SECRET_ENV: CLIENT_SECRET, STS_SECRET_ENV: sts.DEV_GATEWAY_CLIENT_SECRET}
     for slot in KEY_SLOTS:
         key, cert = key_files(slot)
         env[f"PP_KEY_{slot.upper()}"] = key.read_text()
@@ -150,6 +165,21 @@ def onprem_destination(name: str = "onprem", **extra) -> dict:
     }
     d.update(extra)
     return d
+
+
+def entra_destination(ports: Ports, name: str = "entra", fault: str = "", **extra) -> dict:
+    """An OAuth2SAMLBearerAssertion destination whose assertion Entra ID issues (the
+    development STS, on behalf of the user) and the dev token server exchanges."""
+    d = destination(ports, name)
+    del d["assertionIssuer"], d["nameIdFormat"], d["authnContextClassRef"]
+    d.update({
+        "assertionServiceURL": f"http://127.0.0.1:{ports.sts}{sts.token_path(sts.DEV_TENANT_ID)}{fault}",
+        "assertionServiceCluster": "sts",
+        "assertionServiceClientId": sts.DEV_GATEWAY_CLIENT_ID,
+        "assertionServiceClientSecretEnv": STS_SECRET_ENV,
+    })
+    d.update(extra)
+    return {k: v for k, v in d.items() if v is not None}
 
 
 def test_destinations(ports: Ports) -> list[dict]:
@@ -206,11 +236,23 @@ def test_destinations(ports: Ports) -> list[dict]:
                 "URL.queries.sap-client": "100",
             },
         ),
+        # The on-behalf-of flow's variants: a key as the client credential (RS256, ES256),
+        # the assertion re-encoded as base64, and the identity provider failing.
+        entra_destination(ports, "entra-key", assertionServiceClientAssertionKey="default",
+                          assertionServiceClientSecretEnv=None),
+        entra_destination(ports, "entra-ec-key", assertionServiceClientAssertionKey="ec",
+                          assertionServiceClientSecretEnv=None),
+        entra_destination(ports, "entra-base64", samlAssertionEncoding="base64"),
+        entra_destination(ports, "entra-garbage", fault="/fault/garbage"),
+        entra_destination(ports, "entra-html", fault="/fault/html-500"),
+        entra_destination(ports, "entra-slow", fault="/fault/slow?delay=3", assertionServiceTimeoutInSeconds=1),
+        entra_destination(ports, "entra-down", assertionServiceCluster="token_service_down"),
+        entra_destination(ports, "entra-wrong-entity", audience=MISCONFIGURED_ENTITY),
     ]
 
 
 def plugin_config(ports: Ports, profile: str) -> dict:
-    destinations = [destination(ports, "dev"), onprem_destination()]
+    destinations = [destination(ports, "dev"), onprem_destination(), entra_destination(ports)]
     if profile == "test":
         destinations += test_destinations(ports)
     keys = {"default": {"active": key_ref("a"), "passive": key_ref("b")}, "users-ca": key_ref("ca")}
@@ -312,7 +354,7 @@ def wasm_filter(plugin: dict, vm_configuration: str = "") -> dict:
                 "code": {"local": {"filename": str(WASM)}},
                 "environment_variables": {
                     "host_env_keys": [f"PP_{kind}_{slot.upper()}" for slot in KEY_SLOTS for kind in ("KEY", "CERT")]
-                    + [f"PP_EXTRA_{i}" for i in range(EXTRA_ENV_SLOTS)] + [CLIENT_SECRET_ENV]
+                    + [f"PP_EXTRA_{i}" for i in range(EXTRA_ENV_SLOTS)] + [CLIENT_SECRET_ENV, STS_SECRET_ENV]
                 },
             },
         },
@@ -384,6 +426,10 @@ def jwt_providers(ports: Ports, profile: str) -> dict:
     and which leaves the verified JWT where it found it (`forward`, as Envoy Gateway's
     SecurityPolicy always does): a JWT sent as `?access_token=` then stays in the URL."""
     providers = {"dev_idp": jwt_provider(ports, f"http://127.0.0.1:{ports.idp}")}
+    # Entra-style user tokens: the plugin passes them on (on-behalf-of), so the provider
+    # keeps them in the request (`forward`).
+    providers["entra_idp"] = jwt_provider(ports, ENTRA_ISSUER, forward=True)
+    providers["entra_idp"]["audiences"] = [sts.DEV_GATEWAY_CLIENT_ID, OTHER_APP_AUDIENCE]
     if profile == "test":
         providers["second_idp"] = jwt_provider(ports, SECOND_ISSUER, forward=True)
     return providers
@@ -400,6 +446,7 @@ def envoy_config(ports: Ports, profile: str, config_override: dict | None = None
         routes.append({"match": {"prefix": "/direct"},
                        "direct_response": {"status": 200, "body": {"inline_string": "ok"}}})
     routes.append(route("/onprem/", "onprem", "onprem"))
+    routes.append(route("/entra/", "entra"))
     routes.append(route("/"))  # the default destination
     plugin = config_override if config_override is not None else plugin_config(ports, profile)
     if plugin_file is None:
@@ -484,6 +531,7 @@ def envoy_config(ports: Ports, profile: str, config_override: dict | None = None
                 cluster("token_service", ports.token),
                 cluster("token_service_down", ports.closed),
                 cluster("echo", ports.echo),
+                cluster("sts", ports.sts),
                 onprem_cluster(ports),
                 *(tls_clusters(ports) if profile == "test" else []),
             ],
@@ -550,7 +598,10 @@ class Stack:
              "--token-tls-port", str(p.token_tls), "--tls-cert", str(tls.server_cert),
              "--tls-key", str(tls.server_key),
              "--onprem-port", str(p.onprem), "--onprem-user-ca", str(key_files("ca")[1]),
-             "--tls-dir", str(TLS_DIR)],
+             "--tls-dir", str(TLS_DIR), "--sts-port", str(p.sts),
+             "--sts-entity", f"{ENTITY_ID}=http://127.0.0.1:{p.token}/oauth/token",
+             "--sts-entity", f"{MISCONFIGURED_ENTITY}=http://127.0.0.1:{p.token}/oauth/token",
+             *[arg for slot in STS_CLIENT_CERT_SLOTS for arg in ("--sts-client-cert", str(key_files(slot)[1]))]],
             stdout=subprocess.PIPE, stderr=open(self.run_dir / "servers.log", "w"), text=True,
         )
         line = self.servers.stdout.readline()  # the servers print `ready` once listening
@@ -639,10 +690,12 @@ principal-propagation demo is up (Ctrl-C to stop):
   token server (UAA rules)   http://127.0.0.1:{p.token}/stats
   echo upstream              http://127.0.0.1:{p.echo}
   on-premise backend (ICM)   https://localhost:{p.onprem} (through the gateway at /onprem/)
+  Entra ID token endpoint    http://127.0.0.1:{p.sts}{sts.token_path(sts.DEV_TENANT_ID)} (on-behalf-of, SAML out; /entra/)
 
 Try:
   curl -s -H "Authorization: Bearer $(curl -s 'http://127.0.0.1:{p.idp}/token?user=alice')" http://127.0.0.1:{p.listener}/hello
   curl -s -H "Authorization: Bearer $(curl -s 'http://127.0.0.1:{p.idp}/token?user=alice')" http://127.0.0.1:{p.listener}/onprem/hello
+  curl -s -H "Authorization: Bearer $(curl -s 'http://127.0.0.1:{p.idp}/token?user=alice&idp=entra')" http://127.0.0.1:{p.listener}/entra/hello
   curl -s -i http://127.0.0.1:{p.listener}/hello
 Logs: {stack.envoy_log}
 """,

@@ -230,7 +230,8 @@ def make_signing_identity(tenant: str):
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=3 * 365))
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=3 * 365))
             .sign(key, hashes.SHA256()))
     return key, cert
 
@@ -430,7 +431,8 @@ class Sts:
             except jwt.InvalidSignatureError:
                 continue
             except (jwt.PyJWTError, ValueError, TypeError) as exc:
-                problem = f"The client assertion could not be verified with the registered key ({type(exc).__name__})."
+                problem = ("The client assertion could not be verified with the registered key "
+                           f"({type(exc).__name__}).")
         if claims is None:
             raise bad_client_assertion(problem)
         if claims.get("iss") != claims.get("sub"):
@@ -654,7 +656,7 @@ PLACEHOLDER_ANSWER = json.dumps({
 # Faults by name: each takes the handler and answers (or does not); the token server's
 # own (servers.FAULTS and its socket-level methods) where they fit.
 STS_FAULTS = {
-    "garbage": lambda h: h.send_body(200, b"{\"token_type\": \"Bearer\", access_token: <not json>", "application/json"),
+    "garbage": lambda h: h.send_body(200, b'{"token_type": "Bearer", access_token: <not json>', "application/json"),
     "html-500": lambda h: FAULTS["html-500"](h, None),
     "html-503": lambda h: FAULTS["html-503"](h, None),
     "empty": lambda h: FAULTS["empty"](h, None),
@@ -753,6 +755,8 @@ class StsHandler(BaseHandler):
             self.outcome = f"fault:{fault}"
             self.app.record(entry, self.outcome)
             self.close_connection = True
+            if fault in ("reset", "hang"):
+                self.log_request("-")  # no status line will be sent: log the request now
             try:
                 STS_FAULTS[fault](self)
             except OSError:

@@ -199,11 +199,15 @@ impl Destination {
         }
     }
 
-    /// How long making a credential may take: the token service's read timeout, or for a
-    /// certificate (a signature, no callout) the default one.
+    /// How long making a credential may take: the token service's read timeout (plus
+    /// the identity provider's, whose call comes first, for an assertion from there), or
+    /// for a certificate (a signature, no callout) the default one.
     pub fn exchange_timeout_ms(&self) -> u64 {
         match &self.kind {
-            Kind::SamlBearer(saml) => saml.token_service.timeout_ms,
+            Kind::SamlBearer(saml) => {
+                let first = saml.assertion_service.as_ref().map_or(0, |s| s.timeout_ms);
+                first + saml.token_service.timeout_ms
+            }
             Kind::ClientCertificate(_) => DEFAULT_READ_TIMEOUT_S * 1000,
         }
     }

@@ -56,8 +56,17 @@ def received(client):
     users = ["sig-alice", "sig <&\"'> ]]> é 𝄞", "sig\ttab"]
     for user in users:
         assert client.gateway("/hello", client.jwt(user))[0] == 200
-    # Each with the certificate of the key that signed it, as the token server found it.
-    assertions = [(decode_assertion(r["form"]["assertion"]), stack.trusted_cert(r["verified_by"]))
+    # Each with the certificate of the key that signed it, as the token server found it:
+    # a gateway key's, or the development Entra ID's (assertions issued on behalf of a user).
+    status, _, sts_pem = client.call(f"http://127.0.0.1:{client.ports.sts}/_sts/certificate")
+    assert status == 200
+    sts_cert = stack.ROOT / ".run" / "sts-signing.pem"
+    sts_cert.write_bytes(sts_pem)
+
+    def certificate(label: str) -> Path:
+        return sts_cert if label == "sts" else stack.trusted_cert(label)
+
+    assertions = [(decode_assertion(r["form"]["assertion"]), certificate(r["verified_by"]))
                   for r in client.token_requests() if r["outcome"] == "ok" and r["form"].get("assertion")]
     assert len(assertions) >= len(users)
     return users, assertions
