@@ -2,7 +2,8 @@
 point 8), for `make bench`.
 
 One Envoy worker (`--concurrency 1`, every Envoy thread pinned to one core, the client
-to the other) runs the plugin with four destinations, one route prefix each:
+to the other) runs the plugin with four destinations (a fifth, `/obo/`, has its own section),
+one route prefix each:
 `OAuth2SAMLBearerAssertion` with an RSA-2048 and with a P-256 signing key (`/saml-rsa/`,
 `/saml-ec/`: an assertion written and signed, then exchanged for a token by an HTTP
 callout) and `PrincipalPropagation` with an RSA-2048 and with a P-256 CA (`/x509-rsa/`,
@@ -51,7 +52,14 @@ TOKEN_LISTENER, UPSTREAM_LISTENER = 18571, 18572
 ALGORITHMS = {"rsa": "RSA-2048", "ec": "P-256"}
 # Flow -> (credential kind, algorithm, key name in the plugin's `keys`).
 FLOWS = {"saml-rsa": ("saml", "rsa", "rsa"), "x509-rsa": ("x509", "rsa", "ca"),
-         "saml-ec": ("saml", "ec", "ec"), "x509-ec": ("x509", "ec", "ca_ec")}
+         "saml-ec": ("saml", "ec", "ec"), "x509-ec": ("x509", "ec", "ca_ec"),
+         "obo": ("obo", "", "")}
+# The identity provider of the on-behalf-of flow: a direct-response listener answering every
+# call with one assertion (the plugin passes it on unread, so a fixed one measures it).
+STS_LISTENER = 18573
+OBO_ASSERTION = base64.urlsafe_b64encode(
+    b'<saml2:Assertion xmlns:saml2="urn:oasis:names:tc:SAML:2.0:assertion" ID="_bench">'
+    b"<saml2:Issuer>https://sts.windows.net/bench/</saml2:Issuer></saml2:Assertion>").rstrip(b"=").decode()
 KEY_SLOTS = {"rsa": "a", "ec": "ec", "ca": "ca", "ca_ec": "ca_ec"}
 EXCHANGES_OK = "wasmcustom.principal_propagation.token_exchange.ok"  # certificates count here too
 
@@ -61,6 +69,14 @@ def plugin() -> dict:
     for name, (kind, _, key) in FLOWS.items():
         if kind == "saml":
             destinations.append(stack.destination(PORTS, name, KeyStoreLocation=key))
+        elif kind == "obo":
+            d = stack.destination(PORTS, name, userIdSource="user_name", **{
+                "assertionServiceURL": f"http://127.0.0.1:{STS_LISTENER}/tenant/oauth2/v2.0/token",
+                "assertionServiceCluster": "sts", "assertionServiceClientId": "bench-app",
+                "assertionServiceClientSecret": "bench-secret"})
+            for gateway_signed in ("assertionIssuer", "nameIdFormat", "authnContextClassRef"):
+                del d[gateway_signed]
+            destinations.append(d)
         else:
             destinations.append(stack.onprem_destination(name, clientCertificateIssuerKey=key,
                                                           clientCertificateValidityMinutes=10))
@@ -75,6 +91,8 @@ def plugin() -> dict:
 def bootstrap() -> dict:
     """head_of_line's gateway (Lua user, token and upstream listeners), with this plugin
     and its routes; `/check/<flow>/` go to the dev echo server, which shows what arrived."""
+    from bench import listener  # noqa: E402 (bench.py imports this module lazily too)
+
     config = head_of_line.bootstrap(head_of_line.Listeners(PORTS, TOKEN_LISTENER, UPSTREAM_LISTENER))
     config["node"]["id"] = "bench-first-request"
     resources = config["static_resources"]
@@ -86,7 +104,19 @@ def bootstrap() -> dict:
         [stack.route(f"/{flow}/", flow, "upstream") for flow in FLOWS]
         + [stack.route(f"/check/{flow}/", flow, "echo") for flow in FLOWS])
     resources["clusters"].append(stack.cluster("echo", PORTS.echo))
+    sts_answer = json.dumps({"token_type": "Bearer", "access_token": OBO_ASSERTION, "expires_in": 3599,
+                             "issued_token_type": "urn:ietf:params:oauth:token-type:saml2"})
+    resources["listeners"].append(listener("sts", STS_LISTENER, [], memory.direct(200, sts_answer)))
+    resources["clusters"].append(stack.cluster("sts", STS_LISTENER))
     return config
+
+
+def user_token(user: str) -> str:
+    """The user's token as the client sends it: its payload is exactly what the Lua filter
+    puts where jwt_authn would (the plugin passes it on only then)."""
+    def part(value) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value, separators=(",", ":")).encode()).rstrip(b"=").decode()
+    return f"{part({'alg': 'RS256'})}.{part({'user_name': user})}.c2ln"
 
 
 def worker_cpu_ns(pid: int) -> int:
@@ -118,10 +148,10 @@ def check_credentials() -> dict[str, str]:
     for flow, (kind, _, key) in FLOWS.items():
         user = f"check-{flow}"
         request = urllib.request.Request(f"http://127.0.0.1:{PORTS.listener}/check/{flow}/x",
-                                         headers={"x-bench-user": user})
+                                         headers={"x-bench-user": user, "authorization": f"Bearer {user_token(user)}"})
         with urllib.request.urlopen(request, timeout=15) as r:
             headers = json.loads(r.read())["headers"]
-        if kind == "saml":
+        if kind in ("saml", "obo"):
             assert headers.get("authorization") == f"Bearer {memory.TOKEN}", f"{flow}: no bearer token upstream"
             assert "ssl_client_cert" not in headers, flow
             checked[flow] = "bearer token"
@@ -155,7 +185,10 @@ def measure(rounds: int, users: int = 50, warm_up: int = 20) -> dict:
         before = worker_cpu_ns(pid)
         for _ in range(n):
             sent[flow] += 1
-            head_of_line.first_request(f"/{flow}/x", f"{flow}-{sent[flow]}", statuses, latencies, port=PORTS.listener)
+            user = f"{flow}-{sent[flow]}"
+            token = {"authorization": f"Bearer {user_token(user)}"} if FLOWS[flow][0] == "obo" else None
+            head_of_line.first_request(f"/{flow}/x", user, statuses, latencies, port=PORTS.listener,
+                                       headers=token)
         return worker_cpu_ns(pid) - before
 
     pinned = (os.cpu_count() or 1) >= 2
@@ -197,17 +230,22 @@ def measure(rounds: int, users: int = 50, warm_up: int = 20) -> dict:
         saml, cert = f"saml-{alg}", f"x509-{alg}"
         ratio[alg] = {m: [x / s for x, s in zip(values[cert], values[saml])]
                       for m, values in (("p50", p50), ("p95", p95), ("cpu", cpu))}
+    # The on-behalf-of chain (two callouts, no signature) against the gateway-signed flows.
+    obo_ratio = {alg: {m: [x / s for x, s in zip(values["obo"], values[f"saml-{alg}"])]
+                       for m, values in (("p50", p50), ("p95", p95), ("cpu", cpu))} for alg in ALGORITHMS}
     result = {
         "rounds": rounds, "users_per_batch": users, "new_users_per_round_and_flow": 2 * users,
         "new_users": new_users, "errors": sum(1 for s in statuses if s != 200),
         "answers": {str(k): v for k, v in sorted(Counter(statuses).items())},
         "credentials_issued": exchanges, "pinned": pinned, "checked": checked,
         "p50_ms": p50, "p95_ms": p95, "cpu_ms_per_user": cpu, "ratio_x509_to_saml": ratio,
+        "ratio_obo_to_saml": obo_ratio,
     }
     result["summary"] = {
         **{f"{flow} {name}": summary(result[key][flow]) for flow in flows
            for name, key in (("P50 ms", "p50_ms"), ("P95 ms", "p95_ms"), ("CPU ms per user", "cpu_ms_per_user"))},
         **{f"x509/saml {alg} {m}": summary(ratio[alg][m]) for alg in ALGORITHMS for m in ("p50", "p95", "cpu")},
+        **{f"obo/saml {alg} {m}": summary(obo_ratio[alg][m]) for alg in ALGORITHMS for m in ("p50", "p95", "cpu")},
     }
     return result
 

@@ -103,12 +103,12 @@ def bootstrap(listeners: Listeners = DEFAULT) -> dict:
 
 
 def first_request(path: str, user: str, statuses: list[int], latencies: list[float] | None = None,
-                  port: int = PORTS.listener) -> None:
+                  port: int = PORTS.listener, headers: dict | None = None) -> None:
     """A new user's first request: its status, and its latency in ms into `latencies`."""
     started = time.monotonic()
     try:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
-        connection.request("GET", path, headers={"x-bench-user": user})
+        connection.request("GET", path, headers={"x-bench-user": user, **(headers or {})})
         statuses.append(connection.getresponse().status)
         connection.close()
     except OSError:
