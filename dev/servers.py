@@ -698,6 +698,15 @@ class BaseHandler(BaseHTTPRequestHandler):
             raise ValueError("body too large")
         return self.rfile.read(length) if length > 0 else b""
 
+    def body_or_refusal(self):
+        """The request body, or None once a bad or oversized one was answered with 413."""
+        try:
+            return self.read_body()
+        except ValueError:
+            self.close_connection = True
+            self.send_json(413, {"error": "invalid_request", "error_description": "bad or oversized body"})
+            return None
+
     def send_body(self, status, body, content_type, extra_headers=None):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -764,11 +773,8 @@ class TokenHandler(BaseHandler):
 
     def do_POST(self):
         url = urlsplit(self.path)
-        try:
-            body = self.read_body()
-        except ValueError:
-            self.close_connection = True
-            self.send_json(413, {"error": "invalid_request", "error_description": "bad or oversized body"})
+        body = self.body_or_refusal()
+        if body is None:
             return
         if url.path == "/reset":
             self.app.state.reset()

@@ -711,11 +711,8 @@ class StsHandler(BaseHandler):
     def do_POST(self):
         self.outcome = "-"
         url = urlsplit(self.path)
-        try:
-            body = self.read_body()
-        except ValueError:
-            self.close_connection = True
-            self.send_json(413, {"error": "invalid_request", "error_description": "bad or oversized body"})
+        body = self.body_or_refusal()
+        if body is None:
             return
         match = TOKEN_PATH.fullmatch(url.path)
         if url.path == "/_sts/reset":

@@ -164,13 +164,18 @@ def env(tmp_path_factory):
         wait_ready(proc, stderr_path)
         yield Env(*ports, identity)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        proc.stdout.close()
+        stop_servers(proc)
+
+
+def stop_servers(proc):
+    """Stops a servers.py process (bounded), closing its pipe."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+    proc.stdout.close()
 
 
 def wait_ready(proc, stderr_path):
@@ -315,11 +320,9 @@ def test_stats_and_recorded_requests(env):
 # -------------------------------------------------------------- fault injection
 
 
-def raw_exchange(env, path, read_timeout=5.0):
-    """POST a grant request on a raw socket; returns (bytes received, how the read ended)."""
-    port = int(env.token.rsplit(":", 1)[1])
-    body = urllib.parse.urlencode({"grant_type": GRANT, "assertion": b64(env.assertion(path=path))}).encode()
-    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+def raw_post(port, path, body, read_timeout=5.0):
+    """POST a form on a raw socket; returns (bytes received, how the read ended)."""
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/x-www-form-urlencoded\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode()
     received, deadline = b"", time.monotonic() + read_timeout
     with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as s:
@@ -335,6 +338,13 @@ def raw_exchange(env, path, read_timeout=5.0):
             return received, "reset"
         except socket.timeout:
             return received, "timeout"
+
+
+def raw_exchange(env, path, read_timeout=5.0):
+    """A grant request on a raw socket (see `raw_post`)."""
+    port = int(env.token.rsplit(":", 1)[1])
+    body = urllib.parse.urlencode({"grant_type": GRANT, "assertion": b64(env.assertion(path=path))}).encode()
+    return raw_post(port, path, body, read_timeout)
 
 
 def test_faults_by_path_answer_without_validating_and_carry_a_working_token(env):

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "dev"))
 import servers  # noqa: E402
 import sts  # noqa: E402
 from test_servers import (CLIENT_ID, CLIENT_SECRET, ENTITY_ID, GRANT, ISSUER, JWT_AUDIENCE,  # noqa: E402
-                          build_assertion, free_port, http, make_signing_identity, wait_ready)
+                          build_assertion, free_port, http, make_signing_identity, raw_post, stop_servers, wait_ready)
 
 TENANT = sts.DEV_TENANT_ID
 GATEWAY_APP = sts.DEV_GATEWAY_CLIENT_ID
@@ -155,13 +155,7 @@ def stack(tmp_path_factory):
         wait_ready(proc, log)
         yield Stack(ports, identity, rsa_key, ec_key, log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        proc.stdout.close()
+        stop_servers(proc)
 
 
 @pytest.fixture(autouse=True)
@@ -539,26 +533,6 @@ def test_each_issuer_is_bound_to_its_own_certificates():
 # -------------------------------------------------------------------- faults
 
 
-def raw_post(port, path, timeout):
-    """POST on a raw socket; returns (bytes received, how the read ended)."""
-    body = b"grant_type=x"
-    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/x-www-form-urlencoded\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
-    received = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(head + body)
-        try:
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    return received, "eof"
-                received += chunk
-        except ConnectionResetError:
-            return received, "reset"
-        except socket.timeout:
-            return received, "timeout"
-
-
 def test_faults(stack):
     fault = stack.token_url + "/fault/"
     status, raw = http("POST", fault + "garbage", b"")
@@ -567,7 +541,7 @@ def test_faults(stack):
         json.loads(raw)
     status, raw = http("POST", fault + "html-500", b"")
     assert status == 500 and raw.startswith(b"<html>")
-    received, ended = raw_post(stack.sts_port, f"/{TENANT}/oauth2/v2.0/token/fault/reset", timeout=5)
+    received, ended = raw_post(stack.sts_port, f"/{TENANT}/oauth2/v2.0/token/fault/reset", b"grant_type=x", 5)
     assert received == b"" and ended in ("reset", "eof")
     assert http("POST", fault + "no-such-fault", b"")[0] == 404
     # slow answers normally after ?delay= ...
@@ -575,7 +549,7 @@ def test_faults(stack):
     status, body = stack.obo(path=fault + "slow?delay=0.3")
     assert status == 200 and time.monotonic() - started >= 0.3, body
     # ... later than a client waits (its answer, to a bad form, comes after it gave up).
-    received, ended = raw_post(stack.sts_port, f"/{TENANT}/oauth2/v2.0/token/fault/slow?delay=1.5", timeout=0.5)
+    received, ended = raw_post(stack.sts_port, f"/{TENANT}/oauth2/v2.0/token/fault/slow?delay=1.5", b"grant_type=x", 0.5)
     assert (received, ended) == (b"", "timeout")
     deadline = time.monotonic() + 10
     while "AADSTS900144" not in stack.get_json(stack.sts + "/_sts/stats")["failures"]:

@@ -92,6 +92,8 @@ REFUSALS = {
     "mfa-required": ("mfa", {}, 502, "interaction_required AADSTS50076"),
     "token-without-expiry": ("noexp", {"exp": None}, 401, "AADSTS500133"),
     "token-for-another-app": ("otheraud", {"aud": stack.OTHER_APP_AUDIENCE}, 401, "AADSTS500131"),
+    # An app-only token (no `scp`): Entra cannot act on behalf of a user with it.
+    "app-only-token": ("apponly", {"scp": None}, 401, "AADSTS50013"),
 }
 
 
