@@ -13,11 +13,13 @@
 use crate::http_url::append_query;
 
 /// Headers removed from every propagated request (lower case; a trailing `*` matches a
-/// prefix). `authorization` is not listed: the gateway replaces it.
-pub const DEFAULT_HEADERS: [&str; 6] = [
+/// prefix). `authorization` is not listed: the gateway replaces it. `ssl-client-cert*`
+/// too: CGI-style servers read a dash as the underscore (`HTTP_SSL_CLIENT_CERT`).
+pub const DEFAULT_HEADERS: [&str; 7] = [
     "proxy-authorization",
     "x-user-token",
     "ssl_client_cert*",
+    "ssl-client-cert*",
     "x-ssl-client-cert",
     "x-forwarded-client-cert",
     "mysapsso2",
@@ -261,6 +263,7 @@ mod tests {
             ("ssl_client_cert", "MIIB"),
             ("ssl_client_cert_chain_0", "MIIC"),
             ("SSL_CLIENT_CERT_CHAIN_12", "MIID"),
+            ("SSL-Client-Cert", "MIIF"),
             ("x-ssl-client-cert", "MIIE"),
             ("x-forwarded-client-cert", "By=a;Hash=b"),
             ("mysapsso2", "AjQxMDMBABhE"),
@@ -283,6 +286,7 @@ mod tests {
                 "ssl_client_cert",
                 "ssl_client_cert_chain_0",
                 "ssl_client_cert_chain_12",
+                "ssl-client-cert",
                 "x-ssl-client-cert",
                 "x-forwarded-client-cert",
                 "mysapsso2"

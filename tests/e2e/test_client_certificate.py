@@ -29,6 +29,7 @@ FORGED = "MIIBsjCCAVmgAwIBAgIUforgedforgedforged"
 CLIENT_CERT_HEADERS = {
     "SSL_CLIENT_CERT": FORGED,
     "ssl_client_cert_chain_0": FORGED,
+    "SSL-Client-Cert": FORGED,
     "X-SSL-Client-Cert": FORGED,
     "X-Forwarded-Client-Cert": f"Hash=abc;Cert=\"{FORGED}\"",
 }
