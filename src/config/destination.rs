@@ -529,10 +529,7 @@ fn assertion_service(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Option<AssertionService>, ConfigError> {
     let Some(url_text) = d.string("assertionServiceURL")? else {
-        if let Some(key) = ASSERTION_SERVICE_KEYS
-            .iter()
-            .find(|k| d.fields.contains_key(**k))
-        {
+        if let Some(key) = first_set(d, &ASSERTION_SERVICE_KEYS) {
             return Err(ConfigError::new(
                 d.key(key),
                 "needs assertionServiceURL (the token endpoint that issues the assertion)",
@@ -540,10 +537,7 @@ fn assertion_service(
         }
         return Ok(None);
     };
-    if let Some(key) = GATEWAY_ASSERTION_KEYS
-        .iter()
-        .find(|k| d.fields.contains_key(**k))
-    {
+    if let Some(key) = first_set(d, &GATEWAY_ASSERTION_KEYS) {
         return Err(ConfigError::new(
             d.key(key),
             "does not apply: the identity provider at assertionServiceURL writes the assertion",
@@ -592,6 +586,11 @@ fn assertion_service(
             DEFAULT_READ_TIMEOUT_S,
         )? * 1000,
     }))
+}
+
+/// The first of `keys` the destination sets.
+fn first_set<'k>(d: &Section<'_>, keys: &[&'k str]) -> Option<&'k str> {
+    keys.iter().copied().find(|k| d.fields.contains_key(*k))
 }
 
 /// Entra's scope for a SAML target: `<entity id>/.default`, with `spn:` before an entity

@@ -6,11 +6,10 @@
 use crate::config::destination::CertificateSettings;
 use crate::config::{Destination, Kind, PluginConfig};
 use crate::error::Failure;
-use crate::flow::recipe::{Answer, Issued, Recipe, Start, Step, Stepwise};
+use crate::flow::recipe::{Answer, Issued, KeySigning, Recipe, Start, Step};
 use crate::host::{Level, Telemetry};
-use crate::keys::{SignError, Signing, ECDSA_SHA256};
-use crate::metrics::Metric;
-use crate::x509::authority::{self, Request, Unsigned};
+use crate::keys::SignError;
+use crate::x509::authority::{self, Request};
 use base64::Engine;
 use std::rc::Rc;
 use x509_cert::name::Name;
@@ -77,21 +76,23 @@ impl Recipe for ClientCertificate {
             not_before_s: input.now_ms.saturating_sub(self.config.clock_skew_ms) / 1000,
             not_after_s,
         };
-        let unsigned = match authority::write(&settings.authority, &request) {
+        let mut unsigned = match authority::write(&settings.authority, &request) {
             Ok(unsigned) => unsigned,
             Err(_) => return Step::Done(Err(cannot_write(input.log, &dest.name))),
         };
         self.lifetime_ms = (not_after_s * 1000).saturating_sub(input.now_ms);
-        let metric = if key.signature_method() == ECDSA_SHA256 {
-            Metric::SigningEcMicros
-        } else {
-            Metric::SigningMicros
-        };
-        Step::Sign(Box::new(CertificateSigning {
-            signing: key.start_signing(&unsigned.to_be_signed),
-            unsigned: Some(unsigned),
-            metric,
-        }))
+        // The signer hashes the bytes at the start; the certificate keeps the rest.
+        let to_be_signed = std::mem::take(&mut unsigned.to_be_signed);
+        Step::Sign(Box::new(KeySigning::start(
+            key,
+            &to_be_signed,
+            move |signature| {
+                unsigned
+                    .signed(&signature)
+                    .map(|der| base64::engine::general_purpose::STANDARD.encode(der))
+                    .map_err(|_| SignError)
+            },
+        )))
     }
 
     fn signed(&mut self, signed: Result<String, SignError>, log: &dyn Telemetry) -> Step {
@@ -101,7 +102,7 @@ impl Recipe for ClientCertificate {
                 lifetime_ms: self.lifetime_ms,
             })),
             Err(_) => {
-                let name = self.describe().0.to_string();
+                let name = self.config.destination_name(self.destination).to_string();
                 Step::Done(Err(cannot_write(log, &name)))
             }
         }
@@ -118,34 +119,6 @@ impl Recipe for ClientCertificate {
             self.config.destination_name(self.destination),
             &self.user_id,
         )
-    }
-}
-
-/// The certificate's signature under way; done, it is the whole certificate.
-struct CertificateSigning {
-    signing: Signing,
-    unsigned: Option<Unsigned>,
-    metric: Metric,
-}
-
-impl Stepwise for CertificateSigning {
-    fn advance(&mut self, units: usize) -> Option<Result<String, SignError>> {
-        let signature = self.signing.advance(units)?;
-        let unsigned = self.unsigned.take()?;
-        Some(signature.and_then(|signature| {
-            unsigned
-                .signed(&signature)
-                .map(|der| base64::engine::general_purpose::STANDARD.encode(der))
-                .map_err(|_| SignError)
-        }))
-    }
-
-    fn metric(&self) -> Metric {
-        self.metric
-    }
-
-    fn units_per_step(&self) -> usize {
-        self.signing.units_per_step()
     }
 }
 

@@ -8,10 +8,9 @@
 use crate::config::destination::{AssertionService, ClientCredential, SamlSettings};
 use crate::config::{AssertionEncoding, Destination, PluginConfig};
 use crate::error::Failure;
-use crate::flow::recipe::{Answer, Issued, Recipe, Start, Step, Stepwise};
+use crate::flow::recipe::{Answer, Issued, KeySigning, Recipe, Start, Step};
 use crate::host::{Level, Telemetry};
-use crate::keys::{SignError, Signing, ECDSA_SHA256};
-use crate::metrics::Metric;
+use crate::keys::{SignError, ECDSA_SHA256};
 use crate::oauth::{on_behalf_of, token_request, token_response};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
 use base64::Engine;
@@ -98,10 +97,10 @@ impl Recipe for OnBehalfOf {
         let Ok(certificate) = STANDARD.decode(key.certificate_base64()) else {
             return Step::Done(Err(cannot_sign(input.log, &dest.name)));
         };
-        let (alg, metric) = if key.signature_method() == ECDSA_SHA256 {
-            ("ES256", Metric::SigningEcMicros)
+        let alg = if key.signature_method() == ECDSA_SHA256 {
+            "ES256"
         } else {
-            ("RS256", Metric::SigningMicros)
+            "RS256"
         };
         let signing_input = on_behalf_of::client_assertion_input(
             service,
@@ -110,11 +109,12 @@ impl Recipe for OnBehalfOf {
             input.now_ms / 1000,
             &input.random,
         );
-        Step::Sign(Box::new(ClientAssertionSigning {
-            signing: key.start_signing(signing_input.as_bytes()),
-            input: signing_input,
-            metric,
-        }))
+        let message = signing_input.clone();
+        Step::Sign(Box::new(KeySigning::start(
+            key,
+            message.as_bytes(),
+            move |signature| Ok(on_behalf_of::client_assertion(&signing_input, &signature)),
+        )))
     }
 
     fn signed(&mut self, signed: Result<String, SignError>, log: &dyn Telemetry) -> Step {
@@ -238,28 +238,6 @@ fn encoded_for(saml: &SamlSettings, issued: &str) -> Result<String, Failure> {
             .map_err(|_| Failure::Unavailable {
                 reason: "identity provider: the assertion is not base64url",
             }),
-    }
-}
-
-/// The client assertion's signature under way; done, it is the whole JWT.
-struct ClientAssertionSigning {
-    signing: Signing,
-    input: String,
-    metric: Metric,
-}
-
-impl Stepwise for ClientAssertionSigning {
-    fn advance(&mut self, units: usize) -> Option<Result<String, SignError>> {
-        let signature = self.signing.advance(units)?;
-        Some(signature.map(|signature| on_behalf_of::client_assertion(&self.input, &signature)))
-    }
-
-    fn metric(&self) -> Metric {
-        self.metric
-    }
-
-    fn units_per_step(&self) -> usize {
-        self.signing.units_per_step()
     }
 }
 

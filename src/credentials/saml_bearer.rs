@@ -4,9 +4,9 @@
 use crate::config::destination::SamlSettings;
 use crate::config::{Destination, PluginConfig};
 use crate::error::Failure;
-use crate::flow::recipe::{Answer, Issued, Recipe, Start, Step, Stepwise};
+use crate::flow::recipe::{signing_metric, Answer, Issued, Recipe, Start, Step, Stepwise};
 use crate::host::{Level, Telemetry};
-use crate::keys::{SignError, ECDSA_SHA256};
+use crate::keys::SignError;
 use crate::metrics::Metric;
 use crate::oauth::{token_request, token_response};
 use crate::saml::assertion::{self, AssertionContent, Attribute, UnwritableField};
@@ -118,8 +118,8 @@ impl Recipe for SamlBearer {
             Err(failure) => return Step::Done(Err(failure)),
         };
         let metric = match self.config.keys.get(&dest.key_name) {
-            Some(pair) if pair.active.signature_method() == ECDSA_SHA256 => Metric::SigningEcMicros,
-            _ => Metric::SigningMicros,
+            Some(pair) => signing_metric(&pair.active),
+            None => Metric::SigningMicros,
         };
         let id = assertion_id(&input.random);
         match start(

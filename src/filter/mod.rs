@@ -501,6 +501,9 @@ impl HttpContext for PluginRequest {
         match decision {
             Decision::Forward(value) => {
                 let Some(carrier) = carrier else {
+                    host.send_reply(&Failure::Internal {
+                        reason: "unknown destination",
+                    });
                     return Action::Pause;
                 };
                 self.set_http_request_header(&carrier.header, Some(&value));

@@ -7,7 +7,7 @@
 
 use crate::error::Failure;
 use crate::host::Telemetry;
-use crate::keys::SignError;
+use crate::keys::{SignError, Signing, SigningKey, ECDSA_SHA256};
 use crate::metrics::Metric;
 use crate::oauth::token_request::TokenRequest;
 
@@ -52,6 +52,57 @@ pub trait Stepwise {
     /// How many units make a step of 20–40 µs: what a request does in passing, and how
     /// often a slice looks at the clock.
     fn units_per_step(&self) -> usize;
+}
+
+/// The histogram a signature by `key` is recorded in.
+pub fn signing_metric(key: &SigningKey) -> Metric {
+    if key.signature_method() == ECDSA_SHA256 {
+        Metric::SigningEcMicros
+    } else {
+        Metric::SigningMicros
+    }
+}
+
+/// Makes the signed artifact from the raw signature.
+type Finish = dyn FnOnce(Vec<u8>) -> Result<String, SignError>;
+
+/// A key's raw signature under way, turned into the recipe's artifact once done (a
+/// certificate, a JWT).
+pub struct KeySigning {
+    signing: Signing,
+    finish: Option<Box<Finish>>,
+    metric: Metric,
+}
+
+impl KeySigning {
+    /// Starts signing `message` with `key`; `finish` makes the artifact of the signature.
+    pub fn start(
+        key: &SigningKey,
+        message: &[u8],
+        finish: impl FnOnce(Vec<u8>) -> Result<String, SignError> + 'static,
+    ) -> Self {
+        KeySigning {
+            signing: key.start_signing(message),
+            finish: Some(Box::new(finish)),
+            metric: signing_metric(key),
+        }
+    }
+}
+
+impl Stepwise for KeySigning {
+    fn advance(&mut self, units: usize) -> Option<Result<String, SignError>> {
+        let signature = self.signing.advance(units)?;
+        let finish = self.finish.take()?;
+        Some(signature.and_then(finish))
+    }
+
+    fn metric(&self) -> Metric {
+        self.metric
+    }
+
+    fn units_per_step(&self) -> usize {
+        self.signing.units_per_step()
+    }
 }
 
 /// How a callout ended.
