@@ -46,6 +46,17 @@ OTHER_APP_AUDIENCE = "api://another-application"
 # An enterprise application whose Identifier is not the target's entity id: Entra issues
 # the assertion, the target refuses it (XSUAA's "Error validating SAML message").
 MISCONFIGURED_ENTITY = "misconfigured-target"
+# The find-destination API for applications (SAP Destination Service's shape): the
+# application's service token is a client-credentials JWT from the development IdP
+# (`POST /oauth/token`) for this audience; `demo-app` may read the exposed destinations.
+DESTINATION_API_AUDIENCE = "principal-propagation-destinations"
+API_CLIENT_ID = "demo-app"
+API_CLIENT_SECRET = "demo-app-secret"
+# Another registered application, allowed no destination of the demo (a 403 in the tests).
+OTHER_API_CLIENT_ID = "other-app"
+OTHER_API_CLIENT_SECRET = "other-app-secret"
+# jwt_authn's metadata key for the verified service token (the user's stays `payload`).
+SERVICE_TOKEN_PAYLOAD = "service_token"
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,12 @@ class Ports:
         """The token server over TLS (https://localhost:<port>), its certificate signed by
         the local CA (dev/local_ca.py)."""
         return self.token + 2
+
+    @property
+    def idp_tls(self) -> int:
+        """The identity provider's token endpoint over TLS (https://127.0.0.1:<port>), for
+        clients that hard-code https (the SAP Cloud SDK's subscriber token)."""
+        return self.idp + 1
 
     def shifted(self, offset: int) -> "Ports":
         return Ports(*(p + offset for p in (self.listener, self.admin, self.idp, self.token, self.echo,
@@ -248,11 +265,26 @@ def test_destinations(ports: Ports) -> list[dict]:
         entra_destination(ports, "entra-slow", fault="/fault/slow?delay=3", assertionServiceTimeoutInSeconds=1),
         entra_destination(ports, "entra-down", assertionServiceCluster="token_service_down"),
         entra_destination(ports, "entra-wrong-entity", audience=MISCONFIGURED_ENTITY),
+        # Read through the find-destination API: its token path can be made to refuse at
+        # run time (POST /faults), and healed.
+        api_destination(ports, "api-flaky", "/oauth/token/api-flaky"),
+        api_destination(ports, "api-system", SystemUser="TECHNICAL_USER"),
     ]
 
 
+def api_destination(ports: Ports, name: str, path: str = "/oauth/token", **extra) -> dict:
+    """A destination applications read through the find-destination API: as pasted from
+    the BTP cockpit (with `x_user_token.jwks_uri`, which the SAP Cloud SDK requires for a
+    user token not issued by XSUAA), exposed to `demo-app`."""
+    return destination(ports, name, path, **{
+        "x_user_token.jwks_uri": f"http://127.0.0.1:{ports.idp}/.well-known/jwks.json",
+        "exposeToClients": [API_CLIENT_ID],
+        **extra,
+    })
+
+
 def plugin_config(ports: Ports, profile: str) -> dict:
-    destinations = [destination(ports, "dev"), onprem_destination(), entra_destination(ports)]
+    destinations = [api_destination(ports, "dev"), onprem_destination(), entra_destination(ports)]
     if profile == "test":
         destinations += test_destinations(ports)
     keys = {"default": {"active": key_ref("a"), "passive": key_ref("b")}, "users-ca": key_ref("ca")}
@@ -269,6 +301,7 @@ def plugin_config(ports: Ports, profile: str) -> dict:
         "assertionLifetimeSeconds": 300,
         "clockSkewSeconds": 60,
         "destinations": destinations,
+        "destinationApi": {"serviceTokenPayloadKey": SERVICE_TOKEN_PAYLOAD},
     }
 
 
@@ -435,6 +468,24 @@ def jwt_providers(ports: Ports, profile: str) -> dict:
     return providers
 
 
+def destination_api_providers(ports: Ports) -> dict:
+    """The find-destination API's two tokens: the application's service token in
+    `Authorization` (its payload under `service_token`), the user's in `X-user-token`
+    (under `payload`, where the plugin reads the user), both from the development IdP."""
+    service = jwt_provider(ports, f"http://127.0.0.1:{ports.idp}")
+    service.update(audiences=[DESTINATION_API_AUDIENCE], payload_in_metadata=SERVICE_TOKEN_PAYLOAD,
+                   from_headers=[{"name": "Authorization", "value_prefix": "Bearer "}])
+    user = jwt_provider(ports, f"http://127.0.0.1:{ports.idp}")
+    user.update(from_headers=[{"name": "X-user-token"}])
+    return {"api_service_token": service, "api_user_token": user}
+
+
+def optional(provider: str) -> dict:
+    """A jwt_authn requirement that lets a request without (or with an invalid) token
+    through to the plugin, which answers it with its own error contract."""
+    return {"requires_any": {"requirements": [{"provider_name": provider}, {"allow_missing_or_failed": {}}]}}
+
+
 def envoy_config(ports: Ports, profile: str, config_override: dict | None = None,
                  plugin_file: Path | None = None) -> dict:
     """Envoy's bootstrap. The plugin's configuration is inline when `plugin_file` is
@@ -470,10 +521,15 @@ def envoy_config(ports: Ports, profile: str, config_override: dict | None = None
             "name": "envoy.filters.http.jwt_authn",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
-                "providers": jwt_providers(ports, profile),
+                "providers": {**jwt_providers(ports, profile), **destination_api_providers(ports)},
                 # The plugin answers a missing or invalid JWT itself, with the JSON
                 # error body and WWW-Authenticate of the error contract.
                 "rules": [
+                    {
+                        "match": {"prefix": "/destination-configuration/"},
+                        "requires": {"requires_all": {"requirements": [
+                            optional(name) for name in destination_api_providers(ports)]}},
+                    },
                     {
                         "match": {"prefix": "/"},
                         "requires": {
@@ -596,7 +652,10 @@ class Stack:
              *trusted, "--trusted-issuer", ISSUER, "--entity-id", ENTITY_ID,
              "--client-id", CLIENT_ID, "--client-secret", CLIENT_SECRET, "--jwt-audience", JWT_AUDIENCE,
              "--token-tls-port", str(p.token_tls), "--tls-cert", str(tls.server_cert),
-             "--tls-key", str(tls.server_key),
+             "--tls-key", str(tls.server_key), "--idp-tls-port", str(p.idp_tls),
+             "--idp-client", f"{API_CLIENT_ID}={API_CLIENT_SECRET}",
+             "--idp-client", f"{OTHER_API_CLIENT_ID}={OTHER_API_CLIENT_SECRET}",
+             "--service-token-audience", DESTINATION_API_AUDIENCE,
              "--onprem-port", str(p.onprem), "--onprem-user-ca", str(key_files("ca")[1]),
              "--tls-dir", str(TLS_DIR), "--sts-port", str(p.sts),
              "--sts-entity", f"{ENTITY_ID}=http://127.0.0.1:{p.token}/oauth/token",

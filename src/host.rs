@@ -47,8 +47,9 @@ pub trait Callouts {
 /// The requests paused while they wait for an exchange.
 pub trait Requests {
     /// Sets `header` to `value` on the paused request and resumes it (the credential: an
-    /// `Authorization` or a client certificate header); false if it is gone.
-    fn resume(&self, request_id: u32, header: &str, value: &str) -> bool;
+    /// `Authorization` or a client certificate header, usable until `usable_until_ms`, 0
+    /// if unknown); false if it is gone.
+    fn resume(&self, request_id: u32, header: &str, value: &str, usable_until_ms: u64) -> bool;
     /// Answers the paused request locally with `failure`; false if it is gone.
     fn fail(&self, request_id: u32, failure: &Failure) -> bool;
 }

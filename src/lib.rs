@@ -8,6 +8,7 @@ pub mod cache;
 pub mod config;
 pub mod coordination;
 pub mod credentials;
+pub mod destination_api;
 pub mod error;
 #[cfg(all(target_arch = "wasm32", target_os = "wasi"))]
 pub mod filter;

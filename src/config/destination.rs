@@ -7,6 +7,7 @@
 //! meets a configuration problem.
 
 use super::values::{ConfigError, Section};
+use crate::destination_api::Exposure;
 use crate::forwarding::{Removal, GATEWAY_HEADERS};
 use crate::http_url::HttpUrl;
 use crate::identity::UserIdRule;
@@ -77,6 +78,9 @@ pub struct Destination {
     /// Hash of everything that shapes the credential, so a changed destination never
     /// serves credentials cached under its old settings.
     pub cache_namespace: String,
+    /// `exposeToClients`: the applications that may read this destination and its
+    /// tokens through the find-destination API; `None`: not exposed (the default).
+    pub exposure: Option<Exposure>,
 }
 
 /// How a destination propagates the user.
@@ -220,8 +224,11 @@ pub const PRINCIPAL_PROPAGATION: &str = "PrincipalPropagation";
 /// SAP properties that describe a destination but do not change what the gateway does.
 const INFORMATIONAL: [&str; 3] = ["Description", "ProxyType", "tokenServiceURLType"];
 
-/// Keys every destination may have.
-const COMMON: [&str; 8] = [
+/// Keys every destination may have. `x_user_token.*` name the keys that verify an
+/// application's `X-user-token` (SAP's fields, passed on to applications through the
+/// find-destination API; the gateway's `jwt_authn` verifies the token); `KeyStorePassword`
+/// (a cockpit export's) is ignored: keys come from `keys`.
+const COMMON: [&str; 11] = [
     "Name",
     "Type",
     "URL",
@@ -230,10 +237,13 @@ const COMMON: [&str; 8] = [
     "removeCookies",
     "removeQueryParameters",
     "evictTokenOnUpstreamStatus",
+    "x_user_token.jwks",
+    "x_user_token.jwks_uri",
+    "KeyStorePassword",
 ];
 
 /// Keys of `OAuth2SAMLBearerAssertion` destinations only.
-const SAML_KEYS: [&str; 22] = [
+const SAML_KEYS: [&str; 23] = [
     "tokenServiceURL",
     "tokenServiceUser",
     "tokenServicePassword",
@@ -256,6 +266,7 @@ const SAML_KEYS: [&str; 22] = [
     "KeyStoreLocation",
     "tokenServiceURL.SocketReadTimeoutInSeconds",
     "tokenServiceCluster",
+    "exposeToClients",
 ];
 
 /// Keys of an `OAuth2SAMLBearerAssertion` destination whose assertion comes from an
@@ -384,6 +395,7 @@ pub fn parse(
         carrier,
         kind,
         cache_namespace: String::new(),
+        exposure: exposure(&d)?,
         name,
     };
     destination.cache_namespace = namespace_of(value, &destination.kind);
@@ -391,6 +403,24 @@ pub fn parse(
         check_assertion_values(&d, saml, &destination.user_id)?;
     }
     Ok(destination)
+}
+
+/// `exposeToClients`, with the properties the find-destination API shows.
+fn exposure(d: &Section<'_>) -> Result<Option<Exposure>, ConfigError> {
+    for jwks in ["x_user_token.jwks", "x_user_token.jwks_uri"] {
+        d.string(jwks)?;
+    }
+    if !d.fields.contains_key("exposeToClients") {
+        return Ok(None);
+    }
+    let clients = d.string_list("exposeToClients")?;
+    if clients.is_empty() {
+        return Err(ConfigError::new(
+            d.key("exposeToClients"),
+            "must name at least one client id (leave it out to expose nothing)",
+        ));
+    }
+    Ok(Some(Exposure::of(d.fields, clients)))
 }
 
 type KindParts = (Kind, UserIdRule, String, Carrier);
@@ -729,9 +759,6 @@ fn reject_unknown_keys(d: &Section<'_>, certificate: bool) -> Result<(), ConfigE
             ));
         }
         let problem = match key_str {
-            "x_user_token.jwks" | "x_user_token.jwks_uri" => {
-                "is not supported yet: verify user JWTs with Envoy's jwt_authn filter (or Istio RequestAuthentication)"
-            }
             "tokenServiceURL.ConnectionTimeoutInSeconds" => {
                 "is not supported: set connect_timeout on the Envoy cluster that reaches the token service"
             }

@@ -9,6 +9,7 @@ pub mod values;
 pub use destination::{AssertionEncoding, Destination, Kind};
 pub use values::ConfigError;
 
+use crate::destination_api::ApiSettings;
 use crate::keys::{KeyError, KeyPair, SigningKey};
 use crate::selection::{self, Selection};
 use serde_json::Value;
@@ -27,7 +28,7 @@ pub const DEFAULT_MAX_EXCHANGES_PER_WORKER: u64 = 256;
 /// Default number of tokens a worker keeps its own copy of.
 pub const DEFAULT_WORKER_CACHE_ENTRIES: u64 = 1024;
 
-const TOP_LEVEL: [&str; 18] = [
+const TOP_LEVEL: [&str; 19] = [
     "allowInsecureTokenService",
     "destinationRules",
     "unmatchedRequests",
@@ -46,6 +47,7 @@ const TOP_LEVEL: [&str; 18] = [
     "clockSkewSeconds",
     "tokenCacheMarginSeconds",
     "failedExchangeHoldSeconds",
+    "destinationApi",
 ];
 
 /// The validated plugin configuration.
@@ -78,6 +80,11 @@ pub struct PluginConfig {
     /// Path under which the gateway answers with its SAML IdP metadata and
     /// certificates (`<path>`, `<path>/<key>`, `<path>/<key>/active.pem`, ...).
     pub trust_metadata_path: Option<String>,
+    /// `destinationApi`: the find-destination API for applications, if answered.
+    pub destination_api: Option<ApiSettings>,
+    /// Things worth telling the operator at load that are not errors (for example a
+    /// pasted property the gateway ignores).
+    pub notices: Vec<String>,
 }
 
 impl PluginConfig {
@@ -109,10 +116,27 @@ impl PluginConfig {
                 ))
             }
         };
+        let destination_api = top
+            .fields
+            .get("destinationApi")
+            .map(ApiSettings::parse)
+            .transpose()?;
+        let mut notices = Vec::new();
         let mut destinations: Vec<Destination> = Vec::with_capacity(list.len());
         for (i, value) in list.iter().enumerate() {
             let path = format!("destinations[{i}]");
             let mut d = destination::parse(&path, value, default_cluster.as_deref(), &keys, env)?;
+            if value.get("KeyStorePassword").is_some() {
+                notices.push(format!(
+                    "{path}.KeyStorePassword is ignored: the gateway's keys come from `keys`"
+                ));
+            }
+            if d.exposure.is_some() && destination_api.is_none() {
+                return Err(ConfigError::new(
+                    format!("{path}.exposeToClients"),
+                    "needs the top-level destinationApi setting (the API that serves it)",
+                ));
+            }
             if destinations.iter().any(|other| other.name == d.name) {
                 return Err(ConfigError::new(
                     format!("{path}.Name"),
@@ -222,6 +246,8 @@ impl PluginConfig {
                 }
                 None => None,
             },
+            destination_api,
+            notices,
         })
     }
 

@@ -55,6 +55,68 @@ fn accepts_a_pasted_sap_destination_with_defaults() {
     assert_eq!(config.selection.default, None);
 }
 
+/// `config` with the find-destination API answered.
+fn with_api(mut config: Value) -> Value {
+    config["destinationApi"] = json!({});
+    config
+}
+
+/// A destination as the BTP cockpit exports it (the seed's `QUOVADIS`, SuccessFactors with
+/// the application's own trust): it loads with only the gateway's fields added (the
+/// cluster, at the top level, and the key its `KeyStoreLocation` names); the store's
+/// password is ignored with a notice that shows no secret, and `x_user_token.jwks_uri`
+/// is kept for applications.
+#[test]
+fn accepts_a_destination_exported_from_the_cockpit() {
+    let quovadis = json!({
+        "Name": "QUOVADIS",
+        "Type": "HTTP",
+        "URL": "https://apisalesdemo8.successfactors.com",
+        "Authentication": "OAuth2SAMLBearerAssertion",
+        "ProxyType": "Internet",
+        "Description": "SFSF with its own X.509 trust",
+        "tokenServiceURLType": "Dedicated",
+        "tokenServiceURL": "https://apisalesdemo8.successfactors.com/oauth/token",
+        "clientKey": "NzQ3ZWQ2NjM3MmI3MjBhYmQ",
+        "audience": "www.successfactors.com",
+        "assertionIssuer": "quovadis",
+        "nameIdFormat": "urn:oasis:names:tc:SAML:1.1:nameid-format:unspecified",
+        "authnContextClassRef": "urn:oasis:names:tc:SAML:2.0:ac:classes:PreviousSession",
+        "userIdSource": "user_name",
+        "companyId": "SFPART057448",
+        "KeyStoreLocation": "quovadis.pfx",
+        "KeyStorePassword": "p12-store-password",
+        "x_user_token.jwks_uri": "https://quovadis.authentication.eu10.hana.ondemand.com/token_keys",
+    });
+    let mut config = config_json(vec![quovadis]);
+    config["keys"]["quovadis.pfx"] = json!({"privateKey": KEY, "certificate": CERT});
+    let parsed = parse(&config).unwrap();
+    let d = &parsed.destinations[0];
+    assert_eq!(d.key_name, "quovadis.pfx");
+    assert_eq!(
+        d.saml().unwrap().company_id.as_deref(),
+        Some("SFPART057448")
+    );
+    assert_eq!(parsed.notices.len(), 1);
+    assert!(parsed.notices[0].contains("destinations[0].KeyStorePassword is ignored"));
+    assert!(!parsed.notices[0].contains("p12-store-password"));
+    assert!(d.exposure.is_none(), "exposed only when asked");
+
+    config["destinationApi"] = json!({});
+    config["destinations"][0]["exposeToClients"] = json!("app-1, app-2");
+    let parsed = parse(&config).unwrap();
+    let exposure = parsed.destinations[0].exposure.as_ref().unwrap();
+    assert!(exposure.allows("app-1") && exposure.allows("app-2") && !exposure.allows("app"));
+    let shown: Value = serde_json::from_str(&exposure.configuration).unwrap();
+    assert_eq!(
+        shown["x_user_token.jwks_uri"],
+        "https://quovadis.authentication.eu10.hana.ondemand.com/token_keys"
+    );
+    assert!(shown.get("KeyStorePassword").is_none() && shown.get("KeyStoreLocation").is_none());
+    assert!(!exposure.configuration.contains("p12-store-password"));
+    assert_eq!(parsed.destination_api.as_ref().unwrap().path_prefix, "");
+}
+
 #[test]
 fn email_format_reads_the_email_claim_and_system_user_wins() {
     let config = parse(&with_destination(|d| {
@@ -216,9 +278,43 @@ fn refuses_bad_configurations_naming_key_and_problem() {
         ),
         (
             with_destination(|d| {
-                d.insert("x_user_token.jwks_uri".into(), json!("https://idp/jwks"));
+                d.insert("x_user_token.jwks_uri".into(), json!(42));
             }),
-            "verify user JWTs with Envoy's jwt_authn filter",
+            "`destinations[0].x_user_token.jwks_uri` must be a string",
+        ),
+        (
+            with_destination(|d| {
+                d.insert("exposeToClients".into(), json!(["app"]));
+            }),
+            "`destinations[0].exposeToClients` needs the top-level destinationApi setting",
+        ),
+        (
+            with_api(with_destination(|d| {
+                d.insert("exposeToClients".into(), json!([]));
+            })),
+            "`destinations[0].exposeToClients` must name at least one client id",
+        ),
+        (
+            with_api(with_destination(|d| {
+                d.insert("exposeToClients".into(), json!([1.5, {}]));
+            })),
+            "`destinations[0].exposeToClients` must be a list of strings",
+        ),
+        (
+            with_api(with_ca_keys(config_json(vec![{
+                let mut d = certificate_destination_json("pp");
+                d["exposeToClients"] = json!(["app"]);
+                d
+            }]))),
+            "`destinations[0].exposeToClients` applies to OAuth2SAMLBearerAssertion destinations only",
+        ),
+        (
+            {
+                let mut config = with_destination(|_| {});
+                config["destinationApi"] = json!({"pathPrefix": "api/"});
+                config
+            },
+            "`destinationApi.pathPrefix` must be empty or a path starting with /",
         ),
         (
             with_destination(|d| {

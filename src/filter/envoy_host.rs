@@ -1,6 +1,8 @@
 //! The core's host traits ([`crate::host`]) over Envoy's proxy-wasm ABI: translation only.
 
+use crate::config::destination::Carrier;
 use crate::config::PluginConfig;
+use crate::destination_api::{Answer, TokenPart};
 use crate::error::Failure;
 use crate::host::{Callouts, Clock, Level, Queues, Random, Requests, SharedData, Telemetry};
 use crate::metrics::{Kind, Metric};
@@ -59,6 +61,45 @@ pub fn request_header_pairs() -> Option<Vec<u8>> {
 /// once).
 pub fn take_resumed_credential(request_id: u32) -> Option<String> {
     RESUMED_WITH.with(|map| map.borrow_mut().remove(&request_id))
+}
+
+/// A find-destination call waiting for its exchange: answered, not resumed, when the
+/// exchange settles.
+struct ApiWaiter {
+    answer: Answer,
+    carrier: Carrier,
+}
+
+thread_local! {
+    static API_WAITERS: RefCell<HashMap<u32, ApiWaiter>> = RefCell::new(HashMap::new());
+}
+
+/// Request `request_id` is a find-destination call that waits: [`Requests::resume`] and
+/// [`Requests::fail`] answer it with `answer`.
+pub fn await_api_answer(request_id: u32, answer: Answer, carrier: Carrier) {
+    API_WAITERS.with(|map| {
+        map.borrow_mut()
+            .insert(request_id, ApiWaiter { answer, carrier })
+    });
+}
+
+pub fn forget_api_answer(request_id: u32) {
+    API_WAITERS.with(|map| map.borrow_mut().remove(&request_id));
+}
+
+fn take_api_waiter(request_id: u32) -> Option<ApiWaiter> {
+    API_WAITERS.with(|map| map.borrow_mut().remove(&request_id))
+}
+
+/// Sends the current request's find-destination answer (never cached: it may hold a
+/// token).
+pub fn send_api_answer(answer: &Answer, part: &TokenPart) {
+    let body = answer.body(part);
+    let headers = vec![
+        ("content-type", "application/json"),
+        ("cache-control", "no-store"),
+    ];
+    let _ = hostcalls::send_http_response(200, headers, Some(body.as_bytes()));
 }
 
 /// Shared-data key remembering the last day expiry notices were logged.
@@ -244,9 +285,14 @@ impl Callouts for EnvoyHost {
 }
 
 impl Requests for EnvoyHost {
-    fn resume(&self, request_id: u32, header: &str, value: &str) -> bool {
+    fn resume(&self, request_id: u32, header: &str, value: &str, usable_until_ms: u64) -> bool {
         if hostcalls::set_effective_context(request_id).is_err() {
             return false;
+        }
+        if let Some(waiter) = take_api_waiter(request_id) {
+            let part = TokenPart::of(&waiter.carrier, value, usable_until_ms, self.now_ms());
+            send_api_answer(&waiter.answer, &part);
+            return true;
         }
         let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, header, Some(value));
         if hostcalls::resume_http_request().is_err() {
@@ -259,6 +305,10 @@ impl Requests for EnvoyHost {
     fn fail(&self, request_id: u32, failure: &Failure) -> bool {
         if hostcalls::set_effective_context(request_id).is_err() {
             return false;
+        }
+        if let Some(waiter) = take_api_waiter(request_id) {
+            send_api_answer(&waiter.answer, &TokenPart::Error(failure.description()));
+            return true;
         }
         self.send_reply(failure);
         true

@@ -9,6 +9,7 @@ mod envoy_host;
 
 use crate::config::PluginConfig;
 use crate::coordination::registry;
+use crate::destination_api::{self, Answer, ApiSettings, Call, Refusal, TokenPart};
 use crate::error::Failure;
 use crate::flow::{Decision, Worker};
 use crate::forwarding::{self, Additions, Edit};
@@ -22,7 +23,7 @@ use crate::trust::download;
 use envoy_host::EnvoyHost;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MapType};
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
@@ -271,6 +272,16 @@ impl RootContext for PluginRoot {
 /// The user as `jwt_authn` left them in the request's dynamic metadata.
 struct JwtMetadata<'a> {
     config: &'a PluginConfig,
+    /// Where the user's own token is: `Authorization: Bearer` on a propagated request,
+    /// `X-user-token` on a find-destination call.
+    token_in: TokenHeader,
+}
+
+/// The header that carries the user's own token.
+#[derive(Clone, Copy)]
+enum TokenHeader {
+    Authorization,
+    XUserToken,
 }
 
 impl Identity for JwtMetadata<'_> {
@@ -300,19 +311,26 @@ impl Identity for JwtMetadata<'_> {
         )
     }
 
-    /// The one `Authorization: Bearer` token of the request (read as raw pairs: a value
-    /// need not be UTF-8); none when there are two, which would be ambiguous.
+    /// The one `Authorization: Bearer` (or `X-user-token`) token of the request (read as
+    /// raw pairs: a value need not be UTF-8); none when there are two, which would be
+    /// ambiguous.
     fn raw_token(&self) -> Option<String> {
         let raw = envoy_host::request_header_pairs()?;
         let headers = pairs::parse(&raw)?;
-        let mut values = headers
-            .iter()
-            .filter(|(name, _)| name.eq_ignore_ascii_case(b"authorization"));
+        let name: &[u8] = match self.token_in {
+            TokenHeader::Authorization => b"authorization",
+            TokenHeader::XUserToken => b"x-user-token",
+        };
+        let mut values = headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name));
         let (_, value) = values.next()?;
         if values.next().is_some() {
             return None;
         }
-        user_token::bearer_token(value).map(str::to_string)
+        match self.token_in {
+            TokenHeader::Authorization => user_token::bearer_token(value),
+            TokenHeader::XUserToken => user_token::bare_token(value),
+        }
+        .map(str::to_string)
     }
 }
 
@@ -412,12 +430,95 @@ impl PluginRequest {
     }
 }
 
+impl PluginRequest {
+    /// Answers a find-destination call (see [`crate::destination_api`]): the caller's
+    /// service token and the destination's exposure are checked, then the user's token is
+    /// looked up or exchanged on the same engine as a propagated request; a waiting call
+    /// is answered when its exchange settles ([`envoy_host`] keeps its answer).
+    fn answer_destination_api(
+        &mut self,
+        config: &Rc<PluginConfig>,
+        api: &ApiSettings,
+        call: Call,
+    ) -> Action {
+        let host = EnvoyHost;
+        let method = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, ":method")
+            .ok()
+            .flatten();
+        if method.as_deref() != Some(b"GET") {
+            return refuse(Refusal::MethodNotAllowed);
+        }
+        let service = hostcalls::get_property(vec!["metadata"])
+            .ok()
+            .flatten()
+            .and_then(|m| {
+                claims_from_metadata(&m, &config.jwt_filter_name, &api.service_token_key)
+            });
+        let Some(service) = service else {
+            return refuse(Refusal::Unauthenticated);
+        };
+        let exposed = call
+            .name
+            .as_deref()
+            .and_then(|name| config.destination_index(name))
+            .and_then(|i| Some((i, config.destinations.get(i)?)))
+            .and_then(|(i, d)| Some((i, d, d.exposure.as_ref()?)));
+        let Some((index, dest, exposure)) = exposed else {
+            return refuse(Refusal::NotFound);
+        };
+        if !destination_api::client_id(&service).is_some_and(|c| exposure.allows(c)) {
+            return refuse(Refusal::Forbidden);
+        }
+        let scope = dest.saml().and_then(|s| s.scope.as_deref());
+        let answer = Answer::new(destination_api::subaccount(api, &service), exposure, scope);
+        if call.skip_token_retrieval {
+            envoy_host::send_api_answer(&answer, &TokenPart::Skipped);
+            return Action::Pause;
+        }
+        let identity = JwtMetadata {
+            config,
+            token_in: TokenHeader::XUserToken,
+        };
+        let Ok(mut worker) = self.worker.try_borrow_mut() else {
+            host.send_reply(&Failure::Internal {
+                reason: "worker busy",
+            });
+            return Action::Pause;
+        };
+        let (decision, usable_until_ms) =
+            worker.on_request_with_expiry(&host, config, self.context_id, index, &identity);
+        drop(worker);
+        let part = match decision {
+            Decision::Forward(value) => {
+                TokenPart::of(&dest.carrier, &value, usable_until_ms, host.now_ms())
+            }
+            Decision::Wait => {
+                envoy_host::await_api_answer(self.context_id, answer, dest.carrier.clone());
+                self.waiting = true;
+                return Action::Pause;
+            }
+            Decision::Fail(failure) => TokenPart::Error(failure.description()),
+        };
+        envoy_host::send_api_answer(&answer, &part);
+        Action::Pause
+    }
+}
+
+/// Answers a find-destination call with one of the API's refusals.
+fn refuse(refusal: Refusal) -> Action {
+    let (status, mut headers, body) = refusal.reply();
+    headers.push(("content-type", "application/json"));
+    let _ = hostcalls::send_http_response(status, headers, Some(body.as_bytes()));
+    Action::Pause
+}
+
 impl Context for PluginRequest {
     fn on_done(&mut self) -> bool {
         // try_borrow: should a host ever end a stream from inside a worker callback,
         // the worker skips the gone request itself (resume/fail report it missing).
         if self.waiting {
             envoy_host::take_resumed_credential(self.context_id);
+            envoy_host::forget_api_answer(self.context_id);
             if let Ok(mut worker) = self.worker.try_borrow_mut() {
                 worker.forget_request(self.context_id);
             }
@@ -430,6 +531,17 @@ impl HttpContext for PluginRequest {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         let config = Rc::clone(&self.config);
         let host = EnvoyHost;
+        // A find-destination call is answered here, never propagated (one `:path` read,
+        // only where the API is configured).
+        if let Some(api) = &config.destination_api {
+            let call = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, ":path")
+                .ok()
+                .flatten()
+                .and_then(|path| api.call(&path));
+            if let Some(call) = call {
+                return self.answer_destination_api(&config, api, call);
+            }
+        }
         let named = hostcalls::get_property(ROUTE_METADATA_PATH.to_vec())
             .ok()
             .flatten();
@@ -474,7 +586,10 @@ impl HttpContext for PluginRequest {
                 return Action::Pause;
             }
         };
-        let identity = JwtMetadata { config: &config };
+        let identity = JwtMetadata {
+            config: &config,
+            token_in: TokenHeader::Authorization,
+        };
         let Ok(mut worker) = self.worker.try_borrow_mut() else {
             host.send_reply(&Failure::Internal {
                 reason: "worker busy",
@@ -564,7 +679,10 @@ impl HttpContext for PluginRequest {
         let Some(carried) = forwarded_with else {
             return Action::Continue;
         };
-        let identity = JwtMetadata { config: &config };
+        let identity = JwtMetadata {
+            config: &config,
+            token_in: TokenHeader::Authorization,
+        };
         if let Ok(mut worker) = self.worker.try_borrow_mut() {
             worker.on_backend_refused(&EnvoyHost, &config, destination, &identity, &carried);
         }

@@ -38,6 +38,48 @@ impl Worker {
         destination: usize,
         identity: &dyn Identity,
     ) -> Decision {
+        let mut usable_until_ms = 0;
+        self.decide(
+            host,
+            config,
+            request_id,
+            destination,
+            identity,
+            &mut usable_until_ms,
+        )
+    }
+
+    /// [`Worker::on_request`], and until when a credential it forwards with may be used
+    /// (the find-destination API tells applications): 0 unless it forwards.
+    pub fn on_request_with_expiry(
+        &mut self,
+        host: &dyn Host,
+        config: &Rc<PluginConfig>,
+        request_id: u32,
+        destination: usize,
+        identity: &dyn Identity,
+    ) -> (Decision, u64) {
+        let mut usable_until_ms = 0;
+        let decision = self.decide(
+            host,
+            config,
+            request_id,
+            destination,
+            identity,
+            &mut usable_until_ms,
+        );
+        (decision, usable_until_ms)
+    }
+
+    fn decide(
+        &mut self,
+        host: &dyn Host,
+        config: &Rc<PluginConfig>,
+        request_id: u32,
+        destination: usize,
+        identity: &dyn Identity,
+        usable_until_ms: &mut u64,
+    ) -> Decision {
         self.scheduler.note_request();
         self.help_sign(host);
         let Some(dest) = config.destinations.get(destination) else {
@@ -63,8 +105,9 @@ impl Worker {
         }
         let principal_key = principal.key();
         let now_ms = host.now_ms();
-        if let Some(token) = self.hot.get(&dest.cache_namespace, &principal_key, now_ms) {
+        if let Some((token, times)) = self.hot.get(&dest.cache_namespace, &principal_key, now_ms) {
             self.counters.add(Metric::CacheHit, 1);
+            *usable_until_ms = times.reuse_until_ms;
             return Decision::Forward(dest.carrier.value(token));
         }
         // What shapes the credential besides the principal (read only for an exchange).
@@ -106,6 +149,7 @@ impl Worker {
                         }
                     }
                 }
+                *usable_until_ms = times.reuse_until_ms;
                 return Decision::Forward(dest.carrier.value(&access_token));
             }
             Some(entry) => return Decision::Fail(failure_of(entry)),

@@ -519,11 +519,13 @@ impl Worker {
             stored.replace(entry.clone());
             entry
         });
+        let mut usable_until_ms = 0;
         if let Some(Entry::Token {
             access_token,
             times,
         }) = stored.into_inner()
         {
+            usable_until_ms = times.reuse_until_ms;
             self.hot.put(
                 &exchange.namespace,
                 &exchange.principal,
@@ -537,7 +539,7 @@ impl Worker {
             host,
             &exchange.waiters,
             &exchange.carrier,
-            result.map(|issued| issued.access_token),
+            result.map(|issued| (issued.access_token, usable_until_ms)),
         );
     }
 
@@ -844,18 +846,19 @@ fn exchange_deadline(state: &State) -> Option<u64> {
     }
 }
 
-/// Resumes (with the credential) or answers (with the failure) every waiter.
+/// Resumes (with the credential, usable until the given time) or answers (with the
+/// failure) every waiter.
 fn answer(
     host: &dyn Host,
     waiters: &[Waiter],
     carrier: &Carrier,
-    outcome: Result<String, Failure>,
+    outcome: Result<(String, u64), Failure>,
 ) {
     match outcome {
-        Ok(credential) => {
+        Ok((credential, usable_until_ms)) => {
             let value = carrier.value(&credential);
             for waiter in waiters {
-                host.resume(waiter.request, &carrier.header, &value);
+                host.resume(waiter.request, &carrier.header, &value, usable_until_ms);
             }
         }
         Err(failure) => {

@@ -55,7 +55,12 @@ impl HotTokens {
     }
 
     /// The user's token if this worker holds a copy that needs no refresh yet.
-    pub fn get(&mut self, namespace: &str, user_id: &str, now_ms: u64) -> Option<&str> {
+    pub fn get(
+        &mut self,
+        namespace: &str,
+        user_id: &str,
+        now_ms: u64,
+    ) -> Option<(&str, TokenTimes)> {
         if self.capacity == 0 {
             return None;
         }
@@ -67,7 +72,7 @@ impl HotTokens {
         self.current
             .get(&key)
             .filter(|c| now_ms < c.times.refresh_at_ms)
-            .map(|c| c.access_token.as_str())
+            .map(|c| (c.access_token.as_str(), c.times))
     }
 
     /// Keeps a copy of a token read from (or stored in) shared data.
@@ -134,12 +139,12 @@ mod tests {
     fn a_copy_serves_until_its_refresh_time_and_is_forgotten_on_notice() {
         let mut hot = HotTokens::new(8);
         hot.put("ns", "alice", [1; ID_LEN], "tok", times(1_000));
-        assert_eq!(hot.get("ns", "alice", 999), Some("tok"));
+        assert_eq!(hot.get("ns", "alice", 999), Some(("tok", times(1_000))));
         assert_eq!(hot.get("ns", "alice", 1_000), None, "due for refresh");
         assert_eq!(hot.get("other", "alice", 0), None);
         assert_eq!(hot.get("ns", "bob", 0), None);
         hot.forget(&[2; ID_LEN]);
-        assert_eq!(hot.get("ns", "alice", 0), Some("tok"));
+        assert_eq!(hot.get("ns", "alice", 0), Some(("tok", times(1_000))));
         hot.forget(&[1; ID_LEN]);
         assert_eq!(hot.get("ns", "alice", 0), None);
     }

@@ -151,9 +151,12 @@ const ASSERTION_REFUSED: &str = "\\assertion ";
 const USER_TOKEN_REFUSED: &str = "\\user-token ";
 
 /// What the waiters of an exchange that found `entry` stored get.
-pub fn answer_of(entry: Entry) -> Result<String, Failure> {
+pub fn answer_of(entry: Entry) -> Result<(String, u64), Failure> {
     match entry {
-        Entry::Token { access_token, .. } => Ok(access_token),
+        Entry::Token {
+            access_token,
+            times,
+        } => Ok((access_token, times.reuse_until_ms)),
         other => Err(failure_of(other)),
     }
 }
@@ -290,7 +293,7 @@ mod tests {
         let mut no_hold = c.clone();
         no_hold.failure_hold_ms = 0;
         assert_eq!(entry_after(&rejected, None, &no_hold, &key, NOW), None);
-        assert_eq!(answer_of(old_token()), Ok("old".into()));
+        assert!(matches!(answer_of(old_token()), Ok((t, _)) if t == "old"));
         assert_eq!(
             failure_of(Entry::Failed {
                 timeout: false,

@@ -29,6 +29,8 @@ struct FakeHost {
     resumed: RefCell<Vec<(u32, String)>>,
     /// The header each resumed request got its credential in.
     resumed_headers: RefCell<Vec<String>>,
+    /// Until when each resumed request's credential may be used (ms).
+    resumed_until: RefCell<Vec<u64>>,
     failed: RefCell<Vec<(u32, Failure)>>,
     gone: RefCell<Vec<u32>>,
     refuse_dispatch: Cell<bool>,
@@ -98,11 +100,12 @@ impl Callouts for FakeHost {
 }
 
 impl Requests for FakeHost {
-    fn resume(&self, id: u32, header: &str, value: &str) -> bool {
+    fn resume(&self, id: u32, header: &str, value: &str, usable_until_ms: u64) -> bool {
         if self.gone.borrow().contains(&id) {
             return false;
         }
         self.resumed_headers.borrow_mut().push(header.into());
+        self.resumed_until.borrow_mut().push(usable_until_ms);
         self.resumed.borrow_mut().push((id, value.into()));
         true
     }
@@ -1960,4 +1963,31 @@ fn a_key_credential_signs_a_client_assertion_before_the_on_behalf_of_call() {
         .unwrap();
     assert_eq!(signature.len(), 256, "RS256 with the 2048-bit test key");
     assert!(!obo.headers.iter().any(|(k, _)| k == "authorization"));
+}
+
+/// The find-destination API tells applications how long a token may still be used: the
+/// waiters of the exchange and every later hit (the worker's copy, or another worker's
+/// read of the shared slot) get the cached token's reuse limit.
+#[test]
+fn forwards_report_until_when_the_credential_may_be_used() {
+    let (h, c) = (host(), config());
+    let (mut w1, mut w2) = (worker(&h, &c, 1), worker(&h, &c, 2));
+    first_exchange_for_alice(&mut w1, &h, &c);
+    let until = alice_token_times(&c).reuse_until_ms;
+    assert!(until > T0 / 1_000_000);
+    assert_eq!(*h.resumed_until.borrow(), vec![until], "the waiter's");
+    let hit = w1.on_request_with_expiry(&h, &c, 2, 0, &Some(&alice()));
+    assert_eq!(
+        hit,
+        (Decision::Forward("Bearer tok-1".into()), until),
+        "own copy"
+    );
+    let hit = w2.on_request_with_expiry(&h, &c, 3, 0, &Some(&alice()));
+    assert_eq!(
+        hit,
+        (Decision::Forward("Bearer tok-1".into()), until),
+        "shared slot"
+    );
+    let miss = w2.on_request_with_expiry(&h, &c, 4, 0, &Some(&bob()));
+    assert_eq!(miss, (Decision::Wait, 0));
 }

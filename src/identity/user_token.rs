@@ -16,7 +16,16 @@ pub fn bearer_token(value: &[u8]) -> Option<&str> {
     if !scheme.eq_ignore_ascii_case("bearer") {
         return None;
     }
-    let token = token.trim_start_matches(' ');
+    compact_jws(token.trim_start_matches(' '))
+}
+
+/// The token of a header that carries it bare (SAP's `X-user-token`).
+pub fn bare_token(value: &[u8]) -> Option<&str> {
+    compact_jws(std::str::from_utf8(value).ok()?.trim_matches([' ', '\t']))
+}
+
+/// `token` if it has the form of a compact JWS.
+fn compact_jws(token: &str) -> Option<&str> {
     let parts = token.split('.').count();
     let alphabet = token
         .bytes()
