@@ -213,6 +213,9 @@ impl RootContext for PluginRoot {
                 )
             ),
         );
+        for notice in &config.notices {
+            host.log(Level::Warn, notice);
+        }
         let root = self.context_id;
         let configured = Rc::clone(&config);
         if self
