@@ -333,6 +333,9 @@ def main() -> int:
     print("a new user's first request, X.509 against SAML (1 worker)...", flush=True)
     import first_request  # noqa: E402
     first = first_request.measure(args.rounds)
+    print("the find-destination API against a proxied request, both at cache hit (1 worker)...", flush=True)
+    import destination_api  # noqa: E402
+    api = destination_api.measure(args.rounds, args.seconds)
     print(f"memory with {args.memory_users} distinct users, then {args.memory_churn} more (2 workers)...", flush=True)
     import memory  # noqa: E402
     mem = memory.measure([args.memory_users, args.memory_churn])
@@ -586,6 +589,20 @@ def main() -> int:
         + f". Wasm memory of the worker's VM: {flooding['wasm_mib_before']} MiB before the first flood, "
         + ", ".join(f"{m} MiB" for m in flooding["wasm_mib_after_each_flood"]) + " after each.",
         "",
+        "## The find-destination API against a proxied request, both at cache hit",
+        "",
+        destination_api.__doc__.split("\n\n", 1)[1].strip(),
+        "",
+        f"{api['rounds']} rounds, {api['calls']} calls in all, 0 errors; token exchanges for the user over the "
+        f"whole run: {api['exchanges']} (the one before the rounds).",
+        "",
+        "| | proxied | API | ratio API / proxied |",
+        "| --- | ---: | ---: | ---: |",
+        *[f"| {label} | {summary(api['variants']['proxied'][q])} | {summary(api['variants']['api'][q])} | "
+          f"{summary(api['ratio_api_to_proxied'][q])} |"
+          for q, label in (("cpu_us", "Envoy CPU per call (µs)"), ("p50_ms", "latency P50 (ms)"),
+                           ("p99_ms", "latency P99 (ms)"))],
+        "",
         "## A new user's first request: X.509 client certificate against SAML bearer",
         "",
         first_request.__doc__.split("\n\n", 1)[1].strip(),
@@ -668,6 +685,7 @@ def main() -> int:
         json.dumps({"cpu_us_per_request": cpu, "probe_cpu_us_per_request": probes,
                     "stacked_cpu_us_per_request": stacked, "head_of_line": workers, "flood": flooding,
                     "first_request": {k: v for k, v in first.items() if k != "summary"}, "wake_us": wake,
+                    "destination_api": api,
                     "openssl_rsa2048_sign_ms": openssl_ms, "signing_v8_ms": signing_v8, "memory": mem},
                    indent=1),
         "```",
