@@ -8,6 +8,7 @@ use principal_propagation::cache::{CacheKey, Entry};
 use principal_propagation::config::PluginConfig;
 use principal_propagation::coordination::notice::Message;
 use principal_propagation::coordination::slot;
+use principal_propagation::destination_api::{Answer, ApiSettings, Exposure, TokenPart, API_PATH};
 use principal_propagation::forwarding::{self, Additions, Edit, Removal};
 use principal_propagation::http_url::HttpUrl;
 use principal_propagation::identity::{self, attributes, payload, UserIdRule};
@@ -30,7 +31,7 @@ mod sample;
 /// What a target checks: it panics when the input breaks a rule.
 pub type Check = fn(&[u8]);
 
-pub const TARGETS: [(&str, Check); 10] = [
+pub const TARGETS: [(&str, Check); 11] = [
     ("config", config),
     ("metadata_claims", metadata_claims),
     ("json_claims", json_claims),
@@ -41,6 +42,7 @@ pub const TARGETS: [(&str, Check); 10] = [
     ("forwarding", forwarding),
     ("payload_pairs", payload_pairs),
     ("subject", subject),
+    ("destination_api", destination_api),
 ];
 
 const KEY: &str = include_str!("../tests/fixtures/signing-key.pem");
@@ -422,4 +424,38 @@ pub fn subject(data: &[u8]) {
     )
     .expect("a certificate for any subject that resolved");
     assert!(!unsigned.to_be_signed.is_empty());
+}
+
+/// A request path for the find-destination API, and any text in its answer: a call only
+/// under the API's path, naming a destination by one whole segment; every answer is
+/// JSON that carries the text as it was and never a property outside the allow-list.
+pub fn destination_api(data: &[u8]) {
+    let api = ApiSettings::parse(&serde_json::json!({"pathPrefix": "/gw"})).expect("settings");
+    let under = [b"/gw".as_slice(), API_PATH.as_bytes()].concat();
+    for path in [data.to_vec(), [under.as_slice(), data].concat()] {
+        if let Some(call) = api.call(&path) {
+            assert!(path.starts_with(&under), "a call outside the API's path");
+            if let Some(name) = &call.name {
+                assert!(!name.is_empty() && !name.contains('/'), "{name:?}");
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(data).into_owned();
+    let raw = serde_json::json!({"Name": text, "URL": text, "tokenServicePassword": text, "exposeToClients": [text]});
+    let exposure = Exposure::of(raw.as_object().expect("an object"), vec![text.clone()]);
+    let answer = Answer::new(&text, &exposure, Some(&text));
+    let token = TokenPart::Token {
+        token: text.clone(),
+        header_value: text.clone(),
+        expires_in: 1,
+    };
+    for part in [token, TokenPart::Error(text.clone()), TokenPart::Skipped] {
+        let body: Value = serde_json::from_str(&answer.body(&part)).expect("the answer is JSON");
+        assert_eq!(body["owner"]["SubaccountId"], text.as_str());
+        let shown = body["destinationConfiguration"]
+            .as_object()
+            .expect("an object");
+        assert_eq!(shown.len(), 2, "only Name and URL are exposed");
+        assert_eq!(shown["Name"], text.as_str());
+    }
 }

@@ -107,6 +107,11 @@ def main() -> None:
                               "/nope/active.pem", "/default/../x", "?download=1", "/default/active.pem?x"]):
         write("trust_path", f"path-{i}", path.encode())
 
+    for i, path in enumerate(["dev", "dev?$skipTokenRetrieval=true", "%24x", "a%2Fb", "%zz", "a/b", "",
+                              "/gw/destination-configuration/v1/destinations/x?%24skipTokenRetrieval=TRUE",
+                              "\u00e9\"\\<>&", "x" * 300]):
+        write("destination_api", f"path-{i}", path.encode())
+
 
 if __name__ == "__main__":
     main()
