@@ -38,15 +38,8 @@ impl Worker {
         destination: usize,
         identity: &dyn Identity,
     ) -> Decision {
-        let mut usable_until_ms = 0;
-        self.decide(
-            host,
-            config,
-            request_id,
-            destination,
-            identity,
-            &mut usable_until_ms,
-        )
+        self.on_request_with_expiry(host, config, request_id, destination, identity)
+            .0
     }
 
     /// [`Worker::on_request`], and until when a credential it forwards with may be used
