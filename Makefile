@@ -70,6 +70,13 @@ $(VENV)/.installed: dev/requirements.txt
 	promtool --version | head -1
 	@touch $@
 
+# The SAP Cloud SDK for JavaScript (tests/sdk), at the exact versions of its lock file:
+# an application that reads destinations through the gateway's find-destination API.
+.make/sdk-node: tests/sdk/package.json tests/sdk/package-lock.json
+	@mkdir -p .make
+	npm ci --prefix tests/sdk --no-audit --no-fund
+	@touch $@
+
 .make/wasm-bindgen-$(WASM_BINDGEN_VERSION):
 	@mkdir -p .make
 	@if [ "$$(wasm-bindgen-test-runner --version 2>/dev/null | awk '{print $$2}')" != "$(WASM_BINDGEN_VERSION)" ]; then \
@@ -137,7 +144,7 @@ test-wasm: .make/rust-targets .make/wasm-bindgen-$(WASM_BINDGEN_VERSION)
 	  cargo test --target wasm32-unknown-unknown --test wasm_core
 
 # Envoy at trace level, and every stack's log searched for the run's secrets (dev/log_audit.py).
-test-e2e: setup build keys .make/oci-tools
+test-e2e: setup build keys .make/oci-tools .make/sdk-node
 	PP_ENVOY_LOG_LEVEL=trace PP_AUDIT_LOGS=1 $(PY) -m pytest -q tests/dev tests/k8s tests/e2e
 
 ## Signer differential tests at scale (`cargo test` runs them on ~300 keys each) ----------
@@ -213,4 +220,4 @@ soak: setup build keys
 
 clean:
 	cargo clean
-	rm -rf .run .make $(VENV)
+	rm -rf .run .make $(VENV) tests/sdk/node_modules

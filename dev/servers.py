@@ -5,7 +5,10 @@ One process runs three HTTP servers (more with ``--onprem-port`` and ``--sts-por
 bound to 127.0.0.1:
 
 * identity provider: mints RS256 JWTs for any user and publishes its JWKS, so the
-  plugin has an authenticated user to propagate;
+  plugin has an authenticated user to propagate; ``POST /oauth/token`` is XSUAA's client
+  credentials grant for the clients given with ``--idp-client`` (service tokens for the
+  find-destination API), also over TLS with ``--idp-tls-port`` (the SAP Cloud SDK's
+  subscriber token is fetched from ``https://<uaadomain>/oauth/token`` only);
 * token server: a UAA/XSUAA-like OAuth token endpoint for the RFC 7522
   ``saml2-bearer`` grant that is deliberately strict about the SAML assertion, so
   mistakes in the plugin show up here and not in production;
@@ -30,7 +33,9 @@ shows the modes set and how many token requests each path served in each mode;
 
 Dev/test only: keys and state live in memory. Tokens, assertions, passwords and
 keys are never logged (``GET /requests`` on the token server, ``GET /minted`` on the
-identity provider and ``GET /_sts/requests`` on the STS do expose them, on purpose, to tests).
+identity provider and ``GET /_sts/requests`` on the STS do expose them, on purpose, to tests;
+the identity provider's ``GET /token-requests`` lists its client credentials requests
+without secrets).
 """
 
 import argparse
@@ -85,6 +90,11 @@ HUGE_BODY = 10 * 1024 * 1024  # the `huge` fault's answer: larger than any token
 HANG_MAX = 30.0  # the `hang` fault holds a connection at most this long
 DRIP_BYTES, DRIP_INTERVAL = 3, 0.3  # the `drip` fault: 10 bytes/s, far slower than a read timeout
 IDP_KID = "dev-idp-1"
+CLIENT_CREDENTIALS_GRANT = "client_credentials"
+# The development tenant (XSUAA's zone id, `zid`): the one zone the identity provider's
+# clients are registered in, and the tenant of its service tokens.
+DEV_ZONE_ID = "6b1c3f0e-7d2a-4c5e-9f81-0a2b3c4d5e6f"
+SERVICE_TOKEN_SCOPES = ("uaa.resource",)
 
 
 def saml(tag):
@@ -292,17 +302,70 @@ class IdentityProvider:
     for the gateway app instead (see `EntraApp`; dev/sts.py redeems it). Other query
     parameters and ``claims`` (JSON) add to or override the payload either way."""
 
-    def __init__(self, issuer, audience, entra=None):
+    def __init__(self, issuer, audience, entra=None, clients=None, service_audience=None,
+                 zone_id=DEV_ZONE_ID):
         self.issuer = issuer
         self.audience = audience
         self.entra = entra  # EntraApp or None (then idp=entra is refused)
+        # OAuth clients of `POST /oauth/token` (client credentials grant): id -> secret.
+        self.clients = dict(clients or {})
+        self.service_audience = service_audience
+        self.zone_id = zone_id
         self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self._minted = []  # every JWT issued, for the tests' log audit (GET /minted)
+        self._token_requests = []  # POST /oauth/token, without secrets (GET /token-requests)
         self._lock = threading.Lock()
 
     def minted(self):
         with self._lock:
             return list(self._minted)
+
+    def token_requests(self):
+        with self._lock:
+            return list(self._token_requests)
+
+    def record_token_request(self, entry):
+        with self._lock:
+            self._token_requests.append(entry)
+
+    def authenticate(self, headers, form):
+        """The registered client a token request authenticates as (RFC 6749 §2.3.1: HTTP
+        Basic, or `client_id` and `client_secret` form fields as the SAP Cloud SDK sends
+        them; never both); OAuthError otherwise. Returns (client id, method)."""
+        basic = basic_credentials(headers)
+        if basic is not None and "client_secret" in form:
+            raise OAuthError("invalid_request", "more than one client authentication method used")
+        if basic is not None:
+            client_id, secret = basic
+            method = "basic"
+            if "client_id" in form and form["client_id"] != [client_id]:
+                raise invalid_client("client_id does not match the authenticated client")
+        elif "client_secret" in form:
+            if len(form["client_secret"]) != 1 or len(form.get("client_id", [])) != 1:
+                raise OAuthError("invalid_request", "exactly one client_id and client_secret are required")
+            client_id, secret, method = form["client_id"][0], form["client_secret"][0], "form"
+        else:
+            raise invalid_client("client authentication required")
+        expected = self.clients.get(client_id)
+        # Digests of equal length: the comparison takes the same time whatever the secret.
+        same = hmac.compare_digest(hashlib.sha256(secret.encode()).digest(),
+                                   hashlib.sha256((expected or "").encode()).digest())
+        if expected is None or not same:
+            raise invalid_client("bad client credentials")
+        return client_id, method
+
+    def client_credentials_token(self, client_id, lifetime=DEFAULT_TOKEN_LIFETIME):
+        """An XSUAA-like service token for `client_id` and its claims, signed like the user
+        tokens (same key and kid, so jwt_authn verifies it with the same JWKS)."""
+        now = int(time.time())
+        payload = {"iss": self.issuer, "sub": client_id, "client_id": client_id, "cid": client_id,
+                   "azp": client_id, "aud": [self.service_audience], "zid": self.zone_id,
+                   "grant_type": CLIENT_CREDENTIALS_GRANT, "scope": list(SERVICE_TOKEN_SCOPES),
+                   "iat": now, "exp": now + lifetime, "jti": uuid.uuid4().hex}
+        token = jwt.encode(payload, self._key, algorithm="RS256", headers={"kid": IDP_KID})
+        with self._lock:
+            self._minted.append(token)
+        return token, payload
 
     def public_key(self):
         """The key the JWKS publishes (for in-process verifiers such as dev/sts.py)."""
@@ -387,16 +450,15 @@ def safe_parser():
     return etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False, load_dtd=False)
 
 
-def authenticate_client(headers, form, cfg):
-    """Client authentication with HTTP Basic, as UAA/XSUAA expect it.
+def basic_credentials(headers):
+    """(user, password) of an HTTP Basic Authorization header, None without one.
 
     RFC 6749 §2.3.1 says user and password are form-urlencoded before base64, so
-    they are unquoted after splitting on the first ':'. Sending the secret in the
-    body as well would be a second authentication method, which §2.3 forbids.
+    they are unquoted after splitting on the first ':'.
     """
     scheme, _, encoded = headers.get("Authorization", "").strip().partition(" ")
     if scheme.lower() != "basic" or not encoded.strip():
-        raise invalid_client("HTTP Basic client authentication required")
+        return None
     try:
         decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError):
@@ -404,7 +466,17 @@ def authenticate_client(headers, form, cfg):
     user, sep, password = decoded.partition(":")
     if not sep:
         raise invalid_client("malformed Basic credentials")
-    user, password = unquote_plus(user), unquote_plus(password)
+    return unquote_plus(user), unquote_plus(password)
+
+
+def authenticate_client(headers, form, cfg):
+    """Client authentication with HTTP Basic, as UAA/XSUAA expect it. Sending the secret
+    in the body as well would be a second authentication method, which §2.3 forbids.
+    """
+    credentials = basic_credentials(headers)
+    if credentials is None:
+        raise invalid_client("HTTP Basic client authentication required")
+    user, password = credentials
     user_ok = hmac.compare_digest(user.encode(), cfg.client_id.encode())
     password_ok = hmac.compare_digest(password.encode(), cfg.client_secret.encode())
     if not (user_ok and password_ok):
@@ -602,6 +674,7 @@ def validate_exchange(headers, form, endpoint, cfg, state):
 # ------------------------------------------------------------------------- faults
 
 FAULT_PREFIX = "/oauth/token/fault/"
+REJECT_DESCRIPTION = "the assertion was refused (fault mode reject)"
 HTML_PAGE = b"<html><head><title>Service Unavailable</title></head><body>down for maintenance</body></html>"
 
 
@@ -642,6 +715,9 @@ FAULTS = {
     "expires-string": lambda h, token: h.send_body(200, token_json(token, expires_in="one hour"),
                                                    "application/json"),
     "token-type-mac": lambda h, token: h.send_body(200, token_json(token, token_type="mac"), "application/json"),
+    # Refused as an OAuth server refuses a grant (RFC 6749 §5.2), not a broken server.
+    "reject": lambda h, token: h.send_json(400, {"error": "invalid_grant", "error_description": REJECT_DESCRIPTION},
+                                           h.NO_STORE),
     # Odd but usable answers (the plugin accepts these; see its README).
     "expires-digits": lambda h, token: h.send_body(200, token_json(token, expires_in="3600"), "application/json"),
     "expires-missing": lambda h, token: h.send_body(200, token_json(token, expires_in=None), "application/json"),
@@ -741,6 +817,8 @@ class IdpHandler(BaseHandler):
             self.send_json(200, self.app.idp.jwks())
         elif url.path == "/minted":
             self.send_json(200, self.app.idp.minted())
+        elif url.path == "/token-requests":
+            self.send_json(200, self.app.idp.token_requests())
         elif url.path == "/token":
             try:
                 token = self.app.idp.mint(parse_qs(url.query, keep_blank_values=True))
@@ -750,6 +828,52 @@ class IdpHandler(BaseHandler):
             self.send_body(200, token.encode(), "text/plain")
         else:
             self.not_found()
+
+    def do_POST(self):
+        url = urlsplit(self.path)
+        body = self.body_or_refusal()
+        if body is None:
+            return
+        if url.path != "/oauth/token":
+            self.not_found()
+            return
+        self.client_credentials(body)
+
+    def client_credentials(self, body):
+        """`POST /oauth/token`, grant_type=client_credentials, as XSUAA answers it (RFC 6749
+        §4.4): a service token for a registered client. The header `x-zid` (the SAP Cloud
+        SDK's subscriber-token request) names the tenant: only the development one is known."""
+        idp = self.app.idp
+        try:
+            form = parse_qs(body.decode("utf-8"), keep_blank_values=True)
+        except UnicodeDecodeError:
+            form = {}
+        zone = self.headers.get("x-zid")
+        # What arrived, for the tests: field names, never their values (the secret is one).
+        entry = {"time": time.time(), "scheme": "https" if self.server.tls else "http",
+                 "form_fields": sorted(form), "grant_type": (form.get("grant_type") or [None])[0],
+                 "client_id": None, "client_auth": None, "x_zid": zone}
+        try:
+            content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            if content_type != FORM_CONTENT_TYPE:
+                raise OAuthError("invalid_request", f"Content-Type must be {FORM_CONTENT_TYPE}")
+            if form.get("grant_type") != [CLIENT_CREDENTIALS_GRANT]:
+                raise OAuthError("unsupported_grant_type", f"grant_type must be {CLIENT_CREDENTIALS_GRANT}")
+            entry["client_id"], entry["client_auth"] = idp.authenticate(self.headers, form)
+            if zone is not None and zone != idp.zone_id:
+                raise invalid_client(f"the client is not registered in zone {zone}")
+        except OAuthError as exc:
+            idp.record_token_request(dict(entry, outcome=exc.error))
+            headers = dict(TokenHandler.NO_STORE)
+            if exc.status == 401:
+                headers["WWW-Authenticate"] = 'Basic realm="dev-identity-provider"'
+            self.send_json(exc.status, {"error": exc.error, "error_description": exc.description}, headers)
+            return
+        token, claims = idp.client_credentials_token(entry["client_id"])
+        idp.record_token_request(dict(entry, outcome="ok"))
+        self.send_json(200, {"access_token": token, "token_type": "bearer",
+                             "expires_in": claims["exp"] - claims["iat"], "scope": " ".join(claims["scope"]),
+                             "jti": claims["jti"]}, TokenHandler.NO_STORE)
 
 
 class TokenHandler(BaseHandler):
@@ -972,10 +1096,20 @@ def parse_args(argv):
     p.add_argument("--client-id", required=True)
     p.add_argument("--client-secret", required=True)
     p.add_argument("--jwt-audience", default="principal-propagation-demo")
+    p.add_argument("--idp-client", action="append", default=[], metavar="CLIENT_ID=SECRET",
+                   help="an OAuth client of the identity provider's client credentials grant "
+                        "(POST /oauth/token; repeat for several)")
+    p.add_argument("--service-token-audience", default="principal-propagation-destinations",
+                   help="`aud` of the identity provider's client credentials tokens")
+    p.add_argument("--zone-id", default=DEV_ZONE_ID,
+                   help="the tenant (`zid`) of the identity provider's clients and service tokens")
+    p.add_argument("--idp-tls-port", type=int,
+                   help="also serve the identity provider over TLS here (--tls-cert, --tls-key), as "
+                        "https://127.0.0.1:<port>: the SAP Cloud SDK fetches subscriber tokens over https only")
     p.add_argument("--token-tls-port", type=int,
                    help="also serve the token endpoint over TLS here, as https://localhost:<port>")
-    p.add_argument("--tls-cert", help="PEM certificate (and chain) of the TLS token endpoint")
-    p.add_argument("--tls-key", help="PEM private key of the TLS token endpoint")
+    p.add_argument("--tls-cert", help="PEM certificate (and chain) of the TLS endpoints")
+    p.add_argument("--tls-key", help="PEM private key of the TLS endpoints")
     p.add_argument("--onprem-port", type=int, help="also run the on-premise backend (dev/onprem.py) here")
     p.add_argument("--onprem-user-ca", help="PEM CA that signs the user certificates the backend accepts")
     p.add_argument("--tls-dir", help="the local CA's directory (dev/local_ca.py), for the on-premise backend")
@@ -998,6 +1132,15 @@ def parse_args(argv):
     p.add_argument("--sts-public-url", action="append", default=[],
                    help="another token URL client assertions may name as aud (besides the one posted to)")
     args = p.parse_args(argv)
+    if (args.token_tls_port or args.idp_tls_port) and not (args.tls_cert and args.tls_key):
+        p.error("--token-tls-port and --idp-tls-port need --tls-cert and --tls-key")
+    clients = {}
+    for spec in args.idp_client:
+        client_id, sep, secret = spec.partition("=")
+        if not (sep and client_id and secret):
+            p.error("--idp-client takes CLIENT_ID=SECRET")
+        clients[client_id] = secret
+    args.idp_clients = clients
     if (args.onprem_port is None) != (args.onprem_user_ca is None):
         p.error("--onprem-port and --onprem-user-ca go together")
     if args.onprem_port is not None and not args.tls_dir:
@@ -1024,7 +1167,9 @@ def main(argv=None):
         with open(path, "rb") as f:
             trusted_certs.append((Path(path).stem, x509.load_pem_x509_certificate(f.read())))
     idp = IdentityProvider(f"http://{HOST}:{args.idp_port}", args.jwt_audience,
-                           EntraApp(args.sts_tenant, args.sts_client_id, sts.DEV_FRONTEND_CLIENT_ID))
+                           EntraApp(args.sts_tenant, args.sts_client_id, sts.DEV_FRONTEND_CLIENT_ID),
+                           clients=args.idp_clients, service_audience=args.service_token_audience,
+                           zone_id=args.zone_id)
     token_service = None
     other_issuers = ()
     if args.sts_port is not None:
@@ -1044,10 +1189,15 @@ def main(argv=None):
             server = Server((HOST, port), handler)
             server.app = app
             servers.append(server)
-        if args.token_tls_port:
+        if args.token_tls_port or args.idp_tls_port:
             tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             tls.load_cert_chain(args.tls_cert, args.tls_key)
+        if args.token_tls_port:
             server = Server((HOST, args.token_tls_port), TokenHandler, tls=tls, host_name="localhost")
+            server.app = app
+            servers.append(server)
+        if args.idp_tls_port:
+            server = Server((HOST, args.idp_tls_port), IdpHandler, tls=tls)
             server.app = app
             servers.append(server)
         if args.onprem_port is not None:

@@ -86,8 +86,9 @@ class Ports:
     @property
     def idp_tls(self) -> int:
         """The identity provider's token endpoint over TLS (https://127.0.0.1:<port>), for
-        clients that hard-code https (the SAP Cloud SDK's subscriber token)."""
-        return self.idp + 1
+        clients that hard-code https (the SAP Cloud SDK's subscriber token). +4: free in
+        every port layout of the tests and benchmarks (+1 is some benches' token port)."""
+        return self.idp + 4
 
     def shifted(self, offset: int) -> "Ports":
         return Ports(*(p + offset for p in (self.listener, self.admin, self.idp, self.token, self.echo,

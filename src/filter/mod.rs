@@ -337,6 +337,22 @@ impl Identity for JwtMetadata<'_> {
     }
 }
 
+/// The caller of a find-destination call for a `SystemUser` destination: the token is the
+/// technical user's, so, as SAP's Destination Service does (and the SAP Cloud SDK sends
+/// no `X-user-token` for it), the application's verified and allowed service token is
+/// enough; a user's claims, if any, shape nothing.
+struct TechnicalUser<'a>(&'a JwtMetadata<'a>);
+
+impl Identity for TechnicalUser<'_> {
+    fn quick_principal(&self, rule: &UserIdRule) -> Option<Principal> {
+        self.0.quick_principal(rule)
+    }
+
+    fn claims(&self) -> Option<serde_json::Value> {
+        Some(self.0.claims().unwrap_or_else(|| serde_json::json!({})))
+    }
+}
+
 /// The request's headers as the selection rules see them.
 struct HeaderView<'a>(&'a [(&'a [u8], &'a [u8])]);
 
@@ -478,9 +494,14 @@ impl PluginRequest {
             envoy_host::send_api_answer(&answer, &TokenPart::Skipped);
             return Action::Pause;
         }
-        let identity = JwtMetadata {
+        let user = JwtMetadata {
             config,
             token_in: TokenHeader::XUserToken,
+        };
+        let technical = TechnicalUser(&user);
+        let identity: &dyn Identity = match dest.user_id {
+            UserIdRule::SystemUser(_) => &technical,
+            _ => &user,
         };
         let Ok(mut worker) = self.worker.try_borrow_mut() else {
             host.send_reply(&Failure::Internal {
@@ -489,7 +510,7 @@ impl PluginRequest {
             return Action::Pause;
         };
         let (decision, usable_until_ms) =
-            worker.on_request_with_expiry(&host, config, self.context_id, index, &identity);
+            worker.on_request_with_expiry(&host, config, self.context_id, index, identity);
         drop(worker);
         let part = match decision {
             Decision::Forward(value) => {

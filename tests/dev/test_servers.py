@@ -6,6 +6,7 @@ import json
 import re
 import selectors
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -24,7 +25,11 @@ from cryptography.x509.oid import NameOID
 from lxml import etree
 from signxml import XMLSigner, methods
 
-SERVERS = Path(__file__).resolve().parents[2] / "dev" / "servers.py"
+ROOT = Path(__file__).resolve().parents[2]
+SERVERS = ROOT / "dev" / "servers.py"
+sys.path.insert(0, str(ROOT / "dev"))
+
+import local_ca  # noqa: E402
 SAML_NS = "urn:oasis:names:tc:SAML:2.0:assertion"
 DS_NS = "http://www.w3.org/2000/09/xmldsig#"
 EXC_C14N = "http://www.w3.org/2001/10/xml-exc-c14n#"
@@ -33,6 +38,10 @@ ISSUER = "principal-propagation-gateway"
 ENTITY_ID = "dev-token-server"
 CLIENT_ID, CLIENT_SECRET = "gateway-client", "gateway-secret"
 JWT_AUDIENCE = "principal-propagation-demo"
+# The identity provider's OAuth clients (client credentials grant) and their tokens' audience.
+API_CLIENTS = {"demo-app": "demo-app-secret", "other-app": "other+app:secret"}
+SERVICE_AUDIENCE = "test-destinations-api"
+ZONE_ID = "8d1e55aa-0c6b-4b43-a3a4-3f0f6b1e2c77"
 READY_TIMEOUT = 20.0
 
 
@@ -120,11 +129,13 @@ def b64(xml_bytes, urlsafe=True):
 
 
 class Env:
-    def __init__(self, idp, token, echo, identity):
+    def __init__(self, idp, token, echo, idp_tls, identity, tls):
         self.idp = f"http://127.0.0.1:{idp}"
         self.token = f"http://127.0.0.1:{token}"
         self.echo = f"http://127.0.0.1:{echo}"
+        self.idp_tls = f"https://127.0.0.1:{idp_tls}"
         self.identity = identity
+        self.tls = tls  # local_ca.TlsFiles: the IdP's TLS port has its server certificate
 
     def assertion(self, path="/oauth/token", **kwargs):
         return build_assertion(self.identity, self.token + path, **kwargs)
@@ -151,18 +162,22 @@ def env(tmp_path_factory):
     identity = make_signing_identity()
     cert_path = tmp_path_factory.mktemp("certs") / "trusted.pem"
     cert_path.write_bytes(identity[1])
-    ports = [free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(4)]
+    tls = local_ca.ensure(tmp_path_factory.mktemp("tls"))
     stderr_path = cert_path.parent / "servers.log"
     with open(stderr_path, "wb") as stderr:
         proc = subprocess.Popen(
             [sys.executable, str(SERVERS), "--idp-port", str(ports[0]), "--token-port", str(ports[1]),
              "--echo-port", str(ports[2]), "--trusted-cert", str(cert_path),
              "--trusted-issuer", ISSUER, "--entity-id", ENTITY_ID, "--client-id", CLIENT_ID,
-             "--client-secret", CLIENT_SECRET, "--jwt-audience", JWT_AUDIENCE],
+             "--client-secret", CLIENT_SECRET, "--jwt-audience", JWT_AUDIENCE,
+             "--idp-tls-port", str(ports[3]), "--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key),
+             *[arg for client in API_CLIENTS.items() for arg in ("--idp-client", "=".join(client))],
+             "--service-token-audience", SERVICE_AUDIENCE, "--zone-id", ZONE_ID],
             stdout=subprocess.PIPE, stderr=stderr)
     try:
         wait_ready(proc, stderr_path)
-        yield Env(*ports, identity)
+        yield Env(*ports, identity, tls)
     finally:
         stop_servers(proc)
 
@@ -395,3 +410,115 @@ def test_a_fault_switched_on_and_healed_at_run_time_is_counted_per_mode(env):
     assert faults["modes"] == {}
     assert faults["served"][path] == {"no-access-token": 2, "none": 1}
     assert env.get_json(env.token, "/stats")["exchanges"] == {"alice": 1, "dave": 1}
+
+
+# ------------------------------------------------- identity provider: client credentials
+
+
+def client_credentials(env, form=None, *, basic=None, headers=None, base=None, context=None):
+    """POST /oauth/token on the identity provider: (status, headers, JSON body)."""
+    fields = {"grant_type": "client_credentials"}
+    fields.update(form or {})
+    sent = {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})}
+    if basic:
+        user, password = (urllib.parse.quote_plus(part) for part in basic)
+        sent["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    req = urllib.request.Request((base or env.idp) + "/oauth/token", method="POST", headers=sent,
+                                 data=urllib.parse.urlencode({k: v for k, v in fields.items() if v is not None}).encode())
+    try:
+        with urllib.request.urlopen(req, timeout=15, context=context) as resp:
+            return resp.status, resp.headers, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers, json.loads(err.read())
+
+
+def verified_service_token(env, token):
+    """The claims of a service token, verified against the IdP's JWKS, audience and issuer."""
+    (jwk,) = env.get_json(env.idp, "/.well-known/jwks.json")["keys"]
+    return jwt.decode(token, jwt.PyJWK(jwk).key, algorithms=["RS256"], audience=SERVICE_AUDIENCE,
+                      issuer=env.idp)
+
+
+def test_client_credentials_with_form_fields_or_basic(env):
+    before = len(env.get_json(env.idp, "/token-requests"))
+    form = {"client_id": "demo-app", "client_secret": "demo-app-secret"}
+    status, headers, body = client_credentials(env, form)  # as the SAP Cloud SDK sends them
+    assert status == 200, body
+    assert body["token_type"] == "bearer" and body["expires_in"] == 3600 and body["scope"] == "uaa.resource"
+    assert headers["Cache-Control"] == "no-store"
+    assert jwt.get_unverified_header(body["access_token"])["kid"] == "dev-idp-1"
+    claims = verified_service_token(env, body["access_token"])
+    assert {k: claims[k] for k in ("sub", "client_id", "cid", "azp", "aud", "zid", "grant_type", "scope")} == {
+        "sub": "demo-app", "client_id": "demo-app", "cid": "demo-app", "azp": "demo-app",
+        "aud": [SERVICE_AUDIENCE], "zid": ZONE_ID, "grant_type": "client_credentials", "scope": ["uaa.resource"]}
+    assert claims["exp"] - claims["iat"] == 3600 and claims["jti"] == body["jti"]
+    # HTTP Basic, with a secret that needs form-encoding (RFC 6749 §2.3.1).
+    status, _, other = client_credentials(env, basic=("other-app", API_CLIENTS["other-app"]))
+    assert status == 200, other
+    assert verified_service_token(env, other["access_token"])["client_id"] == "other-app"
+    # The log audit finds service tokens too; the recorded requests name fields, not secrets.
+    minted = env.get_json(env.idp, "/minted")
+    assert body["access_token"] in minted and other["access_token"] in minted
+    records = env.get_json(env.idp, "/token-requests")[before:]
+    assert [(r["scheme"], r["client_id"], r["client_auth"], r["form_fields"], r["outcome"]) for r in records] == [
+        ("http", "demo-app", "form", ["client_id", "client_secret", "grant_type"], "ok"),
+        ("http", "other-app", "basic", ["grant_type"], "ok")]
+    assert not any(secret in json.dumps(records) for secret in API_CLIENTS.values())
+
+
+@pytest.mark.parametrize("form, basic, headers, expected", [
+    ({"client_id": "demo-app", "client_secret": "wrong"}, None, None, (401, "invalid_client")),
+    ({"client_id": "nobody", "client_secret": "demo-app-secret"}, None, None, (401, "invalid_client")),
+    (None, ("demo-app", "other+app:secret"), None, (401, "invalid_client")),  # another client's secret
+    ({"client_id": "demo-app"}, None, None, (401, "invalid_client")),
+    ({"client_secret": "demo-app-secret"}, ("demo-app", "demo-app-secret"), None, (400, "invalid_request")),
+    ({"client_id": "other-app"}, ("demo-app", "demo-app-secret"), None, (401, "invalid_client")),
+    ({"grant_type": "password", "client_id": "demo-app", "client_secret": "demo-app-secret"}, None, None,
+     (400, "unsupported_grant_type")),
+    ({"grant_type": None, "client_id": "demo-app", "client_secret": "demo-app-secret"}, None, None,
+     (400, "unsupported_grant_type")),
+    ({"client_id": "demo-app", "client_secret": "demo-app-secret"}, None, {"Content-Type": "application/json"},
+     (400, "invalid_request")),
+    ({"client_id": "demo-app", "client_secret": "demo-app-secret"}, None, {"x-zid": "another-zone"},
+     (401, "invalid_client")),
+], ids=["wrong-secret", "unknown-client", "secret-of-another", "no-secret", "two-methods", "id-mismatch",
+        "password-grant", "no-grant", "json-body", "unknown-zone"])
+def test_client_credentials_refused(env, form, basic, headers, expected):
+    status, answer_headers, body = client_credentials(env, form, basic=basic, headers=headers)
+    assert (status, body["error"]) == expected, body
+    assert "access_token" not in body and body["error_description"]
+    if status == 401:
+        assert answer_headers["WWW-Authenticate"].startswith("Basic ")
+    assert env.get_json(env.idp, "/token-requests")[-1]["outcome"] == expected[1]
+
+
+def test_subscriber_token_over_tls_with_zone_header(env):
+    """The SAP Cloud SDK's subscriber token: https://<uaadomain>/oauth/token with x-zid."""
+    trusting = ssl.create_default_context(cafile=str(env.tls.ca))
+    form = {"client_id": "demo-app", "client_secret": "demo-app-secret"}
+    status, _, body = client_credentials(env, form, headers={"x-zid": ZONE_ID}, base=env.idp_tls, context=trusting)
+    assert status == 200, body
+    assert verified_service_token(env, body["access_token"])["zid"] == ZONE_ID
+    record = env.get_json(env.idp, "/token-requests")[-1]
+    assert (record["scheme"], record["x_zid"], record["outcome"]) == ("https", ZONE_ID, "ok")
+    # A client that trusts another CA does not get through the handshake.
+    with pytest.raises(urllib.error.URLError) as refused:
+        client_credentials(env, form, base=env.idp_tls,
+                           context=ssl.create_default_context(cafile=str(env.tls.other_ca)))
+    assert isinstance(refused.value.reason, ssl.SSLCertVerificationError)
+
+
+def test_reject_fault_refuses_as_an_oauth_server_and_heals(env):
+    path = "/oauth/token/refusing"
+    status, _ = http("POST", env.token + "/faults", json.dumps({"path": path, "mode": "reject"}).encode())
+    assert status == 200
+    status, body = env.exchange(env.assertion(path=path), path=path)
+    assert (status, body) == (400, {"error": "invalid_grant",
+                                    "error_description": "the assertion was refused (fault mode reject)"})
+    status, body = env.exchange(env.assertion(), path="/oauth/token/fault/reject")
+    assert (status, body["error"]) == (400, "invalid_grant")
+    http("POST", env.token + "/faults", json.dumps({"path": path, "mode": "none"}).encode())
+    status, body = env.exchange(env.assertion(path=path, name_id="erin"), path=path)
+    assert status == 200, body
+    assert env.get_json(env.token, "/faults")["served"][path] == {"reject": 1, "none": 1}
+    assert env.get_json(env.token, "/stats")["failures"] == {"fault:reject": 2}
