@@ -12,13 +12,14 @@ WASM_BINDGEN_VERSION := $(shell awk '/^name = "wasm-bindgen"$$/ {getline; gsub(/
 CARGO_BIN   := $(HOME)/.cargo/bin
 export PATH := $(CARGO_BIN):$(PATH)
 
-.PHONY: help setup build image keys renew regenerate rotate run test test-unit test-wasm test-e2e test-alerts lint bench soak fuzz difftest clean
+.PHONY: help setup build image pp keys renew regenerate rotate run test test-unit test-wasm test-e2e test-alerts lint bench soak fuzz difftest clean
 
 help:
 	@echo "make run    - build, install what is missing, start the demo on 127.0.0.1 (Ctrl-C stops)"
 	@echo "make test   - lint, unit tests, core under wasm (Node), alert rules (promtool), end-to-end tests in real Envoy"
 	@echo "make build  - build $(WASM)"
 	@echo "make image  - the plugin as an OCI image (target/oci, tag IMAGE_TAG = the crate's version)"
+	@echo "make pp     - build the operator's command target/release/pp (pp --help)"
 	@echo "make keys   - create the demo's missing signing keys in .run/keys (BITS=2048|3072)"
 	@echo "make renew SLOT=a|b|second       - new certificate (2 years) for the same key"
 	@echo "make regenerate SLOT=a|b|second  - new key and certificate"
@@ -94,15 +95,19 @@ IMAGE_TAG ?= $(shell awk -F'"' '/^version = / {print $$2; exit}' Cargo.toml)
 image: build $(VENV)/.installed
 	$(PY) dev/oci_image.py --wasm $(WASM) --out target/oci --tag $(IMAGE_TAG)
 
-PP_KEYS := target/release/pp-keys
+PP      := target/release/pp
+PP_KEYS := $(PP) keys
 BITS    ?= 2048
 ISSUER  ?= principal-propagation-gateway
 KEY_DIR := .run/keys
 
-$(PP_KEYS): $(wildcard src/*.rs src/*/*.rs) Cargo.toml
-	cargo build --release --bin pp-keys
+$(PP): $(wildcard src/*.rs src/*/*.rs src/bin/*/*.rs) Cargo.toml
+	cargo build --release --bin pp
 
-keys: $(PP_KEYS)
+# The operator's command `pp` (keys, assertion): target/release/pp.
+pp: $(PP)
+
+keys: $(PP)
 	@mkdir -p $(KEY_DIR)
 	@for slot in a b second; do \
 	  [ -f $(KEY_DIR)/$$slot-key.pem ] || $(PP_KEYS) generate --issuer "$(ISSUER)" --bits $(BITS) \
@@ -110,10 +115,10 @@ keys: $(PP_KEYS)
 	@[ -f $(KEY_DIR)/ec-key.pem ] || $(PP_KEYS) generate --issuer "$(ISSUER)" --algorithm ec \
 	    --key $(KEY_DIR)/ec-key.pem --cert $(KEY_DIR)/ec-cert.pem
 
-renew: $(PP_KEYS)
+renew: $(PP)
 	$(PP_KEYS) renew --key $(KEY_DIR)/$(SLOT)-key.pem --cert $(KEY_DIR)/$(SLOT)-cert.pem
 
-regenerate: $(PP_KEYS)
+regenerate: $(PP)
 	$(PP_KEYS) generate --issuer "$(ISSUER)" --bits $(BITS) --key $(KEY_DIR)/$(SLOT)-key.pem --cert $(KEY_DIR)/$(SLOT)-cert.pem
 
 rotate:

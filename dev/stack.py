@@ -95,7 +95,9 @@ class Ports:
                                             self.onprem, self.sts)))
 
 
-PP_KEYS = ROOT / "target" / "release" / "pp-keys"
+# The operator command (`pp keys …` makes the demo's keys).
+PP = ROOT / "target" / "release" / "pp"
+PP_KEYS = [str(PP), "keys"]
 KEY_DIR = ROOT / ".run" / "keys"
 # Key files of the demo: the active/passive pair `a`/`b` of key `default`, `second` (the
 # test profile's per-destination key) and `ca` / `ca_ec`, CAs that sign the users' client
@@ -103,7 +105,7 @@ KEY_DIR = ROOT / ".run" / "keys"
 KEY_SLOTS = ("a", "b", "second", "ec", "ca", "ca_ec")
 # Slots holding a P-256 key (ECDSA-SHA256) instead of RSA.
 EC_SLOTS = ("ec", "ca_ec")
-# Slots holding a CA (`pp-keys generate --ca true`).
+# Slots holding a CA (`pp keys generate --ca true`).
 CA_SLOTS = ("ca", "ca_ec")
 USERS_CA = "principal-propagation users CA"
 # Keys whose certificates the development STS accepts client assertions from.
@@ -117,16 +119,16 @@ def key_files(slot: str) -> tuple[Path, Path]:
 
 
 def ensure_keys() -> None:
-    """Generates the demo's missing keys with the project's own `pp-keys` command."""
+    """Generates the demo's missing keys with the project's own `pp keys` command."""
     for slot in KEY_SLOTS:
         key, cert = key_files(slot)
         if key.exists() and cert.exists():
             continue
-        if not PP_KEYS.exists():
-            raise RuntimeError(f"{PP_KEYS} is missing: run `make keys`")
+        if not PP.exists():
+            raise RuntimeError(f"{PP} is missing: run `make keys`")
         algorithm = ["--algorithm", "ec"] if slot in EC_SLOTS else []
         issuer, ca = (USERS_CA, ["--ca", "true"]) if slot in CA_SLOTS else (ISSUER, [])
-        subprocess.run([str(PP_KEYS), "generate", "--issuer", issuer, "--key", str(key), "--cert", str(cert),
+        subprocess.run([*PP_KEYS, "generate", "--issuer", issuer, "--key", str(key), "--cert", str(cert),
                         *algorithm, *ca], check=True, stdout=subprocess.DEVNULL)
 
 

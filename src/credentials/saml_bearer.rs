@@ -6,11 +6,14 @@ use crate::config::{Destination, PluginConfig};
 use crate::error::Failure;
 use crate::flow::recipe::{signing_metric, Answer, Issued, Recipe, Start, Step, Stepwise};
 use crate::host::{Level, Telemetry};
+use crate::identity::{attributes, UserIdRule};
 use crate::keys::SignError;
 use crate::metrics::Metric;
 use crate::oauth::{token_request, token_response};
 use crate::saml::assertion::{self, AssertionContent, Attribute, UnwritableField};
+use crate::saml::canonical::is_xml_text;
 use crate::saml::signature::EnvelopedSigning;
+use serde_json::Value;
 use std::rc::Rc;
 
 /// The ID of an assertion: `_` and 32 hex digits from 16 random bytes (an NCName).
@@ -21,6 +24,23 @@ pub fn assertion_id(random: &[u8; 16]) -> String {
         id.push_str(&format!("{b:02x}"));
     }
     id
+}
+
+/// SAML attributes for the assertion; values XML cannot carry are left out. A destination
+/// with `SystemUser` has none: its one token serves every user, so no user's attributes
+/// (their groups, their personal data) may shape it.
+pub fn attributes_for(claims: &Value, dest: &Destination, saml: &SamlSettings) -> Vec<Attribute> {
+    if matches!(dest.user_id, UserIdRule::SystemUser(_)) {
+        return Vec::new();
+    }
+    attributes::from_claims(
+        claims,
+        saml.skip_user_attributes_prefix,
+        saml.skip_user_uuid,
+    )
+    .into_iter()
+    .filter(|a| is_xml_text(&a.name) && a.values.iter().all(|v| is_xml_text(v)))
+    .collect()
 }
 
 /// Why no request could be built (configuration was validated, so this is rare).

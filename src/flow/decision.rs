@@ -11,15 +11,14 @@ use super::outcome::failure_of;
 use super::recipe::Recipe;
 use super::{Decision, Worker};
 use crate::cache::{CacheKey, Entry};
-use crate::config::destination::SamlSettings;
 use crate::config::{Destination, Kind, PluginConfig};
 use crate::coordination::slot;
 use crate::credentials::client_certificate::ClientCertificate;
 use crate::credentials::on_behalf_of::OnBehalfOf;
-use crate::credentials::saml_bearer::SamlBearer;
+use crate::credentials::saml_bearer::{self, SamlBearer};
 use crate::error::Failure;
 use crate::host::Host;
-use crate::identity::{self, attributes, user_token, Identity, Principal, UserIdRule};
+use crate::identity::{self, user_token, Identity, Principal};
 use crate::metrics::Metric;
 use crate::saml::assertion::Attribute;
 use crate::saml::canonical::is_xml_text;
@@ -276,28 +275,13 @@ fn shaping_of(
                 }),
             }
         }
-        Kind::SamlBearer(saml) => Ok(Shaping::Attributes(attributes_of(claims, dest, saml))),
+        Kind::SamlBearer(saml) => Ok(Shaping::Attributes(saml_bearer::attributes_for(
+            claims, dest, saml,
+        ))),
         Kind::ClientCertificate(settings) => settings
             .subject
             .resolve(claims, &dest.user_id)
             .map(Shaping::Subject)
             .map_err(Failure::Subject),
     }
-}
-
-/// SAML attributes for the assertion; values XML cannot carry are left out. A destination
-/// with `SystemUser` has none: its one token serves every user, so no user's attributes
-/// (their groups, their personal data) may shape it.
-fn attributes_of(claims: &Value, dest: &Destination, saml: &SamlSettings) -> Vec<Attribute> {
-    if matches!(dest.user_id, UserIdRule::SystemUser(_)) {
-        return Vec::new();
-    }
-    attributes::from_claims(
-        claims,
-        saml.skip_user_attributes_prefix,
-        saml.skip_user_uuid,
-    )
-    .into_iter()
-    .filter(|a| is_xml_text(&a.name) && a.values.iter().all(|v| is_xml_text(v)))
-    .collect()
 }

@@ -56,10 +56,10 @@ impl std::fmt::Display for NotAnAuthority {
         f.write_str(match self {
             NotAnAuthority::Unreadable => "has a certificate that cannot be read",
             NotAnAuthority::NotCa => {
-                "has a certificate that is not a CA (basicConstraints cA TRUE is required; `pp-keys generate --ca true` makes one)"
+                "has a certificate that is not a CA (basicConstraints cA TRUE is required; `pp keys generate --ca true` makes one)"
             }
             NotAnAuthority::NoKeyCertSign => {
-                "has a CA certificate without keyUsage keyCertSign (`pp-keys generate --ca true` makes one)"
+                "has a CA certificate without keyUsage keyCertSign (`pp keys generate --ca true` makes one)"
             }
         })
     }

@@ -232,7 +232,7 @@ def test_the_trust_download_serves_the_users_ca_for_strust(client):
 def test_pp_keys_makes_a_sample_certificate_like_the_runtime_ones(tmp_path):
     key, cert = stack.key_files("ca")
     out = tmp_path / "sample.pem"
-    made = subprocess.run([str(stack.PP_KEYS), "sample-certificate", "--key", str(key), "--cert", str(cert),
+    made = subprocess.run([*stack.PP_KEYS, "sample-certificate", "--key", str(key), "--cert", str(cert),
                            "--user", "P1234567890", "--subject-pattern", "CN=${name},O=ACME,C=DE",
                            "--out", str(out)], capture_output=True, text=True, timeout=30)
     assert made.returncode == 0, made.stderr

@@ -1,4 +1,4 @@
-"""`pp-keys` (behind `make keys`, `make renew`, `make regenerate`): the files it writes
+"""`pp keys` (behind `make keys`, `make renew`, `make regenerate`): the files it writes
 are read by openssl and by the plugin, renew keeps the key, regenerate replaces it."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import stack
 
 
 def pp_keys(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(stack.PP_KEYS), *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([*stack.PP_KEYS, *args], capture_output=True, text=True, timeout=120)
 
 
 def openssl_x509(cert, *fields: str) -> str:

@@ -162,7 +162,7 @@ def expired_key_pair() -> tuple[str, str]:
 def test_expiry_notices_once_per_day_gauges_and_an_expired_active_certificate_still_signs(tmp_path):
     ports = stack.Ports().shifted(14000)  # below the ephemeral port range
     soon_key, soon_cert = tmp_path / "soon-key.pem", tmp_path / "soon-cert.pem"
-    subprocess.run([str(stack.PP_KEYS), "generate", "--issuer", stack.ISSUER, "--days", "5",
+    subprocess.run([*stack.PP_KEYS, "generate", "--issuer", stack.ISSUER, "--days", "5",
                     "--key", str(soon_key), "--cert", str(soon_cert)], check=True, capture_output=True)
     old_key, old_cert = expired_key_pair()
     (tmp_path / "old-cert.pem").write_text(old_cert)
