@@ -38,7 +38,7 @@ def environment() -> dict:
 def test_every_command_explains_itself():
     overall = pp("--help")
     assert overall.returncode == 0 and "keys" in overall.stdout and "assertion" in overall.stdout
-    for command in ("keys", "assertion"):
+    for command in ("keys", "assertion", "check"):
         result = pp(command, "--help")
         assert result.returncode == 0 and result.stdout.startswith(f"usage: pp {command}"), result
     unknown = pp("nope")
@@ -61,6 +61,12 @@ def test_the_assertion_is_the_gateways_and_the_token_server_takes_it(client, plu
         assert secret.strip() not in text
     signed = out.read_bytes()
     assert base64.b64encode(signed).decode() not in text
+    # pp check, with the destination's expectations (its issuer, audience, recipient,
+    # NameID format and its key's certificate), passes it.
+    checked = pp("check", "--config", str(plugin_file), "--destination", "dev", str(out), env=environment())
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "all 17 rules pass" in checked.stdout
+    assert f'pass  Recipient: "http://127.0.0.1:{PORTS.token}/oauth/token"' in checked.stdout
     # Independent verifiers, then the token server (signature, issuer, audience, recipient,
     # times, replay) in a real exchange.
     cert = stack.key_files("a")[1]

@@ -5,13 +5,17 @@
 //! pp keys generate|renew|sample-certificate ...   the gateway's signing keys and CAs
 //! pp assertion --config <plugin.json> --destination <name> (--claims <JSON> | --jwt <JWT>)
 //!                                                  the assertion and token request the gateway would send
+//! pp check (--cert <pem> | --config … --destination …) [expectations] <file or ->
+//!                                                  every rule a target applies to an assertion
 //! ```
 //!
 //! `pp <command> --help` explains each. Errors go to stderr with exit status 2; a check
-//! that fails (none yet) uses 1.
+//! with a failed rule exits with 1.
 
 #[cfg(not(target_arch = "wasm32"))]
 mod assertion;
+#[cfg(not(target_arch = "wasm32"))]
+mod check;
 #[cfg(not(target_arch = "wasm32"))]
 mod keys;
 
@@ -30,6 +34,15 @@ fn main() -> std::process::ExitCode {
         "keys" => keys::run(rest),
         "assertion" if wants_help => Ok(assertion::USAGE.to_string()),
         "assertion" => assertion::run(&rest),
+        "check" if wants_help => Ok(check::USAGE.to_string()),
+        "check" => match check::run(&rest) {
+            Ok(report) if report.passed => Ok(report.text),
+            Ok(report) => {
+                println!("{}", report.text);
+                return std::process::ExitCode::from(1);
+            }
+            Err(problem) => Err(problem),
+        },
         "help" | "--help" | "-h" => Ok(USAGE.to_string()),
         other => Err(format!("unknown command {other:?}\n{USAGE}")),
     };
@@ -52,7 +65,8 @@ const USAGE: &str = "usage: pp <command> [options]   (pp <command> --help for ea
 
 commands:
   keys       generate, renew or sample the gateway's signing keys and client-certificate CAs
-  assertion  print the assertion and the token request the gateway would send for a user";
+  assertion  print the assertion and the token request the gateway would send for a user
+  check      check an assertion (the gateway's or an identity provider's) rule by rule";
 
 /// `--name value` pairs; every option takes a value.
 pub fn parse_options(args: &[String]) -> Result<HashMap<String, String>, String> {
