@@ -12,6 +12,7 @@ use crate::forwarding::{Removal, GATEWAY_HEADERS};
 use crate::http_url::HttpUrl;
 use crate::identity::UserIdRule;
 use crate::keys::KeyPair;
+use crate::saml::assertion::Attribute;
 use crate::saml::canonical::is_xml_text;
 use crate::x509::authority::Authority;
 use crate::x509::subject::{SubjectPattern, DEFAULT_PATTERN, NAME_CLAIMS};
@@ -112,6 +113,9 @@ pub struct SamlSettings {
     /// Where the assertion comes from when the gateway does not sign it: the user's
     /// identity provider (Microsoft Entra ID's on-behalf-of flow returning SAML).
     pub assertion_service: Option<AssertionService>,
+    /// Attributes the target needs in every assertion, whatever the user (its profile's:
+    /// SuccessFactors' `api_key`); they replace a user's claim of the same name.
+    pub fixed_attributes: Vec<Attribute>,
 }
 
 /// A token service that issues the SAML assertion for the user in exchange for the
@@ -243,7 +247,7 @@ const COMMON: [&str; 11] = [
 ];
 
 /// Keys of `OAuth2SAMLBearerAssertion` destinations only.
-const SAML_KEYS: [&str; 23] = [
+const SAML_KEYS: [&str; 25] = [
     "tokenServiceURL",
     "tokenServiceUser",
     "tokenServicePassword",
@@ -267,6 +271,8 @@ const SAML_KEYS: [&str; 23] = [
     "tokenServiceURL.SocketReadTimeoutInSeconds",
     "tokenServiceCluster",
     "exposeToClients",
+    "targetProfile",
+    "apiKey",
 ];
 
 /// Keys of an `OAuth2SAMLBearerAssertion` destination whose assertion comes from an
@@ -536,6 +542,7 @@ fn saml_settings(
         skip_user_uuid: d.boolean("skipUserUuidInSAMLAttributes", false)?,
         token_service,
         assertion_service,
+        fixed_attributes: Vec::new(),
     };
     let carrier = Carrier {
         header: "authorization".into(),

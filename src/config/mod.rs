@@ -4,6 +4,7 @@
 //! refused with a [`ConfigError`] naming the key, never discovered at request time.
 
 pub mod destination;
+pub mod profile;
 pub mod values;
 
 pub use destination::{AssertionEncoding, Destination, Kind};
@@ -12,6 +13,7 @@ pub use values::ConfigError;
 use crate::destination_api::ApiSettings;
 use crate::keys::{KeyError, KeyPair, SigningKey};
 use crate::selection::{self, Selection};
+use profile::TargetProfile;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use values::Section;
@@ -125,6 +127,34 @@ impl PluginConfig {
         let mut destinations: Vec<Destination> = Vec::with_capacity(list.len());
         for (i, value) in list.iter().enumerate() {
             let path = format!("destinations[{i}]");
+            let profile = match value.get("targetProfile") {
+                None => None,
+                Some(Value::String(name)) => Some(TargetProfile::parse(name).ok_or_else(|| {
+                    ConfigError::new(
+                        format!("{path}.targetProfile"),
+                        format!(
+                            "is {name:?}; the profiles are {}",
+                            profile::NAMES.join(", ")
+                        ),
+                    )
+                })?),
+                Some(_) => {
+                    return Err(ConfigError::new(
+                        format!("{path}.targetProfile"),
+                        "must be a string",
+                    ))
+                }
+            };
+            // The profile's defaults, for what the destination leaves unset.
+            let mut raw = value.as_object().cloned().unwrap_or_default();
+            if let Some(profile) = profile {
+                profile.fill_defaults(&mut raw);
+            } else if raw.contains_key("apiKey") {
+                notices.push(format!(
+                    "{path}.apiKey is ignored: it is the api_key attribute of targetProfile successfactors"
+                ));
+            }
+            let value = &Value::Object(raw);
             let mut d = destination::parse(&path, value, default_cluster.as_deref(), &keys, env)?;
             if value.get("KeyStorePassword").is_some() {
                 notices.push(format!(
@@ -177,6 +207,12 @@ impl PluginConfig {
                     "must be https:// (client credentials, assertions and tokens cross it); \
                      set allowInsecureTokenService to true only for a development token service",
                 ));
+            }
+            if let (Some(profile), Some(raw)) = (profile, value.as_object()) {
+                profile.check(&path, &d, raw, &keys, &mut notices)?;
+                if let Kind::SamlBearer(saml) = &mut d.kind {
+                    saml.fixed_attributes = profile.fixed_attributes(saml);
+                }
             }
             destinations.push(d);
         }

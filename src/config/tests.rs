@@ -837,3 +837,242 @@ fn an_assertion_from_the_identity_provider_is_configured_or_refused_clearly() {
         "{message}"
     );
 }
+
+/// A destination for `profile`, with `change` applied; parsed with the test key (CN
+/// `principal-propagation-test`).
+fn profiled(profile: &str, change: impl FnOnce(&mut serde_json::Map<String, Value>)) -> Value {
+    with_destination(|d| {
+        d.insert("targetProfile".into(), json!(profile));
+        change(d);
+    })
+}
+
+#[test]
+fn a_target_profile_fills_its_defaults() {
+    let sf = parse(&profiled("successfactors", |d| {
+        d.remove("audience");
+        d.remove("assertionIssuer");
+        d.insert("apiKey".into(), json!("API-KEY"));
+        d.insert("companyId".into(), json!("ACME"));
+        d.insert(
+            "nameIdFormat".into(),
+            json!("urn:oasis:names:tc:SAML:1.1:nameid-format:emailAddress"),
+        );
+    }))
+    .unwrap();
+    let saml = sf.destinations[0].saml().unwrap();
+    assert_eq!(saml.audience, "www.successfactors.com");
+    assert_eq!(saml.assertion_issuer, "www.successfactors.com");
+    assert_eq!(saml.encoding, AssertionEncoding::Base64);
+    assert_eq!(saml.client_key.as_deref(), Some("API-KEY"));
+    let fixed: Vec<(&str, &str)> = saml
+        .fixed_attributes
+        .iter()
+        .map(|a| (a.name.as_str(), a.values[0].as_str()))
+        .collect();
+    assert_eq!(fixed, [("api_key", "API-KEY"), ("use_email", "true")]);
+
+    let xsuaa = parse(&profiled("xsuaa", |d| {
+        d.insert(
+            "tokenServiceURL".into(),
+            json!("http://127.0.0.1:9100/oauth/token/alias/sub.aws-live-eu10"),
+        );
+    }))
+    .unwrap();
+    let saml = xsuaa.destinations[0].saml().unwrap();
+    assert_eq!(
+        saml.name_id_format,
+        "urn:oasis:names:tc:SAML:1.1:nameid-format:emailAddress"
+    );
+    assert_eq!(saml.client_key.as_deref(), Some("gateway-client"));
+
+    let s4 = parse(&profiled("s4hana-cloud", |d| {
+        d.insert(
+            "assertionIssuer".into(),
+            json!("principal-propagation-test"),
+        );
+        d.insert(
+            "audience".into(),
+            json!("https://my300117.s4hana.ondemand.com"),
+        );
+    }))
+    .unwrap();
+    let saml = s4.destinations[0].saml().unwrap();
+    assert_eq!(
+        saml.authn_context_class_ref,
+        "urn:oasis:names:tc:SAML:2.0:ac:classes:X509"
+    );
+    assert_eq!(saml.client_key.as_deref(), Some("gateway-client"));
+    // What a destination sets itself stays.
+    let own = parse(&profiled("s4hana-cloud", |d| {
+        d.insert(
+            "assertionIssuer".into(),
+            json!("principal-propagation-test"),
+        );
+        d.insert("authnContextClassRef".into(), json!("urn:x"));
+    }))
+    .unwrap();
+    assert_eq!(
+        own.destinations[0].saml().unwrap().authn_context_class_ref,
+        "urn:x"
+    );
+}
+
+#[test]
+fn a_target_profile_refuses_what_the_target_refuses_saying_what_to_change() {
+    let salesforce = |change: fn(&mut serde_json::Map<String, Value>)| {
+        profiled("salesforce", move |d| {
+            d.remove("assertionIssuer");
+            d.remove("audience");
+            d.insert("clientKey".into(), json!("3MVG9key"));
+            d.insert(
+                "assertionRecipient".into(),
+                json!("https://login.salesforce.com/services/oauth2/token"),
+            );
+            change(d);
+        })
+    };
+    assert!(parse(&salesforce(|_| {})).is_ok());
+    let cases: Vec<(Value, &str)> = vec![
+        (
+            profiled("s4hana-cloud", |d| {
+                d.insert("assertionIssuer".into(), json!("principal-propagation-test"));
+                d.insert("audience".into(), json!("https://my300117-api.s4hana.ondemand.com"));
+            }),
+            "`destinations[0].audience` \"https://my300117-api.s4hana.ondemand.com\" has -api in the host",
+        ),
+        (
+            profiled("s4hana-cloud", |_| {}),
+            "`destinations[0].assertionIssuer` \"principal-propagation-gateway\" differs from the signing certificate's CN",
+        ),
+        (
+            profiled("s4hana-cloud", |d| {
+                d.insert("assertionIssuer".into(), json!("principal-propagation-test"));
+                d.insert("clientKey".into(), json!("SOMEONE_ELSE"));
+            }),
+            "`destinations[0].clientKey` must be the communication user",
+        ),
+        (
+            profiled("xsuaa", |_| {}),
+            "`destinations[0].tokenServiceURL` XSUAA takes the assertion only at the subaccount's /oauth/token/alias/<alias> URL",
+        ),
+        (
+            profiled("xsuaa", |d| {
+                d.insert(
+                    "tokenServiceURL".into(),
+                    json!("http://127.0.0.1:9100/oauth/token/alias/a"),
+                );
+                d.insert("assertionRecipient".into(), json!("http://127.0.0.1:9100/oauth/token"));
+            }),
+            "`destinations[0].assertionRecipient` XSUAA takes the assertion only",
+        ),
+        (
+            profiled("successfactors", |d| {
+                d.insert("companyId".into(), json!("ACME"));
+            }),
+            "`destinations[0].clientKey` is required: SuccessFactors takes the OAuth client's API key",
+        ),
+        (
+            profiled("successfactors", |d| {
+                d.insert("clientKey".into(), json!("K"));
+            }),
+            "`destinations[0].companyId` is required",
+        ),
+        (
+            profiled("successfactors", |d| {
+                d.insert("clientKey".into(), json!("K"));
+                d.insert("apiKey".into(), json!("OTHER"));
+                d.insert("companyId".into(), json!("ACME"));
+            }),
+            "`destinations[0].apiKey` and clientKey must both be the OAuth client's API key",
+        ),
+        (
+            salesforce(|d| {
+                d.insert("assertionIssuer".into(), json!("me"));
+            }),
+            "`destinations[0].assertionIssuer` must be the connected app's consumer key",
+        ),
+        (
+            salesforce(|d| {
+                d.insert("audience".into(), json!("https://acme.my.salesforce.com"));
+            }),
+            "`destinations[0].audience` must be https://login.salesforce.com (production) or https://test.salesforce.com",
+        ),
+        (
+            salesforce(|d| {
+                d.insert("audience".into(), json!("https://test.salesforce.com"));
+            }),
+            "`destinations[0].assertionRecipient` the Recipient must be https://test.salesforce.com/services/oauth2/token",
+        ),
+        (
+            salesforce(|d| {
+                d.insert("samlAssertionEncoding".into(), json!("base64"));
+            }),
+            "`destinations[0].samlAssertionEncoding` must be base64url",
+        ),
+        (
+            profiled("abap", |d| {
+                d.insert("assertionRecipient".into(), json!("https://elsewhere/x"));
+            }),
+            "`destinations[0].assertionRecipient` AS ABAP takes an assertion only if its Audience or its Recipient is the token endpoint",
+        ),
+        (
+            profiled("nope", |_| {}),
+            "`destinations[0].targetProfile` is \"nope\"; the profiles are s4hana-cloud, abap, successfactors, xsuaa, salesforce",
+        ),
+        (
+            with_ca_keys(config_json(vec![{
+                let mut d = certificate_destination_json("pp");
+                d["targetProfile"] = json!("abap");
+                d
+            }])),
+            "`destinations[0].targetProfile` applies to OAuth2SAMLBearerAssertion destinations only",
+        ),
+    ];
+    for (config, expected) in cases {
+        let message = refused(config);
+        assert!(
+            message.contains(expected),
+            "{message}\n  expected: {expected}"
+        );
+    }
+}
+
+#[test]
+fn salesforce_refuses_an_ecdsa_key_and_profiles_leave_notices() {
+    let mut config = profiled("salesforce", |d| {
+        d.remove("assertionIssuer");
+        d.remove("audience");
+        d.insert("clientKey".into(), json!("3MVG9key"));
+        d.insert(
+            "assertionRecipient".into(),
+            json!("https://login.salesforce.com/services/oauth2/token"),
+        );
+        d.insert("KeyStoreLocation".into(), json!("ec"));
+    });
+    config["keys"]["ec"] = json!({
+        "privateKey": include_str!("../../tests/fixtures/ec-key.pem"),
+        "certificate": include_str!("../../tests/fixtures/ec-cert.pem"),
+    });
+    assert!(refused(config).contains(
+        "`destinations[0].KeyStoreLocation` names an ECDSA key: Salesforce verifies RSA signatures only"
+    ));
+    let abap = parse(&profiled("abap", |d| {
+        d.remove("tokenServiceUser");
+        d.remove("tokenServicePassword");
+    }))
+    .unwrap();
+    assert!(abap
+        .notices
+        .iter()
+        .any(|n| n.contains("(abap): AS ABAP's token endpoint is /sap/bc/sec/oauth2/token")));
+    assert!(abap
+        .notices
+        .iter()
+        .any(|n| n.contains("authenticates with HTTP Basic")));
+    let ignored = parse(&with_destination(|d| {
+        d.insert("apiKey".into(), json!("K"));
+    }))
+    .unwrap();
+    assert!(ignored.notices[0].contains("apiKey is ignored"));
+}

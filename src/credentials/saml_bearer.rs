@@ -26,21 +26,27 @@ pub fn assertion_id(random: &[u8; 16]) -> String {
     id
 }
 
-/// SAML attributes for the assertion; values XML cannot carry are left out. A destination
-/// with `SystemUser` has none: its one token serves every user, so no user's attributes
-/// (their groups, their personal data) may shape it.
+/// SAML attributes for the assertion: the user's (values XML cannot carry are left out),
+/// then the ones the target needs in every assertion (its profile's), which replace a
+/// user's attribute of the same name. A destination with `SystemUser` has no user's: its
+/// one token serves every user, so no user's attributes (their groups, their personal
+/// data) may shape it.
 pub fn attributes_for(claims: &Value, dest: &Destination, saml: &SamlSettings) -> Vec<Attribute> {
-    if matches!(dest.user_id, UserIdRule::SystemUser(_)) {
-        return Vec::new();
-    }
-    attributes::from_claims(
-        claims,
-        saml.skip_user_attributes_prefix,
-        saml.skip_user_uuid,
-    )
-    .into_iter()
-    .filter(|a| is_xml_text(&a.name) && a.values.iter().all(|v| is_xml_text(v)))
-    .collect()
+    let mut attributes: Vec<Attribute> = if matches!(dest.user_id, UserIdRule::SystemUser(_)) {
+        Vec::new()
+    } else {
+        attributes::from_claims(
+            claims,
+            saml.skip_user_attributes_prefix,
+            saml.skip_user_uuid,
+        )
+        .into_iter()
+        .filter(|a| is_xml_text(&a.name) && a.values.iter().all(|v| is_xml_text(v)))
+        .filter(|a| !saml.fixed_attributes.iter().any(|f| f.name == a.name))
+        .collect()
+    };
+    attributes.extend(saml.fixed_attributes.iter().cloned());
+    attributes
 }
 
 /// Why no request could be built (configuration was validated, so this is rare).
