@@ -137,16 +137,31 @@ pub fn error_detail(body: &[u8]) -> Option<(String, Option<u64>)> {
     Some((code, numeric))
 }
 
-/// The RFC 6749 §5.2 `error` code, if the body is such an answer with a valid code.
+/// The RFC 6749 §5.2 `error` code, if the body is such an answer with a valid code; or,
+/// for SuccessFactors, which answers in its own shape (`{"errorHttpCode": "401",
+/// "errorMessage": "Unable to verify the signature …"}`, KBA 2668018), its message as
+/// the code (what an operator needs; printable ASCII, at most 160 characters).
 fn oauth_error(body: &[u8]) -> Option<String> {
     let json: Value = serde_json::from_slice(body).ok()?;
-    let code = json.get("error")?.as_str()?;
-    let valid = !code.is_empty()
-        && code.len() <= 64
-        && code
-            .bytes()
-            .all(|b| matches!(b, 0x20..=0x21 | 0x23..=0x5b | 0x5d..=0x7e));
-    valid.then(|| code.to_string())
+    let printable = |b: u8| matches!(b, 0x20..=0x21 | 0x23..=0x5b | 0x5d..=0x7e);
+    if let Some(code) = json.get("error").and_then(Value::as_str) {
+        let valid = !code.is_empty() && code.len() <= 64 && code.bytes().all(printable);
+        return valid.then(|| code.to_string());
+    }
+    let message = json.get("errorMessage")?.as_str()?;
+    let text: String = message
+        .chars()
+        .map(|c| {
+            if c.is_ascii() && printable(c as u8) {
+                c
+            } else {
+                ' '
+            }
+        })
+        .take(160)
+        .collect();
+    let text = text.trim();
+    (!text.is_empty()).then(|| format!("SuccessFactors: {text}"))
 }
 
 #[cfg(test)]
@@ -364,6 +379,28 @@ mod tests {
         );
         assert!(matches!(
             parse(Some(400), br#"{"error":"a\"b"}"#),
+            Err(Failure::Unavailable { .. })
+        ));
+        // SuccessFactors' own shape: its message, made printable and bounded.
+        let sf = br#"{"errorHttpCode":"401","errorMessage":"Unable to verify the signature of the SAML assertion.\n\"x\" \u00e9"}"#;
+        assert_eq!(
+            parse(Some(401), sf),
+            Err(Failure::Rejected {
+                code:
+                    "SuccessFactors: Unable to verify the signature of the SAML assertion.  x    "
+                        .trim_end()
+                        .into()
+            })
+        );
+        let long = format!(r#"{{"errorMessage":"{}"}}"#, "y".repeat(500));
+        match parse(Some(400), long.as_bytes()) {
+            Err(Failure::Rejected { code }) => {
+                assert_eq!(code.len(), "SuccessFactors: ".len() + 160)
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse(Some(400), br#"{"errorMessage":"  "}"#),
             Err(Failure::Unavailable { .. })
         ));
         assert!(matches!(
