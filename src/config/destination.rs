@@ -116,6 +116,8 @@ pub struct SamlSettings {
     /// Attributes the target needs in every assertion, whatever the user (its profile's:
     /// SuccessFactors' `api_key`); they replace a user's claim of the same name.
     pub fixed_attributes: Vec<Attribute>,
+    /// `targetProfile`: the kind of target, whose rules `pp check` applies too.
+    pub target_profile: Option<super::profile::TargetProfile>,
 }
 
 /// A token service that issues the SAML assertion for the user in exchange for the
@@ -543,6 +545,7 @@ fn saml_settings(
         token_service,
         assertion_service,
         fixed_attributes: Vec::new(),
+        target_profile: None,
     };
     let carrier = Carrier {
         header: "authorization".into(),

@@ -212,6 +212,7 @@ impl PluginConfig {
                 profile.check(&path, &d, raw, &keys, &mut notices)?;
                 if let Kind::SamlBearer(saml) = &mut d.kind {
                     saml.fixed_attributes = profile.fixed_attributes(saml);
+                    saml.target_profile = Some(profile);
                 }
             }
             destinations.push(d);

@@ -159,3 +159,78 @@ def test_what_cannot_be_checked_is_said_plainly(args, data, problem):
                             capture_output=True, timeout=60)
     assert result.returncode == 2, result
     assert problem in result.stderr.decode()
+
+
+def with_attribute(xml: bytes, name: str, value: str, key_slot: str = "a") -> bytes:
+    """`xml` re-signed (signxml) with an AttributeStatement carrying `name` = `value`."""
+    root = etree.fromstring(xml)
+    signature = root.find(f"{{{DS_NS}}}Signature")
+    root.remove(signature)
+    root.insert(1, etree.Element(f"{{{DS_NS}}}Signature", Id="placeholder", nsmap={"ds": DS_NS}))
+    statement = etree.SubElement(root, f"{{{SAML_NS}}}AttributeStatement")
+    attribute = etree.SubElement(statement, f"{{{SAML_NS}}}Attribute", Name=name)
+    etree.SubElement(attribute, f"{{{SAML_NS}}}AttributeValue").text = value
+    key, cert = stack.key_files(key_slot)
+    signer = XMLSigner(method=methods.enveloped, signature_algorithm="rsa-sha256", digest_algorithm="sha256",
+                       c14n_algorithm=EXC_C14N)
+    return etree.tostring(signer.sign(root, key=key.read_bytes(), cert=cert.read_text(),
+                                      reference_uri=f"#{root.get('ID')}", id_attribute="ID"))
+
+
+SALESFORCE = {"audience": "https://login.salesforce.com",
+              "recipient": "https://login.salesforce.com/services/oauth2/token"}
+
+
+@pytest.mark.parametrize("profile, kwargs, transform, failing", [
+    # S/4HANA Cloud: the Issuer is the certificate's CN (slot a's: the gateway's issuer).
+    ("s4hana-cloud", {"issuer": stack.ISSUER}, None, set()),
+    ("s4hana-cloud", {}, None, {"s4hana-cloud Issuer is the certificate's CN"}),
+    ("s4hana-cloud", {"issuer": stack.ISSUER, "audience": "https://my1-api.s4hana.ondemand.com"}, None,
+     {"s4hana-cloud Audience without -api"}),
+    ("abap", {}, None, set()),
+    ("xsuaa", {"recipient": "https://sub.authentication.eu10.hana.ondemand.com/oauth/token/alias/sub.aws"}, None,
+     set()),
+    ("xsuaa", {}, None, {"xsuaa Recipient is the alias URL"}),
+    ("successfactors", {"audience": "www.successfactors.com"}, lambda x: with_attribute(x, "api_key", "K"), set()),
+    ("successfactors", {"audience": "www.successfactors.com"}, None, {"successfactors api_key attribute"}),
+    ("successfactors", {}, lambda x: with_attribute(x, "api_key", "K"), {"successfactors Audience"}),
+    ("salesforce", SALESFORCE, None, set()),
+    ("salesforce", {**SALESFORCE, "audience": "https://acme.my.salesforce.com"}, None,
+     {"salesforce Audience", "salesforce Recipient matches the audience"}),
+    ("salesforce", SALESFORCE, lambda x: base64.b64encode(x), {"salesforce base64url"}),
+])
+def test_a_profile_adds_its_targets_rules(tmp_path, profile, kwargs, transform, failing):
+    xml = assertion(**kwargs)
+    data = transform(xml) if transform else xml
+    # The common expectations follow the assertion's own values: only the profile's rules speak.
+    flags = ["--profile", profile, "--at", at(30)]
+    status, report, err = check(data, *flags, tmp_path=tmp_path)
+    assert failed_rules(report) == failing, report + err
+    assert status == (1 if failing else 0)
+    assert sum(line.startswith(("pass  " + profile, "FAIL  " + profile)) for line in report.splitlines()) >= 1
+
+
+def test_abap_refuses_a_name_id_with_a_colon_and_salesforce_an_ecdsa_signature(tmp_path):
+    xml = assertion().replace(b">alice<", b">corp:alice<")  # changed after signing: re-sign below
+    root = etree.fromstring(xml)
+    root.remove(root.find(f"{{{DS_NS}}}Signature"))
+    root.insert(1, etree.Element(f"{{{DS_NS}}}Signature", Id="placeholder", nsmap={"ds": DS_NS}))
+    key, cert = stack.key_files("a")
+    signed = etree.tostring(XMLSigner(method=methods.enveloped, signature_algorithm="rsa-sha256",
+                                      digest_algorithm="sha256", c14n_algorithm=EXC_C14N)
+                            .sign(root, key=key.read_bytes(), cert=cert.read_text(),
+                                  reference_uri=f"#{root.get('ID')}", id_attribute="ID"))
+    status, report, _ = check(signed, "--profile", "abap", "--at", at(30), tmp_path=tmp_path)
+    assert failed_rules(report) == {"abap NameID without a colon"} and status == 1, report
+
+    root = etree.fromstring(assertion(**SALESFORCE))
+    root.remove(root.find(f"{{{DS_NS}}}Signature"))
+    root.insert(1, etree.Element(f"{{{DS_NS}}}Signature", Id="placeholder", nsmap={"ds": DS_NS}))
+    ec_key, ec_cert = stack.key_files("ec")
+    signed = etree.tostring(XMLSigner(method=methods.enveloped, signature_algorithm="ecdsa-sha256",
+                                      digest_algorithm="sha256", c14n_algorithm=EXC_C14N)
+                            .sign(root, key=ec_key.read_bytes(), cert=ec_cert.read_text(),
+                                  reference_uri=f"#{root.get('ID')}", id_attribute="ID"))
+    status, report, _ = check(signed, "--profile", "salesforce", "--at", at(30), cert_slot="ec",
+                              tmp_path=tmp_path)
+    assert failed_rules(report) == {"salesforce RSA signature"} and status == 1, report

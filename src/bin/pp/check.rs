@@ -5,6 +5,7 @@
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
+use principal_propagation::config::profile::TargetProfile;
 use principal_propagation::config::PluginConfig;
 use quick_xml::escape::resolve_predefined_entity;
 use quick_xml::events::Event;
@@ -17,6 +18,7 @@ use x509_cert::der::DecodePem;
 
 pub const USAGE: &str =
     "usage: pp check (--cert <pem> | --config <plugin.json> --destination <name>)
+                [--profile s4hana-cloud|abap|successfactors|xsuaa|salesforce]
                 [--issuer <i>] [--audience <a>] [--recipient <url>] [--name-id-format <urn>]
                 [--at <RFC 3339 time>] [--skew <seconds>] [--max-age <seconds>] <file or ->
 
@@ -27,7 +29,8 @@ Expected values come from the flags, else from the destination (--config, its ke
 by `*Env` read from this environment): assertionIssuer, audience, assertionRecipient,
 nameIdFormat and the certificate of its key. --at is the clock (default now), --skew the
 tolerance either way (default 60), --max-age how old IssueInstant may be (default 3000,
-XSUAA's order). The signature is verified by xmlsec1 (Debian package xmlsec1).
+XSUAA's order). --profile (default: the destination's targetProfile) adds that target's
+own rules. The signature is verified by xmlsec1 (Debian package xmlsec1).
 Exit status: 0 when every rule passes, 1 when one fails, 2 when the check cannot run.";
 
 const SAML: &[u8] = b"urn:oasis:names:tc:SAML:2.0:assertion";
@@ -48,6 +51,7 @@ struct Expected {
     recipient: Option<String>,
     name_id_format: Option<String>,
     certificate_pem: String,
+    profile: Option<TargetProfile>,
 }
 
 pub fn run(args: &[String]) -> Result<Report, String> {
@@ -74,10 +78,11 @@ pub fn run(args: &[String]) -> Result<Report, String> {
             expected.issuer = Some(saml.assertion_issuer.clone());
             expected.name_id_format = Some(saml.name_id_format.clone());
             if let Some(key) = config.keys.get(&dest.key_name) {
-                expected.certificate_pem = pem_of(key.active.certificate_base64());
+                expected.certificate_pem = key.active.certificate().pem();
             }
         }
         expected.audience = Some(saml.audience.clone());
+        expected.profile = saml.target_profile;
         expected.recipient = Some(saml.assertion_recipient.clone());
     } else if get("config").is_some() || get("destination").is_some() {
         return Err("--config and --destination go together".into());
@@ -91,6 +96,12 @@ pub fn run(args: &[String]) -> Result<Report, String> {
         if let Some(value) = get(flag) {
             *slot = Some(value);
         }
+    }
+    if let Some(name) = get("profile") {
+        expected.profile = Some(TargetProfile::parse(&name).ok_or(format!(
+            "--profile {name:?}: the profiles are {}",
+            principal_propagation::config::profile::NAMES.join(", ")
+        ))?);
     }
     if let Some(path) = get("cert") {
         expected.certificate_pem =
@@ -126,23 +137,34 @@ pub fn run(args: &[String]) -> Result<Report, String> {
     } else {
         raw = std::fs::read(input_path).map_err(|e| format!("{input_path}: {e}"))?;
     }
-    let xml = decode_input(&raw)?;
+    let (xml, encoding) = decode_input(&raw)?;
     let doc = parse(&xml)?;
     let mut rules = Rules::default();
     check(&doc, &xml, &expected, now_s, skew, max_age, &mut rules);
+    if let Some(profile) = expected.profile {
+        profile_rules(profile, &doc, &expected, encoding, &mut rules);
+    }
     Ok(Report {
         passed: rules.failed == 0,
         text: rules.finish(),
     })
 }
 
+/// How the assertion was given.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Encoding {
+    Xml,
+    Base64Url,
+    Base64,
+}
+
 /// The assertion's XML from what was given: XML, base64 or base64url of it, or a form body
 /// with an `assertion` field.
-fn decode_input(raw: &[u8]) -> Result<Vec<u8>, String> {
+fn decode_input(raw: &[u8]) -> Result<(Vec<u8>, Encoding), String> {
     let text = String::from_utf8_lossy(raw);
     let trimmed = text.trim();
     if trimmed.starts_with('<') {
-        return Ok(trimmed.as_bytes().to_vec());
+        return Ok((trimmed.as_bytes().to_vec(), Encoding::Xml));
     }
     let encoded = if trimmed.contains("assertion=") {
         form_urlencoded::parse(trimmed.as_bytes())
@@ -153,10 +175,155 @@ fn decode_input(raw: &[u8]) -> Result<Vec<u8>, String> {
         trimmed.to_string()
     };
     let compact: String = encoded.chars().filter(|c| !c.is_whitespace()).collect();
-    URL_SAFE_NO_PAD
-        .decode(compact.trim_end_matches('='))
-        .or_else(|_| STANDARD.decode(&compact))
-        .map_err(|_| "the input is neither XML nor base64/base64url of it".to_string())
+    let url_safe = !compact.contains(['+', '/', '=']);
+    match URL_SAFE_NO_PAD.decode(&compact) {
+        Ok(xml) if url_safe => Ok((xml, Encoding::Base64Url)),
+        _ => STANDARD
+            .decode(&compact)
+            .map(|xml| (xml, Encoding::Base64))
+            .map_err(|_| "the input is neither XML nor base64/base64url of it".to_string()),
+    }
+}
+
+/// The rules of one kind of target beyond the common ones (`docs/target-profiles.md`).
+fn profile_rules(
+    profile: TargetProfile,
+    root: &Element,
+    expected: &Expected,
+    encoding: Encoding,
+    rules: &mut Rules,
+) {
+    let name = profile.name();
+    let issuer = root.child(SAML, "Issuer").map_or("", |i| i.text.trim());
+    let audience = root
+        .path(&[
+            (SAML, "Conditions"),
+            (SAML, "AudienceRestriction"),
+            (SAML, "Audience"),
+        ])
+        .map_or("", |a| a.text.trim());
+    let recipient = root
+        .path(&[
+            (SAML, "Subject"),
+            (SAML, "SubjectConfirmation"),
+            (SAML, "SubjectConfirmationData"),
+        ])
+        .and_then(|d| d.attribute("Recipient"))
+        .unwrap_or("");
+    let name_id = root
+        .path(&[(SAML, "Subject"), (SAML, "NameID")])
+        .map_or("", |n| n.text.trim());
+    match profile {
+        TargetProfile::S4HanaCloud => {
+            let cn = certificate_cn(&expected.certificate_pem).unwrap_or_default();
+            rules.rule(
+                &format!("{name} Issuer is the certificate's CN"),
+                issuer == cn,
+                format!("{issuer:?} (the CN: {cn:?}, the communication system's provider name)"),
+            );
+            rules.rule(
+                &format!("{name} Audience without -api"),
+                !audience.contains("-api."),
+                format!("{audience:?} (the SAML2 audience is the tenant URL without -api)"),
+            );
+        }
+        TargetProfile::Abap => {
+            rules.rule(
+                &format!("{name} NameID without a colon"),
+                !name_id.contains(':'),
+                format!("{name_id:?} (AS ABAP maps no NameID with a colon)"),
+            );
+        }
+        TargetProfile::SuccessFactors => {
+            let api_key = root
+                .child(SAML, "AttributeStatement")
+                .and_then(|s| {
+                    s.children
+                        .iter()
+                        .find(|a| a.is(SAML, "Attribute") && a.attribute("Name") == Some("api_key"))
+                })
+                .and_then(|a| a.child(SAML, "AttributeValue"))
+                .map(|v| v.text.trim());
+            rules.rule(
+                &format!("{name} api_key attribute"),
+                api_key.is_some_and(|k| !k.is_empty()),
+                format!(
+                    "{:?} (the OAuth client's API key, as SAP's sample writes it)",
+                    api_key.unwrap_or("(none)")
+                ),
+            );
+            rules.rule(
+                &format!("{name} Audience"),
+                audience == "www.successfactors.com",
+                format!("{audience:?} (documented: \"www.successfactors.com\")"),
+            );
+        }
+        TargetProfile::Xsuaa => {
+            let alias = recipient
+                .split_once("/oauth/token/alias/")
+                .is_some_and(|(_, a)| !a.is_empty() && !a.contains('/'));
+            rules.rule(
+                &format!("{name} Recipient is the alias URL"),
+                alias,
+                format!("{recipient:?} (the subaccount's .../oauth/token/alias/<alias>)"),
+            );
+        }
+        TargetProfile::Salesforce => {
+            let method = root
+                .path(&[
+                    (DS, "Signature"),
+                    (DS, "SignedInfo"),
+                    (DS, "SignatureMethod"),
+                ])
+                .and_then(|m| m.attribute("Algorithm"))
+                .unwrap_or("");
+            rules.rule(
+                &format!("{name} RSA signature"),
+                method.ends_with("#rsa-sha256") || method.ends_with("#rsa-sha1"),
+                format!("{method:?} (RSA with SHA-1 or SHA-256 only)"),
+            );
+            let audiences = [
+                "https://login.salesforce.com",
+                "https://test.salesforce.com",
+            ];
+            let audience_ok = audiences.contains(&audience);
+            rules.rule(
+                &format!("{name} Audience"),
+                audience_ok,
+                format!(
+                    "{audience:?} (https://login.salesforce.com or https://test.salesforce.com)"
+                ),
+            );
+            rules.rule(
+                &format!("{name} Recipient matches the audience"),
+                audience_ok && recipient == format!("{audience}/services/oauth2/token"),
+                format!("{recipient:?} (<audience>/services/oauth2/token)"),
+            );
+            rules.rule(
+                &format!("{name} base64url"),
+                encoding != Encoding::Base64,
+                format!("given as {encoding:?} (Salesforce wants base64url)"),
+            );
+        }
+    }
+}
+
+/// The subject CN of a PEM certificate.
+fn certificate_cn(pem: &str) -> Option<String> {
+    use x509_cert::der::asn1::{ObjectIdentifier, PrintableStringRef, Utf8StringRef};
+    let certificate = x509_cert::Certificate::from_pem(pem.trim()).ok()?;
+    let cn = ObjectIdentifier::new_unwrap("2.5.4.3");
+    let value = certificate
+        .tbs_certificate
+        .subject
+        .0
+        .iter()
+        .flat_map(|rdn| rdn.0.iter())
+        .find(|atv| atv.oid == cn)?;
+    Utf8StringRef::try_from(&value.value)
+        .map(|s| s.as_str().to_string())
+        .or_else(|_| PrintableStringRef::try_from(&value.value).map(|s| s.as_str().to_string()))
+        .ok()
 }
 
 /// An element: namespace, local name, attributes (unprefixed names), text, children.
@@ -574,19 +741,6 @@ fn xmlsec1_verify(xml: &[u8], certificate_pem: &str) -> Result<(bool, bool, bool
         .is_some_and(|(ok, all)| ok == all && ok.trim() != "0");
     let said_ok = text.lines().any(|l| l.trim() == "OK");
     Ok((output.status.success(), references_ok, said_ok))
-}
-
-/// PEM of a certificate given as base64 of its DER.
-fn pem_of(der_base64: &str) -> String {
-    let lines: Vec<&str> = der_base64
-        .as_bytes()
-        .chunks(64)
-        .filter_map(|c| std::str::from_utf8(c).ok())
-        .collect();
-    format!(
-        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-        lines.join("\n")
-    )
 }
 
 /// The certificate is valid at the clock (targets check it at each exchange).
