@@ -113,3 +113,29 @@ def test_keys_come_from_the_environment_as_in_envoy(plugin_file):
     result = pp("assertion", "--config", str(plugin_file), "--destination", "dev", "--claims", "{}",
                 env={"PATH": ""})
     assert result.returncode == 2 and "not set in the Wasm VM" in result.stderr
+
+
+def test_exchange_sends_the_request_and_shows_the_answer_without_its_token(client, plugin_file):
+    import local_ca
+
+    user = f"pp-x-{uuid.uuid4().hex[:8]}"
+    claims = json.dumps({"user_name": user})
+    result = pp("assertion", "--config", str(plugin_file), "--destination", "dev", "--claims", claims,
+                "--exchange", "true", env=environment())
+    assert result.returncode == 0, result.stderr
+    answer = result.stdout.split("## The answer", 1)[1]
+    assert "HTTP 200" in answer and '"token_type": "bearer"' in answer
+    assert '"access_token": "<' in answer and "characters, not shown>" in answer
+    assert client.exchanges(user) == 1
+    # A refusal is shown as the token service gave it.
+    refused = pp("assertion", "--config", str(plugin_file), "--destination", "reject", "--claims", claims,
+                 "--exchange", "true", env=environment())
+    assert refused.returncode == 0 and "HTTP 400" in refused.stdout and '"error": "invalid_grant"' in refused.stdout
+    # Over TLS: verified against the given CA only; without it the handshake fails.
+    ca = local_ca.ensure(stack.TLS_DIR).ca
+    tls = pp("assertion", "--config", str(plugin_file), "--destination", "tls", "--claims", claims,
+             "--exchange", "true", "--ca", str(ca), env=environment())
+    assert tls.returncode == 0 and "HTTP 200" in tls.stdout, tls.stderr
+    untrusted = pp("assertion", "--config", str(plugin_file), "--destination", "tls", "--claims", claims,
+                   "--exchange", "true", env=environment())
+    assert untrusted.returncode == 2 and "the exchange at https://localhost" in untrusted.stderr

@@ -11,15 +11,18 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub const USAGE: &str = "usage: pp assertion --config <plugin.json> --destination <name> (--claims '<JSON>' | --jwt <JWT>) [--out <file>]
+pub const USAGE: &str = "usage: pp assertion --config <plugin.json> --destination <name> (--claims '<JSON>' | --jwt <JWT>)
+                    [--out <file>] [--exchange true [--ca <pem>]]
 
 Prints the SAML assertion the gateway would send for the user with these claims (a JWT's
 payload is read without verifying it), readable, with the digest of its canonical bytes,
 and the token request it would POST, with the password, configured header and body values
 and the assertion itself left out. The configuration is read as the plugin reads it: keys
-named by `*Env` come from this process's environment. Nothing is sent. --out writes the
-signed assertion as sent (one line, before its base64 encoding), for a verifier such as
-xmlsec1 or `pp check`.";
+named by `*Env` come from this process's environment. --out writes the signed assertion
+as sent (one line, before its base64 encoding), for a verifier such as xmlsec1 or `pp
+check`. Nothing is sent unless --exchange true: then the request goes to tokenServiceURL
+(TLS verified against Mozilla's roots, or only the CA in --ca) and the answer is printed
+with its tokens left out.";
 
 /// Form fields whose values are not secrets.
 const PLAIN_FIELDS: [&str; 4] = ["grant_type", "client_id", "scope", "company_id"];
@@ -81,6 +84,11 @@ pub fn run(args: &[String]) -> Result<String, String> {
         std::fs::write(out, &signed).map_err(|e| format!("{out}: {e}"))?;
     }
 
+    let exchange = match get("exchange") {
+        None | Some("false") => None,
+        Some("true") => Some(exchange(&request, saml, get("ca"))),
+        Some(_) => return Err("--exchange must be true or false".into()),
+    };
     let mut out = format!(
         "# destination {name}: user id {:?} (rule {:?}), key {:?}\n\n## The assertion\n\n{}\n\n",
         principal.user_id,
@@ -91,7 +99,96 @@ pub fn run(args: &[String]) -> Result<String, String> {
     out.push_str(&digest_lines(&signed));
     out.push_str("\n## The token request\n\n");
     out.push_str(&request_lines(&request, saml));
+    if let Some(answer) = exchange {
+        out.push_str("\n## The answer\n\n");
+        out.push_str(&answer?);
+    }
     Ok(out)
+}
+
+/// Answers larger than this are not read whole (the plugin's limit too).
+const MAX_ANSWER_BYTES: u64 = 64 * 1024;
+/// Fields of a token answer that are credentials.
+const TOKEN_FIELDS: [&str; 3] = ["access_token", "refresh_token", "id_token"];
+
+/// Sends `request` to the destination's token service; its status and answer, every
+/// token in it left out.
+fn exchange(
+    request: &token_request::TokenRequest,
+    saml: &principal_propagation::config::destination::SamlSettings,
+    ca: Option<&str>,
+) -> Result<String, String> {
+    use std::sync::Arc;
+    use ureq::tls::{parse_pem, PemItem, RootCerts, TlsConfig};
+    let service = &saml.token_service;
+    let header = |name: &str| {
+        request
+            .headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let scheme = service.url.full.split("://").next().unwrap_or("https");
+    let url = format!(
+        "{scheme}://{}{}",
+        header(":authority").unwrap_or_default(),
+        header(":path").unwrap_or("/")
+    );
+    let mut tls = TlsConfig::builder();
+    if let Some(path) = ca {
+        let pem = std::fs::read(path).map_err(|e| format!("--ca {path}: {e}"))?;
+        let roots: Vec<_> = parse_pem(&pem)
+            .filter_map(|item| match item {
+                Ok(PemItem::Certificate(certificate)) => Some(certificate),
+                _ => None,
+            })
+            .collect();
+        if roots.is_empty() {
+            return Err(format!("--ca {path}: no PEM certificate in it"));
+        }
+        tls = tls.root_certs(RootCerts::Specific(Arc::new(roots)));
+    }
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .tls_config(tls.build())
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_millis(service.timeout_ms)))
+        .build()
+        .into();
+    let mut post = agent.post(&url);
+    for (name, value) in request.headers.iter().filter(|(n, _)| !n.starts_with(':')) {
+        post = post.header(name, value);
+    }
+    let mut response = post
+        .send(&request.body[..])
+        .map_err(|e| format!("the exchange at {} failed: {e}", service.url.full))?;
+    let status = response.status().as_u16();
+    let body = response
+        .body_mut()
+        .with_config()
+        .limit(MAX_ANSWER_BYTES)
+        .read_to_string()
+        .map_err(|e| format!("the answer could not be read: {e}"))?;
+    Ok(format!("HTTP {status}\n{}\n", redacted_answer(&body)))
+}
+
+/// A token answer with every token replaced by its length; anything else shown as it is
+/// (an error, a lifetime, a scope).
+fn redacted_answer(body: &str) -> String {
+    match serde_json::from_str::<Value>(body) {
+        Ok(Value::Object(mut fields)) => {
+            for name in TOKEN_FIELDS {
+                if let Some(token) = fields.get_mut(name) {
+                    let length = token.as_str().map_or(0, str::len);
+                    *token = Value::String(format!("<{length} characters, not shown>"));
+                }
+            }
+            serde_json::to_string_pretty(&Value::Object(fields)).unwrap_or_default()
+        }
+        _ => format!(
+            "(not a JSON object; {} bytes, not shown: it may hold a token)",
+            body.len()
+        ),
+    }
 }
 
 /// A JWT's payload, unverified (the operator's own token, for a look only).

@@ -4,7 +4,7 @@
 //! ```text
 //! pp keys generate|renew|sample-certificate ...   the gateway's signing keys and CAs
 //! pp assertion --config <plugin.json> --destination <name> (--claims <JSON> | --jwt <JWT>)
-//!                                                  the assertion and token request the gateway would send
+//!              [--exchange true]                   the assertion and token request the gateway would send
 //! pp check (--cert <pem> | --config … --destination …) [expectations] <file or ->
 //!                                                  every rule a target applies to an assertion
 //! ```
