@@ -25,6 +25,13 @@ bound to 127.0.0.1:
   assertions (Issuer ``https://sts.windows.net/<tenant>/``, its certificate only) beside
   the gateway's.
 
+The token server also plays five real targets, one endpoint each on the same port, each
+enforcing what docs/target-profiles.md found that target checks and refusing in its words
+and shape (see "target profiles" below and ``TARGET_PROFILES``): S/4HANA Cloud
+(``S4_TOKEN_PATH``), AS ABAP (``ABAP_TOKEN_PATH``), SuccessFactors (``SF_TOKEN_PATH``, with
+SuccessFactors' own error JSON), XSUAA (``XSUAA_TOKEN_PATH``) and Salesforce
+(``SALESFORCE_TOKEN_PATH``). Their tokens are ordinary tokens of the shared state.
+
 The token server can also fail on purpose (see ``FAULTS``): per request with the path
 ``/oauth/token/fault/<kind>``, or for any token path at run time with
 ``POST /faults {"path": ..., "mode": ...}`` (mode ``none`` heals it). ``GET /faults``
@@ -67,8 +74,9 @@ from urllib.parse import parse_qs, unquote, unquote_plus, urlsplit
 import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 from lxml import etree
-from signxml import XMLVerifier
+from signxml import DigestAlgorithm, SignatureMethod, XMLVerifier
 from signxml.exceptions import SignXMLException
 from signxml.verifier import SignatureConfiguration
 
@@ -78,6 +86,7 @@ DS_NS = "http://www.w3.org/2000/09/xmldsig#"
 SAML2_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:saml2-bearer"
 BEARER_METHOD = "urn:oasis:names:tc:SAML:2.0:cm:bearer"
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}  # headers of every token answer
 
 CLOCK_SKEW = 60  # seconds tolerated in either direction
 MAX_ISSUE_AGE = 3000  # IssueInstant may be at most this old (plus skew)
@@ -147,7 +156,7 @@ class SharedState:
         """Forget tokens, replay cache, statistics, recorded requests and faults (POST /reset)."""
         with self._lock:
             self._tokens = {}
-            self._seen_ids = set()
+            self._seen_ids = {}  # replay table: key -> until (epoch seconds), None = for ever
             self._exchanges = Counter()
             self._failures = Counter()
             self._requests = []
@@ -157,12 +166,17 @@ class SharedState:
             self._upstream = []
             self._revoked = set()
 
-    def claim_assertion_id(self, assertion_id):
-        """Atomically remember an assertion ID; False if it was seen before (replay)."""
+    def claim_assertion_id(self, assertion_id, until=None):
+        """Atomically remember an assertion ID (or any key, such as a target's (Issuer, ID));
+        False if it was seen before (replay). With `until` (epoch seconds) the key is
+        remembered only until then, as AS ABAP keeps used assertions until they expire."""
+        now = time.time()
         with self._lock:
             if assertion_id in self._seen_ids:
-                return False
-            self._seen_ids.add(assertion_id)
+                expiry = self._seen_ids[assertion_id]
+                if expiry is None or expiry > now:
+                    return False
+            self._seen_ids[assertion_id] = until
             return True
 
     def issue_token(self, user, lifetime, scope, path):
@@ -415,15 +429,21 @@ class IdentityProvider:
 
 
 class OAuthError(Exception):
-    """An RFC 6749 §5.2 error response."""
+    """An RFC 6749 §5.2 error response.
 
-    def __init__(self, error, description, status=400):
+    `reason` names the check that failed (for example ``audience`` or ``subject``), so that
+    a target profile can answer it in its own words (see TargetProfile); `detail` is what
+    the development server found, kept in GET /requests when the answer itself does not
+    say it (SuccessFactors' fixed KBA texts)."""
+
+    def __init__(self, error, description, status=400, reason=None, detail=None):
         super().__init__(description)
         self.error, self.description, self.status = error, description, status
+        self.reason, self.detail = reason, detail
 
 
-def invalid_grant(description):
-    return OAuthError("invalid_grant", description)
+def invalid_grant(description, reason=None):
+    return OAuthError("invalid_grant", description, reason=reason)
 
 
 def invalid_client(description):
@@ -505,7 +525,7 @@ def decode_assertion(form):
     except binascii.Error:
         data = b""
     if not data:
-        raise invalid_grant("assertion is not valid base64")
+        raise invalid_grant("assertion is not valid base64", reason="encoding")
     return data
 
 
@@ -514,11 +534,11 @@ def parse_assertion(data):
     try:
         root = etree.fromstring(data, safe_parser())
     except etree.XMLSyntaxError:
-        raise invalid_grant("assertion is not well-formed XML") from None
+        raise invalid_grant("assertion is not well-formed XML", reason="xml") from None
     if root.getroottree().docinfo.doctype:
-        raise invalid_grant("DTDs are not allowed in assertions")
+        raise invalid_grant("DTDs are not allowed in assertions", reason="xml")
     if root.tag != saml("Assertion"):
-        raise invalid_grant("root element must be saml:Assertion")
+        raise invalid_grant("root element must be saml:Assertion", reason="xml")
     return root
 
 
@@ -531,24 +551,36 @@ def verify_signature(data, root, trusted_certs):
     Signature right after Issuer, so it is required there. Several certificates may be
     trusted at once, as a target does during a key rotation.
     """
+    signed, label, _ = verify_signed(data, root, trusted_certs)
+    return signed, label
+
+
+def is_signed(root):
+    """Whether the Assertion carries a ds:Signature of its own at all (placed right or not)."""
+    return root.find(f"{{{DS_NS}}}Signature") is not None
+
+
+def verify_signed(data, root, trusted_certs, config=None):
+    """verify_signature, also returning the certificate that verified the signature.
+    `config` (a signxml SignatureConfiguration) narrows the accepted algorithms."""
     children = [c for c in root if isinstance(c.tag, str)]
     if len(children) < 2 or children[0].tag != saml("Issuer") or children[1].tag != f"{{{DS_NS}}}Signature":
-        raise invalid_grant("signature invalid: ds:Signature must directly follow saml:Issuer")
+        raise invalid_grant("signature invalid: ds:Signature must directly follow saml:Issuer", reason="signature")
     problem = "no trusted certificate"
     for label, cert in trusted_certs:
         try:
             result = XMLVerifier().verify(
                 data, x509_cert=cert, id_attribute="ID", parser=safe_parser(),
-                expect_config=SignatureConfiguration(expect_references=1, location="./"))
+                expect_config=config or SignatureConfiguration(expect_references=1, location="./"))
         except (SignXMLException, etree.LxmlError, ValueError) as exc:
             problem = str(exc)
             continue
         signed = result.signed_xml
         if signed is None or signed.tag != saml("Assertion") or not root.get("ID") \
                 or signed.get("ID") != root.get("ID"):
-            raise invalid_grant("signature invalid: it does not cover the root Assertion")
-        return signed, label
-    raise invalid_grant(f"signature invalid: {problem}")
+            raise invalid_grant("signature invalid: it does not cover the root Assertion", reason="signature")
+        return signed, label, cert
+    raise invalid_grant(f"signature invalid: {problem}", reason="signature")
 
 
 def trust_for(root, cfg):
@@ -564,80 +596,112 @@ def trust_for(root, cfg):
     return cfg.trusted_issuer, cfg.trusted_certs
 
 
-def check_issuer(assertion, trusted_issuer):
+def issuer_of(assertion):
+    """The Issuer's text (stripped), None without an Issuer element."""
     issuer = assertion.find(saml("Issuer"))
-    if issuer is None or (issuer.text or "").strip() != trusted_issuer:
-        raise invalid_grant("untrusted issuer")
+    return (issuer.text or "").strip() if issuer is not None else None
+
+
+def check_issuer(assertion, trusted_issuer):
+    if issuer_of(assertion) != trusted_issuer:
+        raise invalid_grant("untrusted issuer", reason="issuer")
 
 
 def check_issue_instant(assertion, now):
     """Assertions are short-lived: at most MAX_ISSUE_AGE old and not from the future."""
     issued = parse_saml_time(assertion.get("IssueInstant"), "IssueInstant")
     if issued < now - MAX_ISSUE_AGE - CLOCK_SKEW:
-        raise invalid_grant("assertion is too old (IssueInstant)")
+        raise invalid_grant("assertion is too old (IssueInstant)", reason="issue_instant")
     if issued > now + CLOCK_SKEW:
-        raise invalid_grant("IssueInstant is in the future")
+        raise invalid_grant("IssueInstant is in the future", reason="issue_instant")
 
 
 def check_subject(assertion, endpoint, now):
     """Bearer confirmation per SAML profiles §4.1.4.2 / RFC 7522 §3; returns the NameID."""
+    user, data = bearer_confirmation(assertion, now)
+    check_recipient(data, endpoint)
+    return user
+
+
+def bearer_confirmation(assertion, now):
+    """The NameID and the one bearer SubjectConfirmationData, checked for everything but
+    its Recipient (which targets compare differently)."""
     subjects = assertion.findall(saml("Subject"))
     name_id = subjects[0].find(saml("NameID")) if len(subjects) == 1 else None
     # Exactly as signed: the user is who the NameID says, whitespace included.
     user = (name_id.text or "") if name_id is not None else ""
     if not user:
-        raise invalid_grant("Subject/NameID is missing or empty")
+        raise invalid_grant("Subject/NameID is missing or empty", reason="subject.name_id")
     if not user.strip():
-        raise invalid_grant("Subject/NameID is blank")
+        raise invalid_grant("Subject/NameID is blank", reason="subject.name_id")
     confirmations = subjects[0].findall(saml("SubjectConfirmation"))
     if len(confirmations) != 1 or confirmations[0].get("Method") != BEARER_METHOD:
-        raise invalid_grant("exactly one bearer SubjectConfirmation is required")
+        raise invalid_grant("exactly one bearer SubjectConfirmation is required", reason="subject")
     data = confirmations[0].find(saml("SubjectConfirmationData"))
     if data is None:
-        raise invalid_grant("SubjectConfirmationData is missing")
+        raise invalid_grant("SubjectConfirmationData is missing", reason="subject")
     if data.get("NotBefore") is not None:
-        raise invalid_grant("SubjectConfirmationData must not carry NotBefore")
-    if now >= parse_saml_time(data.get("NotOnOrAfter"), "SubjectConfirmationData NotOnOrAfter") + CLOCK_SKEW:
-        raise invalid_grant("subject confirmation expired")
+        raise invalid_grant("SubjectConfirmationData must not carry NotBefore", reason="subject")
+    try:
+        expires = parse_saml_time(data.get("NotOnOrAfter"), "SubjectConfirmationData NotOnOrAfter")
+    except OAuthError as exc:
+        exc.reason = "subject"
+        raise
+    if now >= expires + CLOCK_SKEW:
+        raise invalid_grant("subject confirmation expired", reason="subject")
+    return user, data
+
+
+def check_recipient(data, endpoint):
     if data.get("Recipient") != endpoint:
-        raise invalid_grant(f"Recipient must be the token endpoint {endpoint}")
-    return user
+        raise invalid_grant(f"Recipient must be the token endpoint {endpoint}", reason="subject.recipient")
 
 
 def check_conditions(assertion, entity_id, now):
     """Validity window plus audience; unknown conditions must fail closed (SAML core §2.5.1)."""
+    check_audience(audience_restrictions(assertion, now), entity_id)
+
+
+def audience_restrictions(assertion, now):
+    """Check the Conditions' validity window and that they hold nothing but audience
+    restrictions; return the audiences of each AudienceRestriction (a list of lists)."""
     conditions = assertion.findall(saml("Conditions"))
     if len(conditions) != 1:
-        raise invalid_grant("exactly one Conditions element is required")
+        raise invalid_grant("exactly one Conditions element is required", reason="conditions.no_audience")
     cond = conditions[0]
     if cond.get("NotBefore") is not None and parse_saml_time(cond.get("NotBefore"), "NotBefore") > now + CLOCK_SKEW:
-        raise invalid_grant("assertion not yet valid (Conditions NotBefore)")
+        raise invalid_grant("assertion not yet valid (Conditions NotBefore)", reason="conditions.not_before")
     if cond.get("NotOnOrAfter") is not None and \
             parse_saml_time(cond.get("NotOnOrAfter"), "NotOnOrAfter") <= now - CLOCK_SKEW:
-        raise invalid_grant("assertion expired (Conditions NotOnOrAfter)")
+        raise invalid_grant("assertion expired (Conditions NotOnOrAfter)", reason="conditions.not_on_or_after")
     restrictions = []
     for child in cond:
         if not isinstance(child.tag, str):
             continue  # comments / processing instructions
         if child.tag != saml("AudienceRestriction"):
-            raise invalid_grant(f"unsupported condition {etree.QName(child).localname}")
-        restrictions.append(child)
+            name = etree.QName(child).localname
+            raise invalid_grant(f"unsupported condition {name}",
+                                reason="conditions.one_time_use" if name == "OneTimeUse" else "conditions.unsupported")
+        restrictions.append([(a.text or "").strip() for a in child.findall(saml("Audience"))])
     if not restrictions:
-        raise invalid_grant("audience restriction missing")
+        raise invalid_grant("audience restriction missing", reason="conditions.no_audience")
+    return restrictions
+
+
+def check_audience(restrictions, entity_id):
     # SAML core §2.5.1.4: every AudienceRestriction must admit us.
-    for restriction in restrictions:
-        audiences = [(a.text or "").strip() for a in restriction.findall(saml("Audience"))]
+    for audiences in restrictions:
         if entity_id not in audiences:
-            raise invalid_grant(f"audience does not include {entity_id}")
+            raise invalid_grant(f"audience does not include {entity_id}", reason="audience")
 
 
 def check_authn_statement(assertion, now):
     """RFC 7522 §3 item 6: the user must have actually authenticated, not too long ago."""
     statement = assertion.find(saml("AuthnStatement"))
     if statement is None:
-        raise invalid_grant("AuthnStatement is missing")
+        raise invalid_grant("AuthnStatement is missing", reason="authn")
     if parse_saml_time(statement.get("AuthnInstant"), "AuthnInstant") < now - MAX_AUTHN_AGE:
-        raise invalid_grant("authentication is too old (AuthnInstant)")
+        raise invalid_grant("authentication is too old (AuthnInstant)", reason="authn")
 
 
 def slow_delay(query):
@@ -667,8 +731,456 @@ def validate_exchange(headers, form, endpoint, cfg, state):
     check_conditions(assertion, cfg.entity_id, now)
     check_authn_statement(assertion, now)
     if not state.claim_assertion_id(assertion.get("ID")):
-        raise invalid_grant("assertion ID replayed")
+        raise invalid_grant("assertion ID replayed", reason="replay")
     return user, verified_by
+
+
+# ---------------------------------------------------------------- target profiles
+#
+# One token endpoint per target profile of docs/target-profiles.md (issue 19), on the token
+# port beside /oauth/token, each enforcing what that target documents and refusing in its
+# words and shape. The rules and their sources are in that document; the comments below
+# give its evidence marks where a text or a rule is not the vendor's own. Tokens issued
+# here are ordinary tokens of SharedState: /stats counts them per user, the echo upstream
+# resolves them, GET /requests records them (with "target" and "target_details"), and
+# faults can be set on these paths too. dev/stack.py configures destinations against the
+# constants below.
+
+# S/4HANA Cloud Public Edition: communication system with an OAuth 2.0 identity provider.
+S4_TOKEN_PATH = "/s4/sap/bc/sec/oauth2/token"
+S4_AUDIENCE = "https://my300117.s4hana.ondemand.com"  # SAML2 Audience: the tenant URL without -api
+# On-premise AS ABAP (SAML2 trusted provider, SOAUTH2 client).
+ABAP_TOKEN_PATH = "/abap/sap/bc/sec/oauth2/token"
+# SuccessFactors HXM Suite: an OAuth client (API key) registered with the gateway's certificates.
+SF_TOKEN_PATH = "/sf/oauth/token"
+SF_API_KEY = "gateway-sf-api-key"
+SF_COMPANY_ID = "ACME"
+SF_AUDIENCE = "www.successfactors.com"
+# SAP BTP subaccount (XSUAA): the token URL is the SAML ACS location /oauth/token/alias/<alias>.
+XSUAA_TOKEN_PREFIX = "/xsuaa/oauth/token/alias/"
+XSUAA_ALIAS = "dev-subaccount.aws-live-eu10"
+XSUAA_TOKEN_PATH = XSUAA_TOKEN_PREFIX + XSUAA_ALIAS
+XSUAA_ENTITY_ID = "dev-subaccount.aws-live-eu10"  # the subaccount's SP entityID: the Audience
+# Salesforce connected app (OAuth 2.0 SAML Bearer Assertion Flow for Previously Authorized Apps).
+SALESFORCE_TOKEN_PATH = "/salesforce/services/oauth2/token"
+SALESFORCE_CONSUMER_KEY = "3MVG9gateway.consumer.key"
+SALESFORCE_LOGIN = "https://login.salesforce.com"
+SALESFORCE_TEST = "https://test.salesforce.com"
+# Audience -> the Recipient that goes with it. The assertion names the real token URL (a
+# string); the request itself goes to this development server.
+SALESFORCE_TOKEN_URLS = {SALESFORCE_LOGIN: f"{SALESFORCE_LOGIN}/services/oauth2/token",
+                         SALESFORCE_TEST: f"{SALESFORCE_TEST}/services/oauth2/token"}
+SALESFORCE_SIGNATURE_METHODS = (SignatureMethod.RSA_SHA1, SignatureMethod.RSA_SHA256)
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    """One grant request to a target profile's endpoint: `form` and `query` as parse_qs
+    gives them, `endpoint` this endpoint's full URL (how the assertion's Recipient names it)."""
+
+    headers: object
+    form: dict
+    query: dict
+    path: str
+    endpoint: str
+
+
+def attribute_values(assertion, name):
+    """The values of every Attribute `name` in the (signed) assertion's AttributeStatements."""
+    return [(value.text or "") for statement in assertion.findall(saml("AttributeStatement"))
+            for attribute in statement.findall(saml("Attribute")) if attribute.get("Name") == name
+            for value in attribute.findall(saml("AttributeValue"))]
+
+
+def common_name(cert):
+    """The subject CN of a certificate, None without one."""
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else None
+
+
+def until_expiry(assertion):
+    """When a used assertion can be forgotten: the later of its NotOnOrAfter times, plus
+    the clock skew (it is refused as expired after that anyway)."""
+    times = [el.get("NotOnOrAfter") for el in assertion.iter(saml("Conditions"), saml("SubjectConfirmationData"))]
+    parsed = [parse_saml_time(t, "NotOnOrAfter") for t in times if t is not None]
+    return max(parsed) + CLOCK_SKEW if parsed else None
+
+
+def check_times(assertion, now):
+    """The generic time checks every profile keeps: IssueInstant at most MAX_ISSUE_AGE old
+    (CLOCK_SKEW either way), the bearer confirmation (no NotBefore, NotOnOrAfter present
+    and not passed), the Conditions window, AuthnInstant. Returns (NameID, confirmation
+    data) and the Conditions' audiences. None of S/4HANA Cloud, AS ABAP, SuccessFactors
+    or Salesforce documents a lifetime or skew limit ([?]); these are this server's own,
+    the older UAA's (XSUAA's row in docs/target-profiles.md)."""
+    check_issue_instant(assertion, now)
+    user, data = bearer_confirmation(assertion, now)
+    restrictions = audience_restrictions(assertion, now)
+    check_authn_statement(assertion, now)
+    return user, data, restrictions
+
+
+# --- S/4HANA Cloud
+
+
+def s4hana_cloud_exchange(req, cfg, state):
+    """S/4HANA Cloud: Basic as the communication user with `client_id` = that user, Audience
+    = S4_AUDIENCE, Issuer = the provider name = the CN of the registered certificate that
+    verified the signature, Recipient = this endpoint, no assertion ID twice. S/4HANA
+    Cloud documents none of its refusal texts ([?]): these are RFC 6749 errors with this
+    server's descriptions."""
+    if not req.form.get("client_id"):
+        # [V] the form carries client_id = the communication user; the answer without it is [?].
+        raise OAuthError("invalid_request", "client_id (the communication user) is required")
+    authenticate_client(req.headers, req.form, cfg)
+    check_grant_type(req.form)
+    data = decode_assertion(req.form)
+    root = parse_assertion(data)
+    assertion, verified_by, cert = verify_signed(data, root, cfg.trusted_certs)
+    provider = common_name(cert)
+    if issuer_of(assertion) != provider:
+        raise invalid_grant(f"Issuer {issuer_of(assertion)!r} is not the provider name {provider!r} (the CN of "
+                            "the signing certificate registered at the communication system)", reason="issuer")
+    now = time.time()
+    user, confirmation, restrictions = check_times(assertion, now)
+    check_recipient(confirmation, req.endpoint)
+    check_audience(restrictions, S4_AUDIENCE)
+    # [C] (inferred from AS ABAP): S/4HANA Cloud keeps used assertions; its text is [?].
+    if not state.claim_assertion_id(("s4hana-cloud", assertion.get("ID"))):
+        raise invalid_grant("assertion ID replayed: the assertion has already been consumed", reason="replay")
+    return user, verified_by, {"provider_name": provider}
+
+
+# --- AS ABAP
+
+# [C] the shape of AS ABAP's invalid_grant descriptions (itsfullofstars.de, in
+# docs/target-profiles.md): "Provided authorization grant is invalid. Exception was <text>.
+# For more information, ...". The texts in it are [C] where named, else this server's own.
+ABAP_NOT_SIGNED = "Message Assertion is not signed"  # [C]
+ABAP_CONSUMED = "The assertion has already been consumed"  # [C] message SAML2 028
+
+
+def abap_grant_error(text):
+    return (f"Provided authorization grant is invalid. Exception was {text}. For more information, consult "
+            "the kernel traces or the OAuth 2.0 trouble shooting SAP note 1688545")
+
+
+def abap_exchange(req, cfg, state):
+    """AS ABAP: Basic as the OAuth client's system user, Issuer a trusted provider whose
+    certificate signed, Audience or Recipient = this endpoint, NameID without ':', (Issuer,
+    ID) used once until the assertion expires, the `client_id` attribute (if sent) equal
+    to the form's `client_id`. Assertion refusals take ABAP's description shape."""
+    authenticate_client(req.headers, req.form, cfg)
+    check_grant_type(req.form)
+    try:
+        return abap_assertion(req, cfg, state)
+    except OAuthError as exc:
+        if exc.error != "invalid_grant":
+            raise
+        raise OAuthError("invalid_grant", abap_grant_error(exc.description), reason=exc.reason) from None
+
+
+def abap_assertion(req, cfg, state):
+    data = decode_assertion(req.form)
+    root = parse_assertion(data)
+    claimed = issuer_of(root)
+    known = {cfg.trusted_issuer: cfg.trusted_certs, **{issuer: certs for issuer, certs in cfg.other_issuers}}
+    if claimed not in known:
+        # [C] message SOAUTH2 012; in which situation ABAP raises it is [?].
+        raise invalid_grant(f'The provided OAuth 2.0 SAML IdP "{claimed or ""}" is invalid', reason="issuer")
+    if not is_signed(root):
+        raise invalid_grant(ABAP_NOT_SIGNED, reason="signature.missing")
+    assertion, verified_by = verify_signature(data, root, known[claimed])
+    check_issuer(assertion, claimed)
+    now = time.time()
+    user, confirmation, restrictions = check_times(assertion, now)
+    if ":" in user:
+        # [V] "Name IDs must not include colons (:)"; the refusal text is [?].
+        raise invalid_grant(f"Name ID {user!r} contains a colon (:), which AS ABAP does not allow",
+                            reason="subject.name_id")
+    # [V-wiki] "Either the AudienceRestriction or the Recipient element of the assertion must
+    # point to an OAuth 2.0 token endpoint URL"; the refusal text is [?].
+    audience_ok = all(req.endpoint in audiences for audiences in restrictions)
+    if not audience_ok and confirmation.get("Recipient") != req.endpoint:
+        raise invalid_grant(f"Neither the AudienceRestriction nor the Recipient is the token endpoint {req.endpoint}",
+                            reason="audience")
+    client_ids = attribute_values(assertion, "client_id")
+    if client_ids and client_ids != req.form.get("client_id"):
+        # [V-wiki] with the SOAUTH2 option on, the attribute must equal the client_id form
+        # parameter (the option itself is not modelled: an attribute sent is checked); text [?].
+        raise invalid_grant("SAML attribute client_id does not equal the client_id parameter", reason="client_id")
+    # [C] table SAML2_USED_ASSRT: a hash of ISSUER && ID, kept until VALID_TO.
+    if not state.claim_assertion_id(("abap", claimed, assertion.get("ID")), until=until_expiry(assertion)):
+        raise invalid_grant(ABAP_CONSUMED, reason="replay")
+    return user, verified_by, {"provider": claimed}
+
+
+# --- SuccessFactors
+
+# [V] KBA 3336571 (its keywords name HTTP 401).
+SF_SIGNATURE_FAILED = ("Unable to verify the signature of the SAML assertion. Please ensure that the assertion has "
+                       "a signature and the key pairs match the client ID")
+# [V] KBA 2668018 (401).
+SF_INVALID_USER = "Unable to authenticate the client (Login failed - invalid user)"
+
+
+def sf_error(status, message, detail=None, error="invalid_grant"):
+    """A SuccessFactors refusal: answered as {"errorHttpCode", "errorMessage"} (sf_refusal);
+    `error` is only how GET /stats counts it."""
+    return OAuthError(error, message, status=status, detail=detail)
+
+
+def sf_flag(assertion, name):
+    return any(value.strip().lower() == "true" for value in attribute_values(assertion, name))
+
+
+def successfactors_exchange(req, cfg, state):
+    """SuccessFactors: `client_id` = the API key (no secret), `company_id` (form or query),
+    a signature by the API key's certificate (any of the gateway's), attribute `api_key` =
+    `client_id`, Audience www.successfactors.com, NameID = a user ID unless `use_email` or
+    `use_username` is true. Standard base64 and base64url are both read. Issuer and
+    Recipient are not checked (not documented as checked, [?]); no replay table ([?])."""
+    # Texts below other than the two KBA ones are [?] (not documented); statuses: 400 for a
+    # malformed request, 401 for what does not authenticate (as the KBA errors are).
+    if req.form.get("grant_type") != [SAML2_BEARER_GRANT]:
+        raise sf_error(400, f"Unsupported grant_type: it must be {SAML2_BEARER_GRANT}", error="unsupported_grant_type")
+    companies = set(req.form.get("company_id", []) + req.query.get("company_id", []))
+    if not companies:
+        raise sf_error(400, "Missing parameter company_id", error="invalid_request")
+    if companies != {SF_COMPANY_ID}:
+        raise sf_error(401, f"Unable to authenticate the client (invalid company_id {sorted(companies)})",
+                       error="invalid_client")
+    client_ids = req.form.get("client_id", [])
+    if not client_ids:
+        raise sf_error(400, "Missing parameter client_id", error="invalid_request")
+    if client_ids != [SF_API_KEY]:
+        raise sf_error(401, f"Unable to authenticate the client (invalid client_id {client_ids[0]!r})",
+                       error="invalid_client")
+    try:
+        data = decode_assertion(req.form)
+        root = parse_assertion(data)
+    except OAuthError as exc:
+        raise sf_error(400, f"Unable to read the SAML assertion: {exc.description}", error="invalid_request") from None
+    try:
+        assertion, verified_by = verify_signature(data, root, cfg.trusted_certs)
+    except OAuthError as exc:
+        raise sf_error(401, SF_SIGNATURE_FAILED, detail=exc.description) from None
+    # [V-code] only: SAP's sample generator adds attribute api_key = the client id.
+    api_keys = attribute_values(assertion, "api_key")
+    if api_keys != client_ids:
+        raise sf_error(401, f"Unable to authenticate the client (the assertion's api_key attribute {api_keys} does "
+                            f"not match the client_id)")
+    now = time.time()
+    try:
+        user, _, restrictions = check_times(assertion, now)
+        check_audience(restrictions, SF_AUDIENCE)
+    except OAuthError as exc:
+        raise sf_error(401, f"Unable to validate the SAML assertion: {exc.description}") from None
+    use_email, use_username = sf_flag(assertion, "use_email"), sf_flag(assertion, "use_username")
+    if use_email and use_username:
+        # Not documented ([?]); a gateway that sends both has a bug, so refused here.
+        raise sf_error(401, "Unable to authenticate the client (use_email and use_username are both true)")
+    mode = "email" if use_email else "username" if use_username else "user_id"
+    if mode == "user_id" and "@" in user:
+        # [V] KBA 2668018: a user ID in e-mail format fails unless use_email=true. The server
+        # has no user store, so this is the one "invalid user" it can recognise.
+        raise sf_error(401, SF_INVALID_USER, detail=f"NameID {user!r} looks like an e-mail but use_email is not true")
+    return user, verified_by, {"company_id": SF_COMPANY_ID, "user_id_mode": mode}
+
+
+# --- XSUAA
+
+# Older UAA (spring-security-saml 1, WebSSOProfileConsumerImpl / AbstractProfileBase /
+# SAMLAuthenticationProvider) and newer UAA (Saml2BearerGrantAuthenticationConverter) texts
+# by failed check ([SRC]). The JSON bodies XSUAA answers with were not seen ([?]): these are
+# RFC 6749 invalid_grant with the UAA text, this server's detail in parentheses.
+UAA_TEXTS = {
+    "encoding": "Error validating SAML message",
+    "xml": "Error validating SAML message",
+    "issuer.missing": "Missing issuer in bearer assertion",
+    "signature.missing": "Assertion is missing a signature.",
+    "signature": "Error validating SAML message signature",
+    "issue_instant": "Assertion is too old to be used, value can be customized by setting maxAssertionTime value",
+    "subject.name_id": "NameID element must be present as part of the Subject in the Response message, please "
+                       "enable it in the IDP configuration",
+    "subject": "Assertion invalidated by subject confirmation - can't be confirmed by the bearer method",
+    "subject.recipient": "Assertion invalidated by subject confirmation - can't be confirmed by the bearer method",
+    "conditions.no_audience": "Assertion invalidated by missing Audience Restriction",
+    "conditions.not_before": "Assertion is not yet valid, invalidated by condition notBefore",
+    "conditions.not_on_or_after": "Assertion is no longer valid, invalidated by condition notOnOrAfter",
+    "conditions.one_time_use": "System cannot honor OneTimeUse condition of the Assertion for WebSSO",
+    "conditions.unsupported": "Assertion contains conditions which are not understood",
+    "audience": "Local entity is not the intended audience of the assertion in at least one AudienceRestriction",
+    "authn": "Authentication statement is too old to be used with value",
+}
+UAA_DEFAULT_TEXT = "Error validating SAML message"
+ENTITY_FORMAT = "urn:oasis:names:tc:SAML:2.0:nameid-format:entity"
+
+
+def xsuaa_exchange(req, cfg, state):
+    """XSUAA: the alias URL of a known subaccount, Basic client credentials (form client_id,
+    if sent, the same), Issuer a trusted IdP entity ID (Format, if any, `entity`) whose
+    certificate signed, Recipient = the alias URL exactly, Audience = XSUAA_ENTITY_ID, no
+    bearer NotBefore, NotOnOrAfter present, IssueInstant at most 3000 s old (60 s skew), no
+    OneTimeUse. No replay table (UAA documents none)."""
+    alias = req.path[len(XSUAA_TOKEN_PREFIX):]
+    if alias != XSUAA_ALIAS:
+        # [?] what XSUAA answers for an unknown alias is not documented.
+        raise invalid_grant(f"No SAML service provider with alias {alias!r} in this subaccount "
+                            f"(the known alias is {XSUAA_ALIAS!r})", reason="alias")
+    authenticate_client(req.headers, req.form, cfg)
+    check_grant_type(req.form)
+    try:
+        return xsuaa_assertion(req, cfg)
+    except OAuthError as exc:
+        if exc.error != "invalid_grant" or exc.reason == "uaa":
+            raise  # reason "uaa": the description is UAA's text already
+        text = UAA_TEXTS.get(exc.reason, UAA_DEFAULT_TEXT)
+        raise OAuthError("invalid_grant", f"{text} ({exc.description})", reason=exc.reason) from None
+
+
+def xsuaa_assertion(req, cfg):
+    data = decode_assertion(req.form)
+    root = parse_assertion(data)
+    claimed = issuer_of(root)
+    if not claimed:
+        raise invalid_grant("the assertion has no Issuer", reason="issuer.missing")
+    issuer_format = root.find(saml("Issuer")).get("Format")
+    if issuer_format is not None and issuer_format != ENTITY_FORMAT:
+        raise OAuthError("invalid_grant", f"Issuer invalidated by issuer type {issuer_format}", reason="uaa")
+    known = {cfg.trusted_issuer: cfg.trusted_certs, **{issuer: certs for issuer, certs in cfg.other_issuers}}
+    if claimed not in known:
+        # Older UAA; newer UAA finds no trusted IdP for it (text [?]).
+        raise OAuthError("invalid_grant", f"Issuer invalidated by issuer value {claimed}", reason="uaa")
+    if not is_signed(root):
+        raise invalid_grant("no ds:Signature in the Assertion", reason="signature.missing")
+    assertion, verified_by = verify_signature(data, root, known[claimed])
+    check_issuer(assertion, claimed)
+    now = time.time()
+    user, confirmation, restrictions = check_times(assertion, now)
+    check_recipient(confirmation, req.endpoint)
+    check_audience(restrictions, XSUAA_ENTITY_ID)
+    return user, verified_by, {"alias": XSUAA_ALIAS, "idp": claimed}
+
+
+# --- Salesforce
+
+BASE64URL_TEXT = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def decode_base64url_only(form):
+    """RFC 7522 §2.1 base64url: the URL-safe alphabet, no padding, no line breaks. A value
+    with `+`, `/` or `=` (standard base64) is refused; Salesforce documents base64url only."""
+    values = form.get("assertion", [])
+    if len(values) != 1:
+        raise invalid_grant("exactly one assertion parameter is required", reason="encoding")
+    text = values[0]
+    if not BASE64URL_TEXT.fullmatch(text) or len(text) % 4 == 1:
+        found = sorted(set(re.sub(r"[A-Za-z0-9_-]", "", text)))
+        raise invalid_grant(f"assertion is not base64url (RFC 7522 §2.1: no padding, no + or /; found {found})",
+                            reason="encoding")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def signature_algorithm(root):
+    method = root.find(f"{{{DS_NS}}}Signature/{{{DS_NS}}}SignedInfo/{{{DS_NS}}}SignatureMethod")
+    return method.get("Algorithm") if method is not None else None
+
+
+def salesforce_exchange(req, cfg, state):
+    """Salesforce: no client authentication (a Basic header or client_id is ignored),
+    base64url only, Issuer = the connected app's consumer key, whose certificates (the
+    gateway's) verify an RSA-SHA1 or RSA-SHA256 signature, Audience login or test, the
+    Recipient the matching token URL. Only "Audience validation failed" is Salesforce's
+    documented text ([V]); the other descriptions are this server's ([?]; [C] "invalid
+    assertion"), prefixed "invalid assertion: ". No user store (NameID = a known
+    username is not checked), no replay table ([?])."""
+    if req.form.get("grant_type") != [SAML2_BEARER_GRANT]:
+        # [?] not in docs/target-profiles.md: the description Salesforce is commonly seen to give.
+        raise OAuthError("unsupported_grant_type", "grant type not supported")
+    try:
+        data = decode_base64url_only(req.form)
+        root = parse_assertion(data)
+        if issuer_of(root) != SALESFORCE_CONSUMER_KEY:
+            raise invalid_grant(f"Issuer {issuer_of(root)!r} is not the consumer key of a connected app")
+        algorithm = signature_algorithm(root)
+        if algorithm not in {m.value for m in SALESFORCE_SIGNATURE_METHODS}:
+            raise invalid_grant(f"signature method {algorithm} is not accepted: Salesforce verifies RSA signatures "
+                                "with SHA-1 or SHA-256 only", reason="signature")
+        config = SignatureConfiguration(expect_references=1, location="./",
+                                        signature_methods=frozenset(SALESFORCE_SIGNATURE_METHODS),
+                                        digest_algorithms=frozenset({DigestAlgorithm.SHA1, DigestAlgorithm.SHA256}))
+        assertion, verified_by, _ = verify_signed(data, root, cfg.trusted_certs, config)
+        check_issuer(assertion, SALESFORCE_CONSUMER_KEY)
+        now = time.time()
+        user, confirmation, restrictions = check_times(assertion, now)
+    except OAuthError as exc:
+        if exc.error != "invalid_grant":
+            raise
+        raise OAuthError("invalid_grant", f"invalid assertion: {exc.description}", reason=exc.reason) from None
+    admitted = [aud for aud in SALESFORCE_TOKEN_URLS if all(aud in audiences for audiences in restrictions)]
+    if not admitted:
+        raise OAuthError("invalid_grant", "Audience validation failed", reason="audience")  # [V]
+    recipients = [SALESFORCE_TOKEN_URLS[aud] for aud in admitted]
+    if confirmation.get("Recipient") not in recipients:
+        raise OAuthError("invalid_grant", f"invalid assertion: Recipient must be {' or '.join(recipients)}",
+                         reason="subject.recipient")
+    return user, verified_by, {"audience": admitted[0]}
+
+
+# --- dispatch
+
+
+def rfc6749_refusal(exc):
+    """(status, JSON body, extra headers) of an RFC 6749 §5.2 refusal."""
+    headers = dict(NO_STORE)
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = 'Basic realm="dev-token-server"'
+    return exc.status, {"error": exc.error, "error_description": exc.description}, headers
+
+
+def sf_refusal(exc):
+    """SuccessFactors' own error shape (KBA 2668018), not RFC 6749."""
+    return exc.status, {"errorHttpCode": str(exc.status), "errorMessage": exc.description}, dict(NO_STORE)
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    """A target's token endpoint at `path` (XSUAA's: every alias under `prefix`):
+    `validate(TokenRequest, cfg, state)` returns (user, certificate label, details) or
+    raises OAuthError, which `refusal` turns into (status, JSON body, headers)."""
+
+    name: str
+    path: str
+    validate: object
+    refusal: object = rfc6749_refusal
+    prefix: str | None = None
+
+    def serves(self, path):
+        if self.prefix is not None:
+            return path.startswith(self.prefix) and len(path) > len(self.prefix)
+        return path == self.path
+
+
+# By profile name (the names of docs/target-profiles.md and the plugin's `targetProfile`).
+TARGET_PROFILES = {profile.name: profile for profile in (
+    TargetProfile("s4hana-cloud", S4_TOKEN_PATH, s4hana_cloud_exchange),
+    TargetProfile("abap", ABAP_TOKEN_PATH, abap_exchange),
+    TargetProfile("successfactors", SF_TOKEN_PATH, successfactors_exchange, sf_refusal),
+    TargetProfile("xsuaa", XSUAA_TOKEN_PATH, xsuaa_exchange, prefix=XSUAA_TOKEN_PREFIX),
+    TargetProfile("salesforce", SALESFORCE_TOKEN_PATH, salesforce_exchange),
+)}
+
+
+def target_profile(path):
+    """The target profile whose endpoint `path` is, None for any other path (XSUAA's is
+    every path under XSUAA_TOKEN_PREFIX, so that an unknown alias is refused as XSUAA)."""
+    return next((profile for profile in TARGET_PROFILES.values() if profile.serves(path)), None)
+
+
+def is_token_path(path):
+    """A path the token server answers grant requests on (and faults can be set for)."""
+    return path.startswith("/oauth/token") or target_profile(path) is not None
 
 
 # ------------------------------------------------------------------------- faults
@@ -878,7 +1390,7 @@ class IdpHandler(BaseHandler):
 
 class TokenHandler(BaseHandler):
     label = "token"
-    NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+    NO_STORE = NO_STORE
 
     def do_GET(self):
         path = urlsplit(self.path).path
@@ -909,20 +1421,21 @@ class TokenHandler(BaseHandler):
             # POST /revoke with the token as the body: the echo upstream refuses it from now on.
             self.app.state.revoke(body.decode("utf-8", "replace").strip())
             self.send_json(200, {})
-        elif url.path.startswith("/oauth/token"):
+        elif is_token_path(url.path):
             self.token_endpoint(url, body)
         else:
             self.not_found()
 
     def set_fault(self, body):
-        """POST /faults {"path": "/oauth/token/...", "mode": <a FAULTS name or "none">}."""
+        """POST /faults {"path": "/oauth/token/..." or a target profile's path, "mode": <a FAULTS name
+        or "none">}."""
         try:
             request = json.loads(body)
             path, mode = request["path"], request["mode"]
         except (ValueError, KeyError, TypeError):
             self.send_json(400, {"error": "invalid_request", "error_description": "need JSON path and mode"})
             return
-        if not (isinstance(path, str) and path.startswith("/oauth/token")) or (mode != "none" and mode not in FAULTS):
+        if not (isinstance(path, str) and is_token_path(path)) or (mode != "none" and mode not in FAULTS):
             self.send_json(400, {"error": "invalid_request", "error_description": "unknown token path or mode"})
             return
         self.app.state.set_fault(path, mode)
@@ -970,14 +1483,18 @@ class TokenHandler(BaseHandler):
             pass  # the client gave up, as it should
 
     def token_endpoint(self, url, body):
-        """Handle one grant request: record it, apply the path behaviour, validate, issue."""
+        """Handle one grant request: record it, apply the path behaviour, validate, issue.
+        A target profile's path (TARGET_PROFILES) validates and refuses as that target."""
         query = parse_qs(url.query)
         try:
             form = parse_qs(body.decode("utf-8"), keep_blank_values=True)
         except UnicodeDecodeError:
             form = {}
+        profile = target_profile(url.path)
         entry = {"path": url.path, "query": flatten(query), "headers": self.lower_headers(),
                  "form": flatten(form), "assertion_xml": None, "time": time.time(), "verified_by": None}
+        if profile is not None:
+            entry.update(target=profile.name, target_details=None)
         try:
             entry["assertion_xml"] = decode_assertion(form).decode("utf-8", errors="replace")
         except OAuthError:
@@ -998,14 +1515,19 @@ class TokenHandler(BaseHandler):
             if content_type != FORM_CONTENT_TYPE:
                 raise OAuthError("invalid_request", f"Content-Type must be {FORM_CONTENT_TYPE}")
             endpoint = f"{self.server.base_url}{url.path}"
-            user, entry["verified_by"] = validate_exchange(self.headers, form, endpoint, self.app.cfg,
-                                                          self.app.state)
+            if profile is None:
+                user, entry["verified_by"] = validate_exchange(self.headers, form, endpoint, self.app.cfg,
+                                                              self.app.state)
+            else:
+                request = TokenRequest(self.headers, form, query, url.path, endpoint)
+                user, entry["verified_by"], entry["target_details"] = profile.validate(
+                    request, self.app.cfg, self.app.state)
         except OAuthError as exc:
+            if exc.detail is not None:
+                entry["detail"] = exc.detail
             self.app.state.record(entry, exc.error)
-            headers = dict(self.NO_STORE)
-            if exc.status == 401:
-                headers["WWW-Authenticate"] = 'Basic realm="dev-token-server"'
-            self.send_json(exc.status, {"error": exc.error, "error_description": exc.description}, headers)
+            status, answer, headers = (profile.refusal if profile else rfc6749_refusal)(exc)
+            self.send_json(status, answer, headers)
             return
         try:
             lifetime = int(query.get("expires_in", [DEFAULT_TOKEN_LIFETIME])[0])
