@@ -22,6 +22,7 @@ from pathlib import Path
 
 import local_ca
 import log_audit
+import servers
 import sts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,6 +203,49 @@ def entra_destination(ports: Ports, name: str = "entra", fault: str = "", **extr
     return {k: v for k, v in d.items() if v is not None}
 
 
+def profile_destination(ports: Ports, name: str, path: str, profile: str | None, **extra) -> dict:
+    """A destination against the token server's endpoint that plays a real target
+    (dev/servers.py, TARGET_PROFILES): with `profile`, configured the way that profile
+    wants (its defaults fill the rest); without, a misconfiguration the target refuses."""
+    d = destination(ports, name, path, targetProfile=profile, **extra)
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def target_destinations(ports: Ports) -> list[dict]:
+    """One destination per target profile, as it should be configured, and one per rule
+    of its target broken (no profile, so the gateway's load check lets it through and the
+    target refuses it)."""
+    token = f"http://127.0.0.1:{ports.token}"
+    no_basic = {"tokenServiceUser": None, "tokenServicePasswordEnv": None}
+    sf = {"clientKey": servers.SF_API_KEY, "companyId": servers.SF_COMPANY_ID, **no_basic}
+    salesforce = {"clientKey": servers.SALESFORCE_CONSUMER_KEY, **no_basic,
+                  "assertionRecipient": servers.SALESFORCE_TOKEN_URLS[servers.SALESFORCE_LOGIN]}
+    return [
+        # The profiles' defaults apply where these leave a property unset (None).
+        profile_destination(ports, "p-s4", servers.S4_TOKEN_PATH, "s4hana-cloud", audience=servers.S4_AUDIENCE,
+                            authnContextClassRef=None),
+        profile_destination(ports, "p-abap", servers.ABAP_TOKEN_PATH, "abap"),
+        profile_destination(ports, "p-sf", servers.SF_TOKEN_PATH, "successfactors", audience=None,
+                            assertionIssuer=None, **sf),
+        profile_destination(ports, "p-xsuaa", servers.XSUAA_TOKEN_PATH, "xsuaa", audience=servers.XSUAA_ENTITY_ID,
+                            nameIdFormat=None),
+        profile_destination(ports, "p-salesforce", servers.SALESFORCE_TOKEN_PATH, "salesforce", audience=None,
+                            assertionIssuer=None, **salesforce),
+        # Each breaks one rule its target checks; the profile would have refused it at load.
+        profile_destination(ports, "p-s4-issuer", servers.S4_TOKEN_PATH, None, audience=servers.S4_AUDIENCE,
+                            assertionIssuer="not-the-certificates-cn", clientKey=CLIENT_ID),
+        profile_destination(ports, "p-abap-recipient", servers.ABAP_TOKEN_PATH, None,
+                            assertionRecipient=f"{token}/elsewhere"),
+        profile_destination(ports, "p-sf-no-api-key", servers.SF_TOKEN_PATH, None, audience=servers.SF_AUDIENCE,
+                            samlAssertionEncoding="base64", **sf),
+        profile_destination(ports, "p-xsuaa-recipient", servers.XSUAA_TOKEN_PATH, None,
+                            audience=servers.XSUAA_ENTITY_ID, assertionRecipient=f"{token}/xsuaa/oauth/token"),
+        profile_destination(ports, "p-salesforce-base64", servers.SALESFORCE_TOKEN_PATH, None,
+                            audience=servers.SALESFORCE_LOGIN, assertionIssuer=servers.SALESFORCE_CONSUMER_KEY,
+                            samlAssertionEncoding="base64", **salesforce),
+    ]
+
+
 def test_destinations(ports: Ports) -> list[dict]:
     """Destinations whose behaviour the end-to-end tests check, one route each."""
     return [
@@ -272,6 +316,7 @@ def test_destinations(ports: Ports) -> list[dict]:
         # run time (POST /faults), and healed.
         api_destination(ports, "api-flaky", "/oauth/token/api-flaky"),
         api_destination(ports, "api-system", SystemUser="TECHNICAL_USER"),
+        *target_destinations(ports),
     ]
 
 
