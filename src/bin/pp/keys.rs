@@ -119,6 +119,15 @@ pub fn run(args: Vec<String>) -> Result<String, String> {
 }
 
 /// The private key of a trust: RSA or P-256.
+/// A fresh RSA-2048 key and a one-day self-signed certificate for `cn`, as PEM: stands in
+/// for the operator's key where a configuration is checked before the key exists.
+pub fn throwaway_pair(cn: &str) -> Result<(String, String), String> {
+    let key = Key::Rsa(Box::new(
+        RsaPrivateKey::new(&mut OsRng, 2048).map_err(|e| format!("key generation failed: {e}"))?,
+    ));
+    Ok((key.pkcs8_pem()?, key.self_signed(cn, 1, false)?))
+}
+
 enum Key {
     Rsa(Box<RsaPrivateKey>),
     P256(p256::SecretKey),

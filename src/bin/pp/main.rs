@@ -7,6 +7,8 @@
 //!              [--exchange true]                   the assertion and token request the gateway would send
 //! pp check (--cert <pem> | --config … --destination …) [expectations] <file or ->
 //!                                                  every rule a target applies to an assertion
+//! pp config --destination <exported.json> --idp-issuer <iss> --idp-jwks <url>
+//!                                                  a complete Envoy configuration for it
 //! ```
 //!
 //! `pp <command> --help` explains each. Errors go to stderr with exit status 2; a check
@@ -16,6 +18,8 @@
 mod assertion;
 #[cfg(not(target_arch = "wasm32"))]
 mod check;
+#[cfg(not(target_arch = "wasm32"))]
+mod envoy_config;
 #[cfg(not(target_arch = "wasm32"))]
 mod keys;
 
@@ -34,6 +38,8 @@ fn main() -> std::process::ExitCode {
         "keys" => keys::run(rest),
         "assertion" if wants_help => Ok(assertion::USAGE.to_string()),
         "assertion" => assertion::run(&rest),
+        "config" if wants_help => Ok(envoy_config::USAGE.to_string()),
+        "config" => envoy_config::run(&rest),
         "check" if wants_help => Ok(check::USAGE.to_string()),
         "check" => match check::run(&rest) {
             Ok(report) if report.passed => Ok(report.text),
@@ -66,7 +72,8 @@ const USAGE: &str = "usage: pp <command> [options]   (pp <command> --help for ea
 commands:
   keys       generate, renew or sample the gateway's signing keys and client-certificate CAs
   assertion  print the assertion and the token request the gateway would send for a user
-  check      check an assertion (the gateway's or an identity provider's) rule by rule";
+  check      check an assertion (the gateway's or an identity provider's) rule by rule
+  config     write a complete Envoy configuration for a destination exported from the BTP cockpit";
 
 /// `--name value` pairs; every option takes a value.
 pub fn parse_options(args: &[String]) -> Result<HashMap<String, String>, String> {

@@ -1,0 +1,293 @@
+//! `pp config`: from a destination exported from the BTP cockpit and a few flags, a
+//! complete Envoy configuration: a listener, `jwt_authn` with the IdP's JWKS, the plugin
+//! with the destination (its password moved into the environment), and clusters for the
+//! target, the token service and the IdP, each verifying the server's certificate.
+//! The plugin's own check runs on the result before it is written, so what `pp config`
+//! writes is a configuration the plugin accepts.
+
+use principal_propagation::config::PluginConfig;
+use principal_propagation::http_url::HttpUrl;
+use serde_json::{json, Map, Value};
+
+pub const USAGE: &str = "usage: pp config --destination <exported.json> --idp-issuer <iss> --idp-jwks <https://…/jwks>
+                 [--audience <JWT aud>] [--listen <address:port>] [--admin <address:port>]
+                 [--wasm <path>] [--ca <bundle.pem>]
+                 [--key-env PP_SIGNING_KEY] [--cert-env PP_SIGNING_CERT] [--secret-env PP_CLIENT_SECRET]
+                 [--allow-insecure-token-service true] [--out <envoy.json>]
+
+Writes a complete Envoy configuration (JSON, which is YAML too) for one destination as
+the BTP cockpit exports it: a listener (default 0.0.0.0:8443, plain HTTP: put TLS in
+front or add a transport socket), jwt_authn verifying the users' JWTs against the IdP's
+JWKS (payload for the plugin; a missing or invalid JWT answered by the plugin), the
+plugin (fail closed) with the destination and its gateway fields, and clusters for the
+target (URL), the token service (tokenServiceURL) and the IdP, each https one verifying
+the server's certificate and name against --ca (default the system bundle). The signing
+key, its certificate and the token service password come from the environment variables
+named (never from the file): the exported tokenServicePassword becomes
+tokenServicePasswordEnv, KeyStoreLocation names the one key. The plugin's configuration
+check runs on the result (with placeholder keys) before it is written.";
+
+const DEFAULT_CA: &str = "/etc/ssl/certs/ca-certificates.crt";
+const DEFAULT_WASM: &str = "/etc/envoy/principal_propagation.wasm";
+const KEY_NAME: &str = "gateway";
+
+pub fn run(args: &[String]) -> Result<String, String> {
+    let options = crate::parse_options(args)?;
+    let get = |name: &str| options.get(name).map(String::as_str);
+    let required = |name: &str| get(name).ok_or_else(|| format!("--{name} is required\n{USAGE}"));
+    let path = required("destination")?;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+    let exported: Value =
+        serde_json::from_str(&text).map_err(|e| format!("{path}: not JSON: {e}"))?;
+    // The cockpit exports one destination, or a list with one.
+    let mut destination = match exported {
+        Value::Object(d) => d,
+        Value::Array(mut list) if list.len() == 1 => match list.remove(0) {
+            Value::Object(d) => d,
+            _ => return Err(format!("{path}: the destination is not a JSON object")),
+        },
+        _ => {
+            return Err(format!(
+                "{path}: one destination (a JSON object) is expected"
+            ))
+        }
+    };
+    let name = destination
+        .get("Name")
+        .and_then(Value::as_str)
+        .ok_or(format!("{path}: the destination has no Name"))?
+        .to_string();
+    let key_env = get("key-env").unwrap_or("PP_SIGNING_KEY");
+    let cert_env = get("cert-env").unwrap_or("PP_SIGNING_CERT");
+    let secret_env = get("secret-env").unwrap_or("PP_CLIENT_SECRET");
+    let ca = get("ca").unwrap_or(DEFAULT_CA);
+    let insecure = match get("allow-insecure-token-service") {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return Err("--allow-insecure-token-service must be true or false".into()),
+    };
+
+    // Secrets never go into the file: the password moves to the environment.
+    let mut env_keys = vec![key_env.to_string(), cert_env.to_string()];
+    if destination.remove("tokenServicePassword").is_some() {
+        destination.insert("tokenServicePasswordEnv".into(), json!(secret_env));
+        env_keys.push(secret_env.to_string());
+    }
+    destination.remove("KeyStorePassword");
+    destination.insert("KeyStoreLocation".into(), json!(KEY_NAME));
+    destination.insert("tokenServiceCluster".into(), json!("token_service"));
+
+    let target = url_of(&destination, "URL")?;
+    let token = url_of(&destination, "tokenServiceURL")?;
+    let jwks_text = required("idp-jwks")?;
+    let jwks = HttpUrl::parse(jwks_text).map_err(|p| format!("--idp-jwks {p}"))?;
+    let mut plugin = Map::new();
+    if insecure {
+        plugin.insert("allowInsecureTokenService".into(), json!(true));
+    }
+    plugin.insert(
+        "keys".into(),
+        json!({ KEY_NAME: {"privateKeyEnv": key_env, "certificateEnv": cert_env} }),
+    );
+    plugin.insert("defaultDestination".into(), json!(name));
+    plugin.insert("destinations".into(), json!([Value::Object(destination)]));
+    let plugin = Value::Object(plugin);
+    check_plugin(&plugin, secret_env)?;
+
+    let mut provider = json!({
+        "issuer": required("idp-issuer")?,
+        "remote_jwks": {
+            "http_uri": {"uri": jwks_text, "cluster": "idp", "timeout": "5s"},
+            "cache_duration": "600s",
+        },
+        "payload_in_metadata": "payload",
+        "forward": false,
+    });
+    if let Some(audience) = get("audience") {
+        provider["audiences"] = json!([audience]);
+    }
+    let (listen_host, listen_port) = host_port(get("listen").unwrap_or("0.0.0.0:8443"))?;
+    let route = json!({
+        "match": {"prefix": "/"},
+        "route": {"cluster": "target", "host_rewrite_literal": target.host, "timeout": "30s"},
+        "metadata": {"filter_metadata": {"principal_propagation": {"destination": name}}},
+    });
+    let mut config = json!({
+        "static_resources": {
+            "listeners": [{
+                "name": "gateway",
+                "address": {"socket_address": {"address": listen_host, "port_value": listen_port}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "gateway",
+                        "route_config": {"virtual_hosts": [{"name": "target", "domains": ["*"], "routes": [route]}]},
+                        "http_filters": [
+                            {
+                                "name": "envoy.filters.http.jwt_authn",
+                                "typed_config": {
+                                    "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+                                    "providers": {"idp": provider},
+                                    // The plugin answers a missing or invalid JWT (401, JSON).
+                                    "rules": [{"match": {"prefix": "/"}, "requires": {"requires_any": {"requirements": [
+                                        {"provider_name": "idp"}, {"allow_missing_or_failed": {}}]}}}],
+                                },
+                            },
+                            {
+                                "name": "envoy.filters.http.wasm",
+                                "typed_config": {
+                                    "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                                    "config": {
+                                        "name": "principal_propagation",
+                                        "root_id": "principal_propagation",
+                                        "fail_open": false,
+                                        "vm_config": {
+                                            "vm_id": "principal_propagation",
+                                            "runtime": "envoy.wasm.runtime.v8",
+                                            "code": {"local": {"filename": get("wasm").unwrap_or(DEFAULT_WASM)}},
+                                            "environment_variables": {"host_env_keys": env_keys},
+                                        },
+                                        "configuration": {
+                                            "@type": "type.googleapis.com/google.protobuf.StringValue",
+                                            "value": plugin.to_string(),
+                                        },
+                                    },
+                                },
+                            },
+                            {
+                                "name": "envoy.filters.http.router",
+                                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                            },
+                        ],
+                    },
+                }]}],
+            }],
+            "clusters": [
+                cluster("target", &target, ca),
+                cluster("token_service", &token, ca),
+                cluster("idp", &Endpoint::of(&jwks)?, ca),
+            ],
+        },
+    });
+    if let Some(admin) = get("admin") {
+        let (host, port) = host_port(admin)?;
+        config["admin"] =
+            json!({"address": {"socket_address": {"address": host, "port_value": port}}});
+    }
+    let text = serde_json::to_string_pretty(&config).map_err(|e| e.to_string())?;
+    match get("out") {
+        Some(out) => {
+            std::fs::write(out, format!("{text}\n")).map_err(|e| format!("{out}: {e}"))?;
+            Ok(format!(
+                "wrote {out}: destination {name}; set {} in Envoy's environment",
+                env_keys.join(", ")
+            ))
+        }
+        None => Ok(text),
+    }
+}
+
+/// Where a cluster connects.
+struct Endpoint {
+    host: String,
+    port: u16,
+    tls: bool,
+}
+
+impl Endpoint {
+    fn of(url: &HttpUrl) -> Result<Endpoint, String> {
+        let tls = url.full.starts_with("https://");
+        let (host, port) = match url.authority.rsplit_once(':') {
+            Some((host, port)) if !host.ends_with(']') || port.is_empty() => (
+                host.to_string(),
+                port.parse()
+                    .map_err(|_| format!("{}: bad port", url.full))?,
+            ),
+            _ => (url.authority.clone(), if tls { 443 } else { 80 }),
+        };
+        Ok(Endpoint {
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            port,
+            tls,
+        })
+    }
+}
+
+fn url_of(destination: &Map<String, Value>, key: &str) -> Result<Endpoint, String> {
+    let text = destination
+        .get(key)
+        .and_then(Value::as_str)
+        .ok_or(format!("the destination has no {key}"))?;
+    Endpoint::of(&HttpUrl::parse(text).map_err(|p| format!("{key} {p}"))?)
+}
+
+fn host_port(text: &str) -> Result<(String, u16), String> {
+    let (host, port) = text
+        .rsplit_once(':')
+        .ok_or(format!("{text:?}: address:port expected"))?;
+    let port = port.parse().map_err(|_| format!("{text:?}: bad port"))?;
+    Ok((host.to_string(), port))
+}
+
+/// A cluster to `endpoint`; over TLS it verifies the server's certificate against `ca` and
+/// its name (without a validation context Envoy accepts any certificate).
+fn cluster(name: &str, endpoint: &Endpoint, ca: &str) -> Value {
+    let mut cluster = json!({
+        "name": name,
+        "type": "LOGICAL_DNS",
+        "connect_timeout": "5s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+            "socket_address": {"address": endpoint.host, "port_value": endpoint.port}}}}]}]},
+    });
+    if endpoint.tls {
+        cluster["transport_socket"] = json!({
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": endpoint.host,
+                "common_tls_context": {"validation_context": {
+                    "trusted_ca": {"filename": ca},
+                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": endpoint.host}}],
+                }},
+            },
+        });
+    }
+    cluster
+}
+
+/// The plugin's own configuration check, with a throwaway key (its certificate's CN the
+/// destination's issuer) and a placeholder password in the variables, so that a
+/// destination the plugin would refuse is never written.
+fn check_plugin(plugin: &Value, secret_env: &str) -> Result<(), String> {
+    let issuer = plugin["destinations"][0]["assertionIssuer"]
+        .as_str()
+        .unwrap_or("placeholder");
+    let (key, cert) = crate::keys::throwaway_pair(issuer)?;
+    let key_env = plugin["keys"][KEY_NAME]["privateKeyEnv"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let cert_env = plugin["keys"][KEY_NAME]["certificateEnv"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let secret = secret_env.to_string();
+    let env = move |name: &str| {
+        if name == key_env {
+            Some(key.clone())
+        } else if name == cert_env {
+            Some(cert.clone())
+        } else if name == secret {
+            Some("placeholder".to_string())
+        } else {
+            None
+        }
+    };
+    PluginConfig::parse(plugin.to_string().as_bytes(), &env)
+        .map(|_| ())
+        .map_err(|e| format!("the plugin would refuse this destination: {e}"))
+}

@@ -1,0 +1,81 @@
+"""`pp config`: from a destination as the BTP cockpit exports it, a complete Envoy
+configuration that the real Envoy accepts (`envoy --mode validate`, which also runs the
+plugin's configuration check) and that propagates a user end to end against the
+development parties; no secret is written into it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import urllib.request
+import uuid
+
+import pytest
+
+import stack
+from conftest import Client
+
+# Apart from the shared test stack's ports (conftest shifts by 10000).
+PORTS = stack.Ports().shifted(int(os.environ.get("PP_E2E_PORT_SHIFT", "10000")) + 700)
+
+
+def exported_destination(ports: stack.Ports) -> dict:
+    """The dev destination as the cockpit exports it: SAP properties only, the password inline."""
+    d = stack.destination(ports, "dev-exported")
+    d.pop("tokenServicePasswordEnv")
+    d["tokenServicePassword"] = stack.CLIENT_SECRET
+    return d
+
+
+def pp_config(tmp_path, destination: dict, *extra: str) -> subprocess.CompletedProcess:
+    source = tmp_path / f"{uuid.uuid4().hex}.json"
+    source.write_text(json.dumps(destination))
+    return subprocess.run(
+        [str(stack.PP), "config", "--destination", str(source),
+         "--idp-issuer", f"http://127.0.0.1:{PORTS.idp}", "--idp-jwks", f"http://127.0.0.1:{PORTS.idp}/.well-known/jwks.json",
+         "--audience", stack.JWT_AUDIENCE, "--listen", f"127.0.0.1:{PORTS.listener}",
+         "--admin", f"127.0.0.1:{PORTS.admin}", "--wasm", str(stack.WASM),
+         "--key-env", "PP_KEY_A", "--cert-env", "PP_CERT_A", "--secret-env", stack.CLIENT_SECRET_ENV, *extra],
+        capture_output=True, text=True, timeout=120)
+
+
+def test_the_configuration_validates_and_holds_no_secret(tmp_path):
+    result = pp_config(tmp_path, exported_destination(PORTS), "--allow-insecure-token-service", "true",
+                       "--out", str(tmp_path / "envoy.json"))
+    assert result.returncode == 0, result.stderr
+    assert "PP_KEY_A, PP_CERT_A, PP_CLIENT_SECRET" in result.stdout
+    text = (tmp_path / "envoy.json").read_text()
+    assert stack.CLIENT_SECRET not in text
+    plugin = json.loads(json.loads(text)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+                        ["typed_config"]["http_filters"][1]["typed_config"]["config"]["configuration"]["value"])
+    assert plugin["destinations"][0]["tokenServicePasswordEnv"] == stack.CLIENT_SECRET_ENV
+    validated = subprocess.run([str(stack.VENV_BIN / "envoy"), "--mode", "validate", "-c", str(tmp_path / "envoy.json")],
+                               capture_output=True, text=True, timeout=120,
+                               env=dict(os.environ, **stack.key_environment()))
+    assert validated.returncode == 0, validated.stdout[-2000:] + validated.stderr[-2000:]
+
+
+def test_a_destination_the_plugin_refuses_is_not_written(tmp_path):
+    cleartext = pp_config(tmp_path, exported_destination(PORTS))  # http:// without the opt-in
+    assert cleartext.returncode == 2
+    assert "the plugin would refuse this destination" in cleartext.stderr
+    assert "must be https://" in cleartext.stderr
+    profiled = pp_config(tmp_path, {**exported_destination(PORTS), "targetProfile": "salesforce"},
+                         "--allow-insecure-token-service", "true")
+    assert profiled.returncode == 2 and "consumer key" in profiled.stderr
+
+
+def test_the_configuration_propagates_a_user_end_to_end(tmp_path):
+    result = pp_config(tmp_path, exported_destination(PORTS), "--allow-insecure-token-service", "true")
+    assert result.returncode == 0, result.stderr
+    config = json.loads(result.stdout)
+    with stack.Stack("test", PORTS, name="pp-config", bootstrap=config):
+        client = Client(PORTS)
+        user = f"cfg-{uuid.uuid4().hex[:8]}"
+        status, _, body = client.gateway("/hello", client.jwt(user))
+        assert status == 200, body
+        assert body["user"] == user and body["token_valid"] is True
+        assert client.exchanges(user) == 1
+        status, headers, body = client.gateway("/hello")
+        assert status == 401 and headers["www-authenticate"] == "Bearer"
