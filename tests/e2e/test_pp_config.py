@@ -79,3 +79,51 @@ def test_the_configuration_propagates_a_user_end_to_end(tmp_path):
         assert client.exchanges(user) == 1
         status, headers, body = client.gateway("/hello")
         assert status == 401 and headers["www-authenticate"] == "Bearer"
+
+
+def quovadis() -> dict:
+    """An https destination as the cockpit exports it (SuccessFactors, the seed's QUOVADIS)."""
+    return {
+        "Name": "QUOVADIS", "Type": "HTTP", "URL": "https://apisalesdemo8.successfactors.com",
+        "Authentication": "OAuth2SAMLBearerAssertion", "ProxyType": "Internet", "tokenServiceURLType": "Dedicated",
+        "tokenServiceURL": "https://apisalesdemo8.successfactors.com/oauth/token", "clientKey": "API-KEY",
+        "tokenServicePassword": "cockpit-secret", "companyId": "SFPART057448",
+        "audience": "www.successfactors.com", "assertionIssuer": "quovadis",
+        "nameIdFormat": "urn:oasis:names:tc:SAML:1.1:nameid-format:unspecified", "tokenServiceUser": "API-KEY",
+        "KeyStoreLocation": "quovadis.pfx", "KeyStorePassword": "p12-secret",
+        "x_user_token.jwks_uri": "https://quovadis.authentication.eu10.hana.ondemand.com/token_keys",
+        "targetProfile": "successfactors",
+    }
+
+
+def test_istio_manifests_pass_the_published_schemas_and_hold_no_secret(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(stack.ROOT / "tests" / "k8s"))
+    import validate
+
+    source = tmp_path / "quovadis.json"
+    source.write_text(json.dumps([quovadis()]))
+    out = tmp_path / "istio.yaml"
+    result = subprocess.run(
+        [str(stack.PP), "config", "--format", "istio", "--destination", str(source),
+         "--idp-issuer", "https://idp.example.com", "--idp-jwks", "https://idp.example.com/.well-known/jwks.json",
+         "--audience", "gateway", "--authority", "api.example.com",
+         "--wasm", "oci://registry.example.com/principal-propagation:0.1.0", "--out", str(out)],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+    assert "cockpit-secret" not in text and "p12-secret" not in text
+    documents = validate.load_documents(out)
+    kinds = [d["kind"] for d in documents]
+    assert kinds == ["RequestAuthentication", "ServiceEntry", "DestinationRule", "WasmPlugin"], kinds
+    for document in documents:
+        assert validate.validate(document) == [], document["kind"]
+    plugin = documents[-1]["spec"]["pluginConfig"]
+    assert plugin["destinations"][0]["tokenServiceCluster"] == "outbound|443||apisalesdemo8.successfactors.com"
+    assert plugin["destinationRules"] == [{"authority": "api.example.com", "destination": "QUOVADIS"}]
+    assert documents[2]["spec"]["trafficPolicy"]["tls"]["mode"] == "SIMPLE"
+    # A broken copy fails the same check: the schemas do reject.
+    broken = json.loads(json.dumps(documents[-1]))
+    broken["spec"]["failStrategy"] = "FAIL_SOMETIMES"
+    assert validate.validate(broken) != []

@@ -19,7 +19,7 @@ mod assertion;
 #[cfg(not(target_arch = "wasm32"))]
 mod check;
 #[cfg(not(target_arch = "wasm32"))]
-mod envoy_config;
+mod config;
 #[cfg(not(target_arch = "wasm32"))]
 mod keys;
 
@@ -38,8 +38,8 @@ fn main() -> std::process::ExitCode {
         "keys" => keys::run(rest),
         "assertion" if wants_help => Ok(assertion::USAGE.to_string()),
         "assertion" => assertion::run(&rest),
-        "config" if wants_help => Ok(envoy_config::USAGE.to_string()),
-        "config" => envoy_config::run(&rest),
+        "config" if wants_help => Ok(config::USAGE.to_string()),
+        "config" => config::run(&rest),
         "check" if wants_help => Ok(check::USAGE.to_string()),
         "check" => match check::run(&rest) {
             Ok(report) if report.passed => Ok(report.text),

@@ -13,7 +13,8 @@ pub const USAGE: &str = "usage: pp config --destination <exported.json> --idp-is
                  [--audience <JWT aud>] [--listen <address:port>] [--admin <address:port>]
                  [--wasm <path>] [--ca <bundle.pem>]
                  [--key-env PP_SIGNING_KEY] [--cert-env PP_SIGNING_CERT] [--secret-env PP_CLIENT_SECRET]
-                 [--allow-insecure-token-service true] [--out <envoy.json>]
+                 [--allow-insecure-token-service true] [--out <file>]
+                 [--format envoy|istio [--authority <gateway host>] [--namespace istio-system]]
 
 Writes a complete Envoy configuration (JSON, which is YAML too) for one destination as
 the BTP cockpit exports it: a listener (default 0.0.0.0:8443, plain HTTP: put TLS in
@@ -25,7 +26,11 @@ the server's certificate and name against --ca (default the system bundle). The 
 key, its certificate and the token service password come from the environment variables
 named (never from the file): the exported tokenServicePassword becomes
 tokenServicePasswordEnv, KeyStoreLocation names the one key. The plugin's configuration
-check runs on the result (with placeholder keys) before it is written.";
+check runs on the result (with a throwaway key) before it is written.
+--format istio writes Istio's manifests instead (YAML documents, written as JSON): the
+ingress gateway's RequestAuthentication, a ServiceEntry and a TLS-originating
+DestinationRule per external host, and the WasmPlugin (--wasm is then its url, oci:// or
+file://; --authority the host whose requests propagate).";
 
 const DEFAULT_CA: &str = "/etc/ssl/certs/ca-certificates.crt";
 const DEFAULT_WASM: &str = "/etc/envoy/principal_propagation.wasm";
@@ -75,10 +80,20 @@ pub fn run(args: &[String]) -> Result<String, String> {
     }
     destination.remove("KeyStorePassword");
     destination.insert("KeyStoreLocation".into(), json!(KEY_NAME));
-    destination.insert("tokenServiceCluster".into(), json!("token_service"));
-
     let target = url_of(&destination, "URL")?;
     let token = url_of(&destination, "tokenServiceURL")?;
+    let istio = match get("format").unwrap_or("envoy") {
+        "envoy" => false,
+        "istio" => true,
+        other => return Err(format!("--format {other:?}: envoy or istio")),
+    };
+    // Istio names a ServiceEntry's cluster outbound|<port>||<host>.
+    let token_cluster = if istio {
+        format!("outbound|{}||{}", token.port, token.host)
+    } else {
+        "token_service".to_string()
+    };
+    destination.insert("tokenServiceCluster".into(), json!(token_cluster));
     let jwks_text = required("idp-jwks")?;
     let jwks = HttpUrl::parse(jwks_text).map_err(|p| format!("--idp-jwks {p}"))?;
     let mut plugin = Map::new();
@@ -89,10 +104,35 @@ pub fn run(args: &[String]) -> Result<String, String> {
         "keys".into(),
         json!({ KEY_NAME: {"privateKeyEnv": key_env, "certificateEnv": cert_env} }),
     );
-    plugin.insert("defaultDestination".into(), json!(name));
+    if istio {
+        // A WasmPlugin applies to the whole gateway: only this host's requests propagate.
+        let authority = required("authority")?;
+        plugin.insert("jwtPayloadMetadataKey".into(), json!("payload"));
+        plugin.insert(
+            "destinationRules".into(),
+            json!([{"authority": authority, "destination": name}]),
+        );
+    } else {
+        plugin.insert("defaultDestination".into(), json!(name));
+    }
     plugin.insert("destinations".into(), json!([Value::Object(destination)]));
     let plugin = Value::Object(plugin);
     check_plugin(&plugin, secret_env)?;
+    if istio {
+        let manifests = istio_manifests(&IstioInput {
+            name: &name,
+            namespace: get("namespace").unwrap_or("istio-system"),
+            issuer: required("idp-issuer")?,
+            jwks: jwks_text,
+            audience: get("audience"),
+            wasm_url: required("wasm")?,
+            ca,
+            env_keys: &env_keys,
+            plugin,
+            endpoints: [&token, &target],
+        });
+        return written(get("out"), &manifests, &name, &env_keys);
+    }
 
     let mut provider = json!({
         "issuer": required("idp-issuer")?,
@@ -176,16 +216,136 @@ pub fn run(args: &[String]) -> Result<String, String> {
             json!({"address": {"socket_address": {"address": host, "port_value": port}}});
     }
     let text = serde_json::to_string_pretty(&config).map_err(|e| e.to_string())?;
-    match get("out") {
+    written(get("out"), &text, &name, &env_keys)
+}
+
+/// `text` written to `out` (then a line saying what to set), or returned to print.
+fn written(
+    out: Option<&str>,
+    text: &str,
+    name: &str,
+    env_keys: &[String],
+) -> Result<String, String> {
+    match out {
         Some(out) => {
             std::fs::write(out, format!("{text}\n")).map_err(|e| format!("{out}: {e}"))?;
             Ok(format!(
-                "wrote {out}: destination {name}; set {} in Envoy's environment",
+                "wrote {out}: destination {name}; set {} in the gateway's environment",
                 env_keys.join(", ")
             ))
         }
-        None => Ok(text),
+        None => Ok(text.to_string()),
     }
+}
+
+/// What the Istio manifests are made of.
+struct IstioInput<'a> {
+    name: &'a str,
+    namespace: &'a str,
+    issuer: &'a str,
+    jwks: &'a str,
+    audience: Option<&'a str>,
+    wasm_url: &'a str,
+    ca: &'a str,
+    env_keys: &'a [String],
+    plugin: Value,
+    /// The token service and the target: each gets a ServiceEntry and TLS origination.
+    endpoints: [&'a Endpoint; 2],
+}
+
+/// Istio's manifests (YAML documents, each written as JSON): the ingress gateway's
+/// RequestAuthentication, for each external host a ServiceEntry and a DestinationRule that
+/// originates TLS verifying the server (without it Istio sends the callout in cleartext),
+/// and the WasmPlugin after Istio's JWT authentication, failing closed.
+fn istio_manifests(input: &IstioInput<'_>) -> String {
+    let selector = json!({"matchLabels": {"istio": "ingressgateway"}});
+    let metadata = |name: String| json!({"name": name, "namespace": input.namespace});
+    let mut rule = json!({"issuer": input.issuer, "jwksUri": input.jwks});
+    if let Some(audience) = input.audience {
+        rule["audiences"] = json!([audience]);
+    }
+    let mut documents = vec![json!({
+        "apiVersion": "security.istio.io/v1",
+        "kind": "RequestAuthentication",
+        "metadata": metadata(format!("{}-users", kube_name(input.name))),
+        "spec": {"selector": selector, "jwtRules": [rule]},
+    })];
+    let mut hosts: Vec<&Endpoint> = Vec::new();
+    for endpoint in input.endpoints {
+        if hosts
+            .iter()
+            .any(|h| h.host == endpoint.host && h.port == endpoint.port)
+        {
+            continue;
+        }
+        hosts.push(endpoint);
+        let name = kube_name(&endpoint.host);
+        documents.push(json!({
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "ServiceEntry",
+            "metadata": metadata(name.clone()),
+            "spec": {
+                "hosts": [endpoint.host],
+                "ports": [{"number": endpoint.port, "name": if endpoint.tls { "http-tls-origination" } else { "http" }, "protocol": "HTTP"}],
+                "resolution": "DNS",
+                "location": "MESH_EXTERNAL",
+            },
+        }));
+        if endpoint.tls {
+            documents.push(json!({
+                "apiVersion": "networking.istio.io/v1",
+                "kind": "DestinationRule",
+                "metadata": metadata(format!("{name}-tls")),
+                "spec": {
+                    "host": endpoint.host,
+                    "trafficPolicy": {"tls": {
+                        "mode": "SIMPLE",
+                        "sni": endpoint.host,
+                        "caCertificates": input.ca,
+                        "subjectAltNames": [endpoint.host],
+                    }},
+                },
+            }));
+        }
+    }
+    let env: Vec<Value> = input
+        .env_keys
+        .iter()
+        .map(|key| json!({"name": key, "valueFrom": "HOST"}))
+        .collect();
+    documents.push(json!({
+        "apiVersion": "extensions.istio.io/v1alpha1",
+        "kind": "WasmPlugin",
+        "metadata": metadata("principal-propagation".into()),
+        "spec": {
+            "selector": selector,
+            "url": input.wasm_url,
+            "phase": "AUTHZ",
+            "failStrategy": "FAIL_CLOSE",
+            "vmConfig": {"env": env},
+            "pluginConfig": input.plugin,
+        },
+    }));
+    documents
+        .iter()
+        .map(|d| serde_json::to_string_pretty(d).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+}
+
+/// A Kubernetes object name (RFC 1123 label) from `text`.
+fn kube_name(text: &str) -> String {
+    let name: String = text
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let name = name.trim_matches('-');
+    name.chars()
+        .take(53)
+        .collect::<String>()
+        .trim_end_matches('-')
+        .to_string()
 }
 
 /// Where a cluster connects.
