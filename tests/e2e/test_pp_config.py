@@ -127,3 +127,33 @@ def test_istio_manifests_pass_the_published_schemas_and_hold_no_secret(tmp_path)
     broken = json.loads(json.dumps(documents[-1]))
     broken["spec"]["failStrategy"] = "FAIL_SOMETIMES"
     assert validate.validate(broken) != []
+
+
+def test_envoy_gateway_manifests_pass_the_published_schemas(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(stack.ROOT / "tests" / "k8s"))
+    import validate
+
+    source = tmp_path / "quovadis.json"
+    source.write_text(json.dumps(quovadis()))
+    out = tmp_path / "envoy-gateway.yaml"
+    args = [str(stack.PP), "config", "--format", "envoy-gateway", "--destination", str(source),
+            "--idp-issuer", "https://idp.example.com", "--idp-jwks", "https://idp.example.com/.well-known/jwks.json",
+            "--audience", "gateway", "--authority", "api.example.com", "--gateway", "sap-gateway",
+            "--namespace", "sap-gateway", "--wasm", "registry.example.com/principal-propagation:0.1.0"]
+    result = subprocess.run([*args, "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "cockpit-secret" not in out.read_text()
+    documents = validate.load_documents(out)
+    kinds = [d["kind"] for d in documents]
+    assert kinds == ["EnvoyProxy", "Backend", "HTTPRoute", "SecurityPolicy", "EnvoyExtensionPolicy"], kinds
+    for document in documents:
+        assert validate.validate(document) == [], document["kind"]
+    plugin = documents[-1]["spec"]["wasm"][0]["config"]
+    assert plugin["destinations"][0]["tokenServiceCluster"] == "httproute/sap-gateway/quovadis-route/rule/0"
+    assert plugin["jwtPayloadMetadataKey"] == documents[3]["spec"]["jwt"]["providers"][0]["name"]
+    # A token service on another host than the target: said plainly, nothing written.
+    source.write_text(json.dumps({**quovadis(), "tokenServiceURL": "https://login.example.com/oauth/token"}))
+    other = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert other.returncode == 2 and "is not on the target's host" in other.stderr

@@ -14,7 +14,8 @@ pub const USAGE: &str = "usage: pp config --destination <exported.json> --idp-is
                  [--wasm <path>] [--ca <bundle.pem>]
                  [--key-env PP_SIGNING_KEY] [--cert-env PP_SIGNING_CERT] [--secret-env PP_CLIENT_SECRET]
                  [--allow-insecure-token-service true] [--out <file>]
-                 [--format envoy|istio [--authority <gateway host>] [--namespace istio-system]]
+                 [--format envoy|istio|envoy-gateway [--authority <gateway host>] [--namespace <ns>]
+                  [--gateway <Gateway name, envoy-gateway>]]
 
 Writes a complete Envoy configuration (JSON, which is YAML too) for one destination as
 the BTP cockpit exports it: a listener (default 0.0.0.0:8443, plain HTTP: put TLS in
@@ -30,7 +31,11 @@ check runs on the result (with a throwaway key) before it is written.
 --format istio writes Istio's manifests instead (YAML documents, written as JSON): the
 ingress gateway's RequestAuthentication, a ServiceEntry and a TLS-originating
 DestinationRule per external host, and the WasmPlugin (--wasm is then its url, oci:// or
-file://; --authority the host whose requests propagate).";
+file://; --authority the host whose requests propagate). --format envoy-gateway writes
+Envoy Gateway's: an EnvoyProxy putting the secrets (Secret principal-propagation) into
+Envoy's environment, the target as a Backend, an HTTPRoute from --authority on --gateway
+to it, a SecurityPolicy JWT provider and the EnvoyExtensionPolicy (--wasm is its image);
+the token service must then be on the target's host.";
 
 const DEFAULT_CA: &str = "/etc/ssl/certs/ca-certificates.crt";
 const DEFAULT_WASM: &str = "/etc/envoy/principal_propagation.wasm";
@@ -82,17 +87,32 @@ pub fn run(args: &[String]) -> Result<String, String> {
     destination.insert("KeyStoreLocation".into(), json!(KEY_NAME));
     let target = url_of(&destination, "URL")?;
     let token = url_of(&destination, "tokenServiceURL")?;
-    let istio = match get("format").unwrap_or("envoy") {
-        "envoy" => false,
-        "istio" => true,
-        other => return Err(format!("--format {other:?}: envoy or istio")),
+    let format = get("format").unwrap_or("envoy");
+    let namespace = get("namespace").unwrap_or(match format {
+        "istio" => "istio-system",
+        _ => "default",
+    });
+    let route = format!("{}-route", kube_name(&name));
+    let token_cluster = match format {
+        "envoy" => "token_service".to_string(),
+        // Istio names a ServiceEntry's cluster outbound|<port>||<host>.
+        "istio" => format!("outbound|{}||{}", token.port, token.host),
+        // Envoy Gateway names a route rule's cluster httproute/<ns>/<route>/rule/<i>: the
+        // token service is reached through the target's route, so it must share its host.
+        "envoy-gateway" if token.host == target.host && token.port == target.port => {
+            format!("httproute/{namespace}/{route}/rule/0")
+        }
+        "envoy-gateway" => {
+            return Err(format!(
+                "--format envoy-gateway: the token service ({}:{}) is not on the target's host ({}:{}); \
+                 add an HTTPRoute and Backend for it and set tokenServiceCluster to httproute/<ns>/<route>/rule/0",
+                token.host, token.port, target.host, target.port
+            ))
+        }
+        other => return Err(format!("--format {other:?}: envoy, istio or envoy-gateway")),
     };
-    // Istio names a ServiceEntry's cluster outbound|<port>||<host>.
-    let token_cluster = if istio {
-        format!("outbound|{}||{}", token.port, token.host)
-    } else {
-        "token_service".to_string()
-    };
+    let istio = format == "istio";
+    let gateway_api = format == "envoy-gateway";
     destination.insert("tokenServiceCluster".into(), json!(token_cluster));
     let jwks_text = required("idp-jwks")?;
     let jwks = HttpUrl::parse(jwks_text).map_err(|p| format!("--idp-jwks {p}"))?;
@@ -104,10 +124,12 @@ pub fn run(args: &[String]) -> Result<String, String> {
         "keys".into(),
         json!({ KEY_NAME: {"privateKeyEnv": key_env, "certificateEnv": cert_env} }),
     );
-    if istio {
+    if istio || gateway_api {
         // A WasmPlugin applies to the whole gateway: only this host's requests propagate.
         let authority = required("authority")?;
-        plugin.insert("jwtPayloadMetadataKey".into(), json!("payload"));
+        // Envoy Gateway puts the payload under the provider's name.
+        let payload_key = if istio { "payload" } else { JWT_PROVIDER };
+        plugin.insert("jwtPayloadMetadataKey".into(), json!(payload_key));
         plugin.insert(
             "destinationRules".into(),
             json!([{"authority": authority, "destination": name}]),
@@ -118,10 +140,27 @@ pub fn run(args: &[String]) -> Result<String, String> {
     plugin.insert("destinations".into(), json!([Value::Object(destination)]));
     let plugin = Value::Object(plugin);
     check_plugin(&plugin, secret_env)?;
+    if gateway_api {
+        let manifests = envoy_gateway_manifests(&GatewayInput {
+            name: &name,
+            namespace,
+            route: &route,
+            gateway: required("gateway")?,
+            authority: required("authority")?,
+            issuer: required("idp-issuer")?,
+            jwks: jwks_text,
+            audience: get("audience"),
+            image: required("wasm")?,
+            env_keys: &env_keys,
+            plugin,
+            target: &target,
+        });
+        return written(get("out"), &manifests, &name, &env_keys);
+    }
     if istio {
         let manifests = istio_manifests(&IstioInput {
             name: &name,
-            namespace: get("namespace").unwrap_or("istio-system"),
+            namespace,
             issuer: required("idp-issuer")?,
             jwks: jwks_text,
             audience: get("audience"),
@@ -326,6 +365,112 @@ fn istio_manifests(input: &IstioInput<'_>) -> String {
             "pluginConfig": input.plugin,
         },
     }));
+    documents
+        .iter()
+        .map(|d| serde_json::to_string_pretty(d).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+}
+
+/// The `SecurityPolicy` JWT provider's name (Envoy Gateway's metadata key of the payload).
+const JWT_PROVIDER: &str = "users";
+
+/// What the Envoy Gateway manifests are made of.
+struct GatewayInput<'a> {
+    name: &'a str,
+    namespace: &'a str,
+    route: &'a str,
+    gateway: &'a str,
+    authority: &'a str,
+    issuer: &'a str,
+    jwks: &'a str,
+    audience: Option<&'a str>,
+    image: &'a str,
+    env_keys: &'a [String],
+    plugin: Value,
+    target: &'a Endpoint,
+}
+
+/// Envoy Gateway's manifests (YAML documents, each written as JSON): the `EnvoyProxy`
+/// that puts the secrets into Envoy's environment (the Gateway's
+/// `infrastructure.parametersRef` names it), the target as a `Backend` verifying its
+/// certificate, the `HTTPRoute` from the gateway host to it, the `SecurityPolicy` JWT
+/// provider, and the `EnvoyExtensionPolicy` running the plugin on that route, failing
+/// closed.
+fn envoy_gateway_manifests(input: &GatewayInput<'_>) -> String {
+    let metadata = |name: &str| json!({"name": name, "namespace": input.namespace});
+    let backend = format!("{}-backend", kube_name(input.name));
+    let route_ref =
+        json!([{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": input.route}]);
+    let env: Vec<Value> = input
+        .env_keys
+        .iter()
+        .map(|key| {
+            json!({"name": key, "valueFrom": {"secretKeyRef": {
+                "name": "principal-propagation", "key": kube_name(key)}}})
+        })
+        .collect();
+    let mut provider =
+        json!({"name": JWT_PROVIDER, "issuer": input.issuer, "remoteJWKS": {"uri": input.jwks}});
+    if let Some(audience) = input.audience {
+        provider["audiences"] = json!([audience]);
+    }
+    let mut backend_spec = json!({"endpoints": [{"fqdn": {"hostname": input.target.host, "port": input.target.port}}]});
+    if input.target.tls {
+        backend_spec["tls"] =
+            json!({"sni": input.target.host, "wellKnownCACertificates": "System"});
+    }
+    let documents = [
+        json!({
+            "apiVersion": "gateway.envoyproxy.io/v1alpha1",
+            "kind": "EnvoyProxy",
+            "metadata": metadata("principal-propagation"),
+            "spec": {"provider": {"type": "Kubernetes", "kubernetes": {"envoyDeployment": {"container": {"env": env}}}}},
+        }),
+        json!({
+            "apiVersion": "gateway.envoyproxy.io/v1alpha1",
+            "kind": "Backend",
+            "metadata": metadata(&backend),
+            "spec": backend_spec,
+        }),
+        json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": metadata(input.route),
+            "spec": {
+                "parentRefs": [{"name": input.gateway}],
+                "hostnames": [input.authority],
+                "rules": [{
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                    "filters": [{"type": "URLRewrite", "urlRewrite": {"hostname": input.target.host}}],
+                    "backendRefs": [{"group": "gateway.envoyproxy.io", "kind": "Backend", "name": backend}],
+                }],
+            },
+        }),
+        json!({
+            "apiVersion": "gateway.envoyproxy.io/v1alpha1",
+            "kind": "SecurityPolicy",
+            "metadata": metadata(&format!("{}-users", kube_name(input.name))),
+            // optional: a request without a JWT reaches the plugin, which answers it (401, JSON).
+            "spec": {"targetRefs": route_ref, "jwt": {"optional": true, "providers": [provider]}},
+        }),
+        json!({
+            "apiVersion": "gateway.envoyproxy.io/v1alpha1",
+            "kind": "EnvoyExtensionPolicy",
+            "metadata": metadata("principal-propagation"),
+            "spec": {
+                "targetRefs": route_ref,
+                "wasm": [{
+                    "name": "principal-propagation",
+                    "rootID": "principal_propagation",
+                    "failOpen": false,
+                    "code": {"type": "Image", "image": {"url": input.image}},
+                    "env": {"hostKeys": input.env_keys},
+                    "config": input.plugin,
+                }],
+            },
+        }),
+    ];
     documents
         .iter()
         .map(|d| serde_json::to_string_pretty(d).unwrap_or_default())
