@@ -207,7 +207,7 @@ def profile_destination(ports: Ports, name: str, path: str, profile: str | None,
     """A destination against the token server's endpoint that plays a real target
     (dev/servers.py, TARGET_PROFILES): with `profile`, configured the way that profile
     wants (its defaults fill the rest); without, a misconfiguration the target refuses."""
-    d = destination(ports, name, path, targetProfile=profile, **extra)
+    d = destination(ports, name, path, **{"targetProfile": profile, **extra})
     return {k: v for k, v in d.items() if v is not None}
 
 
@@ -243,6 +243,41 @@ def target_destinations(ports: Ports) -> list[dict]:
         profile_destination(ports, "p-salesforce-base64", servers.SALESFORCE_TOKEN_PATH, None,
                             audience=servers.SALESFORCE_LOGIN, assertionIssuer=servers.SALESFORCE_CONSUMER_KEY,
                             samlAssertionEncoding="base64", **salesforce),
+        *[profile_destination(ports, name, path, None, **extra) for name, path, extra in broken_rules(ports)],
+    ]
+
+
+def broken_rules(ports: Ports) -> list[tuple[str, str, dict]]:
+    """More of each target's rules, broken one per destination: (name, token path, properties)."""
+    token = f"http://127.0.0.1:{ports.token}"
+    no_basic = {"tokenServiceUser": None, "tokenServicePasswordEnv": None}
+    s4 = {"audience": servers.S4_AUDIENCE, "clientKey": CLIENT_ID}
+    sf = {"clientKey": servers.SF_API_KEY, "companyId": servers.SF_COMPANY_ID, "audience": servers.SF_AUDIENCE,
+          "targetProfile": "successfactors", **no_basic}
+    xsuaa = {"audience": servers.XSUAA_ENTITY_ID}
+    salesforce = {"clientKey": servers.SALESFORCE_CONSUMER_KEY, "assertionIssuer": servers.SALESFORCE_CONSUMER_KEY,
+                  "audience": servers.SALESFORCE_LOGIN, **no_basic,
+                  "assertionRecipient": servers.SALESFORCE_TOKEN_URLS[servers.SALESFORCE_LOGIN]}
+    return [
+        ("p-s4-audience", servers.S4_TOKEN_PATH, {**s4, "audience": "https://my300117-api.s4hana.ondemand.com"}),
+        ("p-s4-recipient", servers.S4_TOKEN_PATH, {**s4, "assertionRecipient": f"{token}/elsewhere"}),
+        ("p-s4-client", servers.S4_TOKEN_PATH, {**s4, "clientKey": "SOMEONE_ELSE"}),
+        ("p-s4-no-basic", servers.S4_TOKEN_PATH, {**s4, **no_basic}),
+        ("p-abap-issuer", servers.ABAP_TOKEN_PATH, {"assertionIssuer": "an-unknown-provider"}),
+        # (a user whose id has a colon: the e2e test sends one to p-abap)
+        ("p-sf-company", servers.SF_TOKEN_PATH, {**sf, "companyId": "OTHER"}),
+        ("p-sf-audience", servers.SF_TOKEN_PATH, {**sf, "audience": "https://sf.example"}),
+        # The e-mail as NameID without the e-mail format, so without use_email.
+        ("p-sf-email", servers.SF_TOKEN_PATH, {**sf, "userIdSource": "email"}),
+        ("p-xsuaa-audience", servers.XSUAA_TOKEN_PATH, {**xsuaa, "audience": "another-subaccount"}),
+        ("p-xsuaa-issuer", servers.XSUAA_TOKEN_PATH, {**xsuaa, "assertionIssuer": "an-unknown-idp"}),
+        ("p-xsuaa-no-basic", servers.XSUAA_TOKEN_PATH, {**xsuaa, **no_basic}),
+        ("p-salesforce-issuer", servers.SALESFORCE_TOKEN_PATH, {**salesforce, "assertionIssuer": "my-gateway"}),
+        ("p-salesforce-audience", servers.SALESFORCE_TOKEN_PATH,
+         {**salesforce, "audience": "https://acme.my.salesforce.com"}),
+        ("p-salesforce-recipient", servers.SALESFORCE_TOKEN_PATH,
+         {**salesforce, "assertionRecipient": servers.SALESFORCE_TOKEN_URLS[servers.SALESFORCE_TEST]}),
+        ("p-salesforce-ecdsa", servers.SALESFORCE_TOKEN_PATH, {**salesforce, "KeyStoreLocation": "ec"}),
     ]
 
 
