@@ -161,20 +161,26 @@ def test_what_cannot_be_checked_is_said_plainly(args, data, problem):
     assert problem in result.stderr.decode()
 
 
-def with_attribute(xml: bytes, name: str, value: str, key_slot: str = "a") -> bytes:
-    """`xml` re-signed (signxml) with an AttributeStatement carrying `name` = `value`."""
+def resigned(xml: bytes, change=lambda root: None, key_slot: str = "a", algorithm: str = "rsa-sha256") -> bytes:
+    """`xml` changed by `change` (on its root element), then signed again by signxml."""
     root = etree.fromstring(xml)
-    signature = root.find(f"{{{DS_NS}}}Signature")
-    root.remove(signature)
+    root.remove(root.find(f"{{{DS_NS}}}Signature"))
     root.insert(1, etree.Element(f"{{{DS_NS}}}Signature", Id="placeholder", nsmap={"ds": DS_NS}))
-    statement = etree.SubElement(root, f"{{{SAML_NS}}}AttributeStatement")
-    attribute = etree.SubElement(statement, f"{{{SAML_NS}}}Attribute", Name=name)
-    etree.SubElement(attribute, f"{{{SAML_NS}}}AttributeValue").text = value
+    change(root)
     key, cert = stack.key_files(key_slot)
-    signer = XMLSigner(method=methods.enveloped, signature_algorithm="rsa-sha256", digest_algorithm="sha256",
+    signer = XMLSigner(method=methods.enveloped, signature_algorithm=algorithm, digest_algorithm="sha256",
                        c14n_algorithm=EXC_C14N)
     return etree.tostring(signer.sign(root, key=key.read_bytes(), cert=cert.read_text(),
                                       reference_uri=f"#{root.get('ID')}", id_attribute="ID"))
+
+
+def with_attribute(xml: bytes, name: str, value: str) -> bytes:
+    """`xml` re-signed with an AttributeStatement carrying `name` = `value`."""
+    def add(root):
+        statement = etree.SubElement(root, f"{{{SAML_NS}}}AttributeStatement")
+        attribute = etree.SubElement(statement, f"{{{SAML_NS}}}Attribute", Name=name)
+        etree.SubElement(attribute, f"{{{SAML_NS}}}AttributeValue").text = value
+    return resigned(xml, add)
 
 
 SALESFORCE = {"audience": "https://login.salesforce.com",
@@ -211,26 +217,11 @@ def test_a_profile_adds_its_targets_rules(tmp_path, profile, kwargs, transform, 
 
 
 def test_abap_refuses_a_name_id_with_a_colon_and_salesforce_an_ecdsa_signature(tmp_path):
-    xml = assertion().replace(b">alice<", b">corp:alice<")  # changed after signing: re-sign below
-    root = etree.fromstring(xml)
-    root.remove(root.find(f"{{{DS_NS}}}Signature"))
-    root.insert(1, etree.Element(f"{{{DS_NS}}}Signature", Id="placeholder", nsmap={"ds": DS_NS}))
-    key, cert = stack.key_files("a")
-    signed = etree.tostring(XMLSigner(method=methods.enveloped, signature_algorithm="rsa-sha256",
-                                      digest_algorithm="sha256", c14n_algorithm=EXC_C14N)
-                            .sign(root, key=key.read_bytes(), cert=cert.read_text(),
-                                  reference_uri=f"#{root.get('ID')}", id_attribute="ID"))
+    signed = resigned(assertion().replace(b">alice<", b">corp:alice<"))
     status, report, _ = check(signed, "--profile", "abap", "--at", at(30), tmp_path=tmp_path)
     assert failed_rules(report) == {"abap NameID without a colon"} and status == 1, report
 
-    root = etree.fromstring(assertion(**SALESFORCE))
-    root.remove(root.find(f"{{{DS_NS}}}Signature"))
-    root.insert(1, etree.Element(f"{{{DS_NS}}}Signature", Id="placeholder", nsmap={"ds": DS_NS}))
-    ec_key, ec_cert = stack.key_files("ec")
-    signed = etree.tostring(XMLSigner(method=methods.enveloped, signature_algorithm="ecdsa-sha256",
-                                      digest_algorithm="sha256", c14n_algorithm=EXC_C14N)
-                            .sign(root, key=ec_key.read_bytes(), cert=ec_cert.read_text(),
-                                  reference_uri=f"#{root.get('ID')}", id_attribute="ID"))
+    signed = resigned(assertion(**SALESFORCE), key_slot="ec", algorithm="ecdsa-sha256")
     status, report, _ = check(signed, "--profile", "salesforce", "--at", at(30), cert_slot="ec",
                               tmp_path=tmp_path)
     assert failed_rules(report) == {"salesforce RSA signature"} and status == 1, report
