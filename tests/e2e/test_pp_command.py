@@ -38,7 +38,7 @@ def environment() -> dict:
 def test_every_command_explains_itself():
     overall = pp("--help")
     assert overall.returncode == 0 and "keys" in overall.stdout and "assertion" in overall.stdout
-    for command in ("keys", "assertion", "check"):
+    for command in ("keys", "assertion", "check", "config"):
         result = pp(command, "--help")
         assert result.returncode == 0 and result.stdout.startswith(f"usage: pp {command}"), result
     unknown = pp("nope")
