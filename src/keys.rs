@@ -253,7 +253,7 @@ impl SigningKey {
 }
 
 /// The first `CN` of a distinguished name, if it is a string.
-fn common_name(name: &x509_cert::name::Name) -> Option<String> {
+pub fn common_name(name: &x509_cert::name::Name) -> Option<String> {
     use x509_cert::der::asn1::{PrintableStringRef, Utf8StringRef};
     const COMMON_NAME: x509_cert::der::asn1::ObjectIdentifier =
         x509_cert::der::asn1::ObjectIdentifier::new_unwrap("2.5.4.3");

@@ -7,7 +7,7 @@
 
 use super::destination::{AssertionEncoding, Destination, SamlSettings, NAMEID_EMAIL};
 use super::values::ConfigError;
-use crate::keys::KeyPair;
+use crate::keys::{KeyPair, ECDSA_SHA256};
 use crate::saml::assertion::Attribute;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -144,7 +144,7 @@ impl TargetProfile {
         };
         let mut notice = |text: String| notices.push(format!("{path} ({name}): {text}"));
         let signing = keys.get(&d.key_name).map(|k| &k.active);
-        let ecdsa = signing.is_some_and(|k| k.signature_method().contains("ecdsa"));
+        let ecdsa = signing.is_some_and(|k| k.signature_method() == ECDSA_SHA256);
         let basic_user = saml
             .token_service
             .basic_auth

@@ -310,20 +310,8 @@ fn profile_rules(
 
 /// The subject CN of a PEM certificate.
 fn certificate_cn(pem: &str) -> Option<String> {
-    use x509_cert::der::asn1::{ObjectIdentifier, PrintableStringRef, Utf8StringRef};
     let certificate = x509_cert::Certificate::from_pem(pem.trim()).ok()?;
-    let cn = ObjectIdentifier::new_unwrap("2.5.4.3");
-    let value = certificate
-        .tbs_certificate
-        .subject
-        .0
-        .iter()
-        .flat_map(|rdn| rdn.0.iter())
-        .find(|atv| atv.oid == cn)?;
-    Utf8StringRef::try_from(&value.value)
-        .map(|s| s.as_str().to_string())
-        .or_else(|_| PrintableStringRef::try_from(&value.value).map(|s| s.as_str().to_string()))
-        .ok()
+    principal_propagation::keys::common_name(&certificate.tbs_certificate.subject)
 }
 
 /// An element: namespace, local name, attributes (unprefixed names), text, children.
@@ -712,8 +700,15 @@ fn signature_rules(root: &Element, xml: &[u8], certificate_pem: &str, rules: &mu
 
 /// xmlsec1's verdict: (verified, every reference's digest matched, the status line said OK).
 fn xmlsec1_verify(xml: &[u8], certificate_pem: &str) -> Result<(bool, bool, bool), String> {
-    let dir = std::env::temp_dir().join(format!("pp-check-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    // The assertion is a bearer credential until it expires: a fresh directory only this
+    // user can read (created, never reused, so no one else's directory or link is taken).
+    use rand_core::{OsRng, RngCore};
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = std::env::temp_dir().join(format!("pp-check-{:016x}", OsRng.next_u64()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
     let (document, certificate) = (dir.join("assertion.xml"), dir.join("cert.pem"));
     let written =
         std::fs::write(&document, xml).and_then(|_| std::fs::write(&certificate, certificate_pem));
